@@ -1,0 +1,378 @@
+"""Training of the embedded toy-world model: a VAE stage, then the text-to-video stage.
+
+Stage 1 trains the AutoencoderKL on world frames with a reconstruction loss weighted toward subject pixels
+(small subjects otherwise wash out in the latents). Stage 2 trains the UNetMotionModel and the CLIP text
+encoder from scratch on captioned clips with the ε-prediction diffusion loss plus an auxiliary
+subject-token cross-attention loss (MotionBooth's STCA, ../shared/design/METHODS.md §1.1): each subject
+phrase's mean cross-attention map is pulled onto that subject's mask, which binds words to places and is
+what lets box control by cross-attention editing work on this model.
+
+Reproducible by seed (every batch and every noise draw derives from (seed, step)), resumable from the
+checkpoint in the work folder, bounded by a time budget, and logged (steps/s, loss) to be run in the
+background. Shapes: B clips, F frames, C=4 latent channels, h×w latent size, N=h·w tokens, L=77 text tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.toyworld import world
+from studio.toyworld.model import ToyArch, build_components
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED_OFFSET = 1_000_000_000  # clip seeds at or above this are held out from training
+
+
+@dataclass
+class TrainConfig:
+    work: str = "runs/toyworld"  # checkpoints and log
+    out: str = "models/toyworld"  # the exported diffusers folder
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 32  # frames
+    vae_lr: float = 1e-3
+    vae_subject_weight: float = 10.0  # extra loss weight on subject pixels
+    steps: int = 20000  # text-to-video steps (the time budget usually ends training first)
+    batch: int = 8  # clips
+    lr: float = 5e-4
+    warmup: int = 200
+    p_uncond: float = 0.1  # caption dropout, for classifier-free guidance
+    stca_weight: float = 0.1
+    ema_decay: float = 0.999
+    budget_s: float = 3600.0  # wall-clock budget of this run (both stages)
+    log_every: int = 25
+    ckpt_every: int = 250
+    export_every: int = 1000  # also export the model folder every this many t2v steps (0 = only at the end)
+    threads: int = 0  # torch threads; 0 = torch's default
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def clip_seed(seed: int, step: int, i: int, batch: int) -> int:
+    """The world seed of item i of a training batch; always below EVAL_SEED_OFFSET."""
+    return (seed * 7_919 + step * batch + i) % EVAL_SEED_OFFSET
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float in -1..1."""
+    x = torch.from_numpy(frames).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
+
+
+def phrase_token_positions(input_ids: list[int], phrase_ids: list[int], start: int = 0) -> list[int]:
+    """Positions of the first occurrence of phrase_ids in input_ids at or after start ([] if absent)."""
+    n = len(phrase_ids)
+    for i in range(start, len(input_ids) - n + 1):
+        if input_ids[i:i + n] == phrase_ids:
+            return list(range(i, i + n))
+    return []
+
+
+# --- cross-attention capture for the STCA loss -----------------------------------------------------------
+
+
+class CaptureCrossAttnProcessor:
+    """Cross-attention that keeps its softmax probabilities for an auxiliary loss (plain attention otherwise)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·F·heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(ctx))  # (B·F·heads, L, d)
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, attention_mask)  # (B·F·heads, N, L)
+        self.store.append(probs.unflatten(0, (-1, attn.heads)).mean(1))  # (B·F, N, L)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def spatial_cross_attn_names(unet) -> list[str]:
+    return [n for n in unet.attn_processors if n.endswith("attn2.processor") and "motion_modules" not in n]
+
+
+def stca_loss(store: list, masks: torch.Tensor, token_pos: list[list[list[int]]], frames: int) -> torch.Tensor:
+    """BCE between each subject phrase's mean attention map and its soft mask, averaged over layers.
+
+    masks: (B, K, F, S, S) float; token_pos[b][k]: token positions of clip b's subject k ([] = skip).
+    """
+    terms = []
+    for probs in store:  # (B·F, N, L)
+        n = probs.shape[1]
+        side = int(math.isqrt(n))
+        soft = F.interpolate(masks.flatten(0, 2)[:, None], size=(side, side), mode="area")
+        soft = soft.view(*masks.shape[:3], n)  # (B, K, F, N)
+        for b, subjects in enumerate(token_pos):
+            for k, pos in enumerate(subjects):
+                if not pos:
+                    continue
+                a = probs[b * frames:(b + 1) * frames, :, pos].mean(-1)  # (F, N)
+                terms.append(F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), soft[b, k]))
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+# --- stages ----------------------------------------------------------------------------------------------
+
+
+def _subject_weight(masks: np.ndarray, extra: float) -> torch.Tensor:
+    """(n, 1, S, S) loss weights: 1 everywhere plus `extra` on (slightly dilated) subject pixels."""
+    m = torch.from_numpy(masks.astype(np.float32))[:, None]
+    m = F.max_pool2d(m, 3, stride=1, padding=1)
+    return 1.0 + extra * m
+
+
+def vae_batch(cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vae_batch, 3, S, S) pixels and their loss weights; includes personal subjects (see world.sample_clip)."""
+    per_clip = 4
+    clips = [world.sample_clip(clip_seed(cfg.seed + 1, step, i, cfg.vae_batch), personal=True)
+             for i in range(cfg.vae_batch // per_clip)]
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    frames, masks = [], []
+    for c in clips:
+        idx = rng.choice(world.FRAMES, per_clip, replace=False)
+        frames.append(c.frames[idx])
+        masks.append(c.masks[:, idx].any(0))
+    return to_pixels(np.concatenate(frames)), _subject_weight(np.concatenate(masks), cfg.vae_subject_weight)
+
+
+def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    if "vae_opt" in state:
+        opt.load_state_dict(state["vae_opt"])
+    vae.train()
+    t0, start = time.time(), state.get("vae_step", 0)
+    for step in range(start, cfg.vae_steps):
+        x, w = vae_batch(cfg, step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = (w * (rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["vae_step"] = step + 1
+        if (step + 1) % cfg.log_every == 0:
+            rate = (step + 1 - start) / (time.time() - t0)
+            logger.info("vae step %d/%d loss %.5f %.2f steps/s", step + 1, cfg.vae_steps, loss.item(), rate)
+        if time.time() > deadline:
+            break
+    state["vae_opt"] = opt.state_dict()
+    vae.eval()
+
+
+@torch.no_grad()
+def calibrate_vae_scale(vae, cfg: TrainConfig, n_clips: int = 64) -> float:
+    """1/std of the latents (as SD's 0.18215), so scaled latents have unit variance."""
+    x = torch.cat([to_pixels(world.sample_clip(EVAL_SEED_OFFSET // 2 + i).frames) for i in range(n_clips)])
+    z = vae.encode(x).latent_dist.mean
+    return float(1.0 / z.std())
+
+
+def t2v_batch(cfg: TrainConfig, tokenizer, step: int):
+    """Pixels (B, F, 3, S, S), masks (B, K, F, S, S), token ids (B, L), STCA token positions, per clip."""
+    clips = [world.sample_clip(clip_seed(cfg.seed, step, i, cfg.batch)) for i in range(cfg.batch)]
+    rng = np.random.default_rng([cfg.seed, step, 11])
+    captions = ["" if rng.random() < cfg.p_uncond else c.caption for c in clips]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    k_max = max(len(c.subjects) for c in clips)
+    masks = np.zeros((cfg.batch, k_max, world.FRAMES, world.SIZE, world.SIZE), np.float32)
+    token_pos = []
+    for b, c in enumerate(clips):
+        masks[b, :len(c.subjects)] = c.masks
+        row, pos, start = ids[b].tolist(), [], 0
+        for phrase in (c.phrases if captions[b] else []):
+            p = phrase_token_positions(row, tokenizer(phrase, add_special_tokens=False).input_ids, start)
+            pos.append(p)
+            start = p[-1] + 1 if p else start
+        token_pos.append(pos)
+    pixels = torch.stack([to_pixels(c.frames) for c in clips])
+    return pixels, torch.from_numpy(masks), ids, token_pos
+
+
+class EMA:
+    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
+    vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    store: list = []
+    orig = dict(unet.attn_processors)
+    procs = dict(orig)
+    for n in spatial_cross_attn_names(unet):
+        procs[n] = CaptureCrossAttnProcessor(store)
+    unet.set_attn_processor(procs)
+    params = [*unet.parameters(), *te.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = EMA(params, cfg.ema_decay)
+    if "opt" in state:
+        opt.load_state_dict(state["opt"])
+        for s, v in zip(ema.shadow, state["ema"]):
+            s.copy_(v)
+    unet.train()
+    te.train()
+    alphas = sched.alphas_cumprod
+    t0, start, logs = time.time(), state.get("step", 0), []
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        pixels, masks, ids, token_pos = t2v_batch(cfg, tok, step)
+        B, Fr = pixels.shape[:2]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.no_grad():
+            post = vae.encode(pixels.flatten(0, 1)).latent_dist
+            z0 = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)  # (B·F, C, h, w)
+            z0 = z0.unflatten(0, (B, Fr)).transpose(1, 2) * vae.config.scaling_factor  # (B, C, F, h, w)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
+        a = alphas[t].view(B, 1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        text = te(ids)[0].repeat_interleave(Fr, 0)  # (B·F, L, D): UNetMotionModel expects per-frame text
+        store.clear()
+        eps = unet(zt, t, encoder_hidden_states=text).sample
+        l_mse = F.mse_loss(eps, noise)
+        l_stca = stca_loss(store, masks, token_pos, Fr)
+        loss = l_mse + cfg.stca_weight * l_stca
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        state["step"] = step + 1
+        logs.append((l_mse.item(), l_stca.item()))
+        if (step + 1) % cfg.log_every == 0:
+            rate = (step + 1 - start) / (time.time() - t0)
+            m = np.mean(logs, 0)
+            logs.clear()
+            logger.info("t2v step %d loss %.4f stca %.4f %.2f steps/s, %.0f s left", step + 1, m[0], m[1], rate,
+                        deadline - time.time())
+        if (step + 1) % cfg.ckpt_every == 0:
+            state.update(opt=opt.state_dict(), ema=[s.clone() for s in ema.shadow])
+            save_checkpoint(c, cfg, state)
+        if cfg.export_every and (step + 1) % cfg.export_every == 0:
+            state.update(ema=[s.clone() for s in ema.shadow])
+            store.clear()  # captured maps hold autograd graphs, which cannot be deep-copied
+            export(c, cfg, state)
+        if time.time() > deadline:
+            break
+    state.update(opt=opt.state_dict(), ema=[s.clone() for s in ema.shadow])
+    unet.set_attn_processor(dict(orig))
+    unet.eval()
+    te.eval()
+
+
+# --- checkpoints and export ------------------------------------------------------------------------------
+
+
+def save_checkpoint(c: dict, cfg: TrainConfig, state: dict) -> None:
+    """Write the resumable state atomically: a temp file renamed over the old checkpoint."""
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    blob = {"vae": c["vae"].state_dict(), "unet": c["unet"].state_dict(), "te": c["text_encoder"].state_dict(),
+            "scaling_factor": c["vae"].config.scaling_factor, "config": asdict(cfg), **state}
+    tmp = work / "checkpoint.pt.tmp"
+    torch.save(blob, tmp)
+    tmp.replace(work / "checkpoint.pt")
+    logger.info("checkpoint at vae step %s, t2v step %s", state.get("vae_step", 0), state.get("step", 0))
+
+
+def load_checkpoint(c: dict, cfg: TrainConfig) -> dict:
+    path = Path(cfg.work) / "checkpoint.pt"
+    if not path.exists():
+        return {}
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    c["vae"].load_state_dict(blob.pop("vae"))
+    c["unet"].load_state_dict(blob.pop("unet"))
+    c["text_encoder"].load_state_dict(blob.pop("te"))
+    c["vae"].register_to_config(scaling_factor=blob.pop("scaling_factor"))
+    blob.pop("config", None)
+    logger.info("resumed from %s at vae step %s, t2v step %s", path, blob.get("vae_step"), blob.get("step"))
+    return blob
+
+
+def export(c: dict, cfg: TrainConfig, state: dict) -> Path:
+    """Save the EMA weights as a diffusers AnimateDiff folder (fp16 safetensors) at cfg.out, atomically."""
+    import copy
+    import shutil
+
+    from diffusers import AnimateDiffPipeline
+
+    parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in c.items()}
+    parts["unet"].set_attn_processor(_plain_processors(parts["unet"]))
+    if "ema" in state:
+        with torch.no_grad():
+            for p, s in zip([*parts["unet"].parameters(), *parts["text_encoder"].parameters()], state["ema"]):
+                p.copy_(s)
+    pipe = AnimateDiffPipeline(**parts)
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    info = {"vae_steps": state.get("vae_step", 0), "t2v_steps": state.get("step", 0), "config": asdict(cfg)}
+    (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        for f in out.glob("*.md"):  # keep the model card across re-exports
+            shutil.copy(f, tmp / f.name)
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("exported %s at t2v step %s", out, state.get("step", 0))
+    return out
+
+
+def _plain_processors(unet) -> dict:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return {n: AttnProcessor2_0() for n in unet.attn_processors}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) both stages within cfg.budget_s, checkpoint, and export the model folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    deadline = time.time() + cfg.budget_s
+    c = build_components(ToyArch(), seed=cfg.seed)
+    state = load_checkpoint(c, cfg)
+    for m in (c["vae"], c["unet"], c["text_encoder"]):
+        m.requires_grad_(True)
+    if state.get("vae_step", 0) < cfg.vae_steps:
+        train_vae(c["vae"], cfg, state, deadline)
+        c["vae"].register_to_config(scaling_factor=calibrate_vae_scale(c["vae"], cfg))
+        logger.info("vae scaling factor %.4f", c["vae"].config.scaling_factor)
+        save_checkpoint(c, cfg, state)
+    c["vae"].requires_grad_(False)
+    if time.time() < deadline:
+        train_t2v(c, cfg, state, deadline)
+        save_checkpoint(c, cfg, state)
+    return export(c, cfg, state)
