@@ -27,6 +27,13 @@ class ToyArch:
     text_layers: int = 2
     max_tokens: int = 77  # as CLIP, so prompts and padding behave as on the real models
     max_frames: int = 32  # motion module positional length
+    norm_groups: int = 16
+
+
+# The `tiny` preset's random-weight model: the same layout at the smallest size that exercises every
+# code path (spatial and motion attention, cross-attention, the VAE), for plumbing tests only.
+TINY_ARCH = ToyArch(size=64, vae_channels=(8, 8, 16, 16), unet_channels=(16, 32), heads=2, text_dim=16, text_layers=1,
+                    norm_groups=4)
 
 
 def tokenizer_vocab(words=world.WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -96,18 +103,19 @@ def build_components(arch: ToyArch = ToyArch(), seed: int = 0) -> dict:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=arch.vae_channels,
         down_block_types=["DownEncoderBlock2D"] * len(arch.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(arch.vae_channels),
-        layers_per_block=1, norm_num_groups=16, sample_size=arch.size,
+        layers_per_block=1, norm_num_groups=arch.norm_groups, sample_size=arch.size,
     )
     n = len(arch.unet_channels)
     unet2d = UNet2DConditionModel(
         sample_size=arch.size // 2, in_channels=4, out_channels=4, block_out_channels=arch.unet_channels,
-        layers_per_block=1, cross_attention_dim=arch.text_dim, attention_head_dim=arch.heads, norm_num_groups=16,
+        layers_per_block=1, cross_attention_dim=arch.text_dim, attention_head_dim=arch.heads,
+        norm_num_groups=arch.norm_groups,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
     )
     adapter = MotionAdapter(
         block_out_channels=arch.unet_channels, motion_layers_per_block=1, motion_num_attention_heads=arch.heads,
-        motion_norm_num_groups=16, motion_max_seq_length=arch.max_frames, use_motion_mid_block=True,
+        motion_norm_num_groups=arch.norm_groups, motion_max_seq_length=arch.max_frames, use_motion_mid_block=True,
         motion_transformer_layers_per_mid_block=1,
     )
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
@@ -123,3 +131,20 @@ def build_components(arch: ToyArch = ToyArch(), seed: int = 0) -> dict:
     )
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=None,
                 scheduler=scheduler, feature_extractor=None, image_encoder=None)
+
+
+def save_random_model(folder, arch: ToyArch = TINY_ARCH, seed: int = 0):
+    """Build a random-weight model and save it as a diffusers AnimateDiff folder (atomically)."""
+    import shutil
+    from pathlib import Path
+
+    from diffusers import AnimateDiffPipeline
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{__import__('os').getpid()}")
+    AnimateDiffPipeline(**build_components(arch, seed)).save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(tmp)  # another process won the race; its folder is identical
+    else:
+        tmp.rename(folder)
+    return folder

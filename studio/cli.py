@@ -1,0 +1,153 @@
+"""The `studio` command line: render shots headless, list presets, start the UI, build the embedded model.
+
+Bad input prints one line on stderr and exits with status 2, leaving nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+def cmd_render(args) -> int:
+    from studio import engine, shot as shotlib
+
+    shot = shotlib.load(args.shot, args.set)
+    last = [-1]
+
+    def progress(i: int, n: int) -> None:
+        if args.progress and i != last[0]:
+            last[0] = i
+            print(f"\rstep {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress)
+    r = files.result
+    print(f"{files.video}  ({r.shot.frames} frames {r.shot.width}x{r.shot.height}, model {r.preset.name}, "
+          f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from studio import presets
+
+    print("model presets:")
+    for name in presets.list_model_presets():
+        p = presets.load_model_preset(name)
+        d = p.defaults
+        print(f"  {name:18s} {d.width}x{d.height}, {d.frames} frames, {d.steps} steps  {p.description}")
+    print("shot presets:")
+    for name in presets.list_shot_presets():
+        print(f"  {name:18s} {presets.shot_preset_path(name)}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from studio.ui import launch
+
+    launch(host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def cmd_toyworld_train(args) -> int:
+    from studio.toyworld.train import TrainConfig, train
+
+    cfg = TrainConfig(work=args.work, out=args.out, seed=args.seed, budget_s=args.budget, steps=args.steps,
+                      vae_steps=args.vae_steps, batch=args.batch, threads=args.threads)
+    train(cfg)
+    return 0
+
+
+def cmd_toyworld_eval(args) -> int:
+    import json
+
+    from studio.toyworld import evaluate
+
+    result = evaluate.evaluate(args.model, n=args.n, seed=args.seed)
+    print(evaluate.format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studio", description="Shot Studio: customized text-to-video.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render a shot file to an MP4 (+ JSON sidecar)")
+    r.add_argument("shot", help="shot YAML file")
+    r.add_argument("--out", required=True, help="output .mp4 (the sidecar goes beside it as .json)")
+    r.add_argument("--frames-dir", help="also write PNG frames into this folder")
+    r.add_argument("--gif", help="also write a GIF here")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a shot field, omegaconf dotted style (e.g. noise_prior.gamma=0.3)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
+    r.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("presets", help="list model and shot presets")
+    s.set_defaults(func=cmd_presets)
+
+    u = sub.add_parser("ui", help="start the browser studio")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--share", action="store_true", help="create a public Gradio link")
+    u.set_defaults(func=cmd_ui)
+
+    t = sub.add_parser("toyworld", help="the embedded toy-world model: train it, evaluate it")
+    tsub = t.add_subparsers(dest="toyworld_command", required=True)
+    tt = tsub.add_parser("train", help="train (or resume) the toy-world model; log goes to stderr")
+    tt.add_argument("--work", default="runs/toyworld", help="checkpoint folder (resumes from it)")
+    tt.add_argument("--out", default="models/toyworld", help="where the diffusers folder is exported")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--budget", type=float, default=3600.0, help="wall-clock seconds for this run")
+    tt.add_argument("--steps", type=int, default=20000, help="total text-to-video steps")
+    tt.add_argument("--vae-steps", type=int, default=1000)
+    tt.add_argument("--batch", type=int, default=8)
+    tt.add_argument("--threads", type=int, default=0)
+    tt.set_defaults(func=cmd_toyworld_train)
+    te = tsub.add_parser("eval", help="measure the model's gates on held-out seeds")
+    te.add_argument("--model", default="models/toyworld")
+    te.add_argument("--n", type=int, default=48, help="held-out prompts")
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--json", help="also write the result as JSON here")
+    te.set_defaults(func=cmd_toyworld_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "toyworld":
+        logging.getLogger("studio").setLevel(logging.INFO)
+    from studio.pipelines import ModelLoadError
+    from studio.shot import ShotError
+
+    try:
+        return args.func(args)
+    except (ShotError, ModelLoadError) as e:
+        print(f"studio: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("studio: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The engine: shot -> frames -> files. The one composer of a render.
+
+    render(shot)          resolve the preset, fetch the cached pipeline, build the initial noise, denoise,
+                          return uint8 frames (F, H, W, 3) and what the sidecar needs
+    render_to_files(...)  the same, then MP4 (+ GIF, PNG frames) and the JSON sidecar, all or nothing
+
+Shapes: B=1 video, C latent channels, F frames, h×w latent size, H×W pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from studio import shot as shotlib
+from studio.controls import noise_prior
+from studio.pipelines import PipelineManager
+from studio.presets import ModelPreset, load_model_preset
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (steps done, total steps)
+
+_default_manager: PipelineManager | None = None
+_default_lock = threading.Lock()
+
+
+def default_manager() -> PipelineManager:
+    """The process-wide pipeline manager (created on first use, never at import)."""
+    global _default_manager
+    with _default_lock:
+        if _default_manager is None:
+            _default_manager = PipelineManager()
+        return _default_manager
+
+
+class RenderCancelled(RuntimeError):
+    """The render was cancelled between denoising steps."""
+
+
+@dataclass
+class RenderResult:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    shot: shotlib.Shot  # the resolved shot: every default filled in
+    preset: ModelPreset
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    info: dict = field(default_factory=dict)  # device, dtype, pipeline class, latent shape
+
+    def sidecar(self) -> dict:
+        """Everything needed to reproduce this video."""
+        from studio.export import package_versions
+
+        p = self.preset
+        return {
+            "shot": shotlib.to_dict(self.shot),
+            "seed": self.shot.seed,
+            "model": {"preset": p.name, "family": p.family, "base": p.base, "motion_adapter": p.motion_adapter,
+                      "revision": p.revision, "variant": p.variant, "scheduler": dict(p.scheduler)},
+            "render": self.info,
+            "timings": self.timings,
+            "versions": package_versions(),
+        }
+
+
+def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
+    """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad)."""
+    preset = load_model_preset(shot.model)
+    return shotlib.resolve(shot, preset), preset
+
+
+def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress: Progress | None = None,
+           cancel: threading.Event | None = None) -> RenderResult:
+    """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot."""
+    import torch
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # 1. Validate and resolve the shot against its model preset.
+    shot, preset = prepare(shot)
+    # 2. Fetch the pipeline (cached by what determines it).
+    manager = manager or default_manager()
+    pipe = manager.get(preset)
+    timings["load"] = time.perf_counter() - t0
+    # 3. Initial noise from the 3D Gaussian prior, drawn on the CPU from the shot's seed.
+    t1 = time.perf_counter()
+    unet = pipe.unet
+    scale = pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, shot.frames, shot.height // scale, shot.width // scale)  # (B, C, F, h, w)
+    generator = torch.Generator("cpu").manual_seed(shot.seed)
+    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
+    # 4. Denoise, reporting progress and honouring cancellation between steps.
+    step_cb = _step_callback(shot.steps, progress, cancel)
+    kwargs = dict(prompt=shot.prompt, negative_prompt=shot.negative_prompt or None, num_frames=shot.frames,
+                  height=shot.height, width=shot.width, num_inference_steps=shot.steps,
+                  guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
+    if preset.family == "animatediff":
+        kwargs.update(callback_on_step_end=step_cb, callback_on_step_end_tensor_inputs=["latents"])
+    else:  # TextToVideoSDPipeline only has the legacy per-step callback
+        kwargs.update(callback=lambda i, t, lat: step_cb(pipe, i, t, {}), callback_steps=1)
+    with torch.inference_mode():
+        out = pipe(**kwargs).frames
+    if cancel is not None and cancel.is_set():
+        raise RenderCancelled("render cancelled")
+    timings["denoise"] = time.perf_counter() - t1
+    # 5. Frames to uint8.
+    video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
+    frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    timings["total"] = time.perf_counter() - t0
+    info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
+            "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads}
+    logger.info("rendered %d frames %dx%d in %.2f s", shot.frames, shot.width, shot.height, timings["total"])
+    return RenderResult(frames, shot, preset, timings, info)
+
+
+def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None):
+    def on_step_end(pipe, i, t, kw):
+        if progress is not None:
+            progress(i + 1, total)
+        if cancel is not None and cancel.is_set():
+            pipe._interrupt = True  # diffusers skips the remaining steps
+        return {}
+
+    return on_step_end
+
+
+@dataclass
+class RenderFiles:
+    video: Path
+    sidecar: Path
+    gif: Path | None = None
+    frames_dir: Path | None = None
+    result: RenderResult | None = None
+
+
+def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path | None = None,
+                    gif: str | Path | None = None, manager: PipelineManager | None = None,
+                    progress: Progress | None = None, cancel: threading.Event | None = None) -> RenderFiles:
+    """Render and write the MP4 with its JSON sidecar (and optional GIF / PNG frames).
+
+    All or nothing: if any write fails, what this call already wrote is removed.
+    """
+    from studio import export
+
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise shotlib.ShotError("--out", str(out), "the video file must end in .mp4")
+    result = render(shot, manager, progress, cancel)
+    written: list[Path] = []
+    t0 = time.perf_counter()
+    try:
+        written.append(export.write_mp4(result.frames, out, result.shot.fps))
+        files = RenderFiles(video=out, sidecar=out.with_suffix(".json"), result=result)
+        if gif is not None:
+            files.gif = export.write_gif(result.frames, gif, result.shot.fps)
+            written.append(files.gif)
+        if frames_dir is not None:
+            export.write_png_frames(result.frames, frames_dir)
+            files.frames_dir = Path(frames_dir)
+        result.timings["export"] = time.perf_counter() - t0
+        data = result.sidecar()
+        data["files"] = {"video": out.name, "gif": str(files.gif) if files.gif else None,
+                         "frames_dir": str(files.frames_dir) if files.frames_dir else None}
+        files.sidecar = export.write_sidecar(out, data)
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return files

@@ -1,0 +1,169 @@
+"""The pipeline manager: loads diffusers pipelines for model presets and keeps them, keyed by what determines them.
+
+Every preset loads through `from_pretrained`: Hugging Face ids (SD 1.5 + an AnimateDiff motion adapter,
+Zeroscope), folders the project ships (models/toyworld), and 'builtin:' random-weight models, which are built
+once into the studio cache and then loaded from that folder like any other. A load that cannot find its
+weights raises ModelLoadError naming the model id and how to provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.presets import ModelPreset, resolve_local
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("tiny",)
+
+
+class ModelLoadError(RuntimeError):
+    """A model's weights could not be loaded; the message says which id and how to provide it."""
+
+
+def studio_home() -> Path:
+    """The studio's own folder (subject library, caches): SHOT_STUDIO_HOME or ~/.shot-studio."""
+    return Path(os.environ.get("SHOT_STUDIO_HOME", Path.home() / ".shot-studio"))
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    """Everything that determines a loaded pipeline (and nothing else: shot values never reload)."""
+
+    family: str
+    base: str
+    motion_adapter: str | None
+    revision: str | None
+    variant: str | None
+    dtype: str
+    device: str
+    scheduler: tuple
+
+
+def key_for(preset: ModelPreset, device: str) -> PipelineKey:
+    dtype = str(torch_dtype(preset.dtype, device)).removeprefix("torch.")
+    return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
+                       preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())))
+
+
+def builtin_folder(name: str) -> Path:
+    """The folder of a builtin random-weight model, built on first use."""
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown builtin model 'builtin:{name}' (known: {', '.join(BUILTIN_MODELS)})")
+    from studio.toyworld.model import TINY_ARCH, save_random_model
+
+    import hashlib
+
+    import diffusers
+
+    tag = hashlib.sha1(f"{TINY_ARCH!r} {diffusers.__version__}".encode()).hexdigest()[:10]
+    folder = studio_home() / "builtin" / f"{name}-{tag}"  # a new architecture or library gets a new folder
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("building the random-weight '%s' model in %s", name, folder)
+        save_random_model(folder, TINY_ARCH, seed=0)
+    return folder
+
+
+def _how_to_provide(ref: str) -> str:
+    if Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or Path(ref).exists():
+        return f"the folder {ref} is missing or incomplete; rebuild or restore it"
+    return (f"it is fetched from the Hugging Face hub on first use; without network, download it where you have one "
+            f"(`hf download {ref}`) and point HF_HOME at that cache, or set the preset's id to a local folder")
+
+
+def _load_error(preset: ModelPreset, ref: str, err: Exception) -> ModelLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"model '{ref}' of preset '{preset.name}' could not be loaded ({reason[:200]}); "
+                          f"{_how_to_provide(ref)}")
+
+
+def load_pipeline(preset: ModelPreset, device: str):
+    """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager)."""
+    import diffusers
+
+    dtype = torch_dtype(preset.dtype, device)
+    base = resolve_local(preset.base)
+    if base.startswith("builtin:"):
+        base = str(builtin_folder(base.removeprefix("builtin:")))
+    kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
+    ref = base
+    try:
+        if preset.family == "animatediff":
+            extra = {}
+            if preset.motion_adapter:
+                ref = preset.motion_adapter
+                extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(
+                    resolve_local(preset.motion_adapter), dtype=dtype)
+            ref = base
+            pipe = diffusers.AnimateDiffPipeline.from_pretrained(base, **kw, **extra)
+        else:
+            pipe = diffusers.TextToVideoSDPipeline.from_pretrained(base, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _load_error(preset, ref, e) from None
+    except Exception as e:  # huggingface_hub's HTTP and offline errors have their own hierarchy
+        if type(e).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise _load_error(preset, ref, e) from None
+        raise
+    if preset.scheduler:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **preset.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PipelineManager:
+    """Loaded pipelines by PipelineKey, least recently used evicted beyond `max_pipelines`.
+
+    Thread-safe; one instance is shared by the CLI, the UI's tabs and the evaluation harness.
+    """
+
+    def __init__(self, max_pipelines: int = 2, device: str | None = None):
+        self.max_pipelines = max_pipelines
+        self.device = device or pick_device()
+        self._cache: OrderedDict[PipelineKey, object] = OrderedDict()
+        self._lock = threading.RLock()
+        self.loads = 0  # how many pipelines were built (a cache hit builds none)
+
+    def get(self, preset: ModelPreset):
+        key = key_for(preset, self.device)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            t0 = time.perf_counter()
+            pipe = load_pipeline(preset, self.device)
+            self.loads += 1
+            logger.info("loaded %s (%s) in %.1f s", preset.name, key.base, time.perf_counter() - t0)
+            self._cache[key] = pipe
+            while len(self._cache) > self.max_pipelines:
+                old, _ = self._cache.popitem(last=False)
+                logger.info("evicted %s", old.base)
+            return pipe
+
+    def loaded(self) -> list[PipelineKey]:
+        with self._lock:
+            return list(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()

@@ -1,0 +1,107 @@
+"""Model presets and shot presets: YAML data under presets/, typed by the dataclasses here.
+
+A model preset says which pipeline family to build, where its weights come from (Hugging Face ids, a local
+folder, or a model the studio builds itself) and the model's native shot defaults. Presets are merged over
+these dataclasses with omegaconf, so unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from studio.shot import ShotError
+
+
+def presets_root() -> Path:
+    """presets/ of the checkout (or SHOT_STUDIO_PRESETS)."""
+    env = os.environ.get("SHOT_STUDIO_PRESETS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "presets"
+
+
+def models_root() -> Path:
+    """models/ of the checkout (or SHOT_STUDIO_MODELS): weights the project ships."""
+    env = os.environ.get("SHOT_STUDIO_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class ShotDefaults:
+    frames: int = 16
+    width: int = 512
+    height: int = 512
+    fps: int = 8
+    steps: int = 25
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class ModelPreset:
+    name: str = MISSING
+    description: str = ""
+    family: str = "animatediff"  # animatediff | zeroscope: which diffusers pipeline class runs it
+    # Where weights come from: a Hugging Face id, a local folder ('models/...' is relative to the checkout),
+    # or 'builtin:<name>' for a random-weight model the studio builds in code (tests, plumbing).
+    base: str = MISSING
+    motion_adapter: Optional[str] = None  # animatediff only: a Hugging Face id or folder of a MotionAdapter
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. fp16 weights files on the hub
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
+    scheduler: dict = field(default_factory=dict)  # DDIMScheduler config overrides from the model card
+    defaults: ShotDefaults = field(default_factory=ShotDefaults)
+    size_multiple: int = 8
+    max_size: int = 1024
+    min_frames: int = 1
+    max_frames: int = 32
+
+
+FAMILIES = ("animatediff", "zeroscope")
+
+
+def _load_yaml(path: Path, schema, what: str):
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise ShotError(what, str(path), f"invalid preset field {key!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_model_preset(model: str) -> ModelPreset:
+    """A model preset by name (presets/models/<name>.yaml) or by path to such a file."""
+    p = Path(model)
+    if model.endswith((".yaml", ".yml")) or p.is_file():
+        path = p
+    else:
+        path = presets_root() / "models" / f"{model}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_model_presets()) or "none"
+        raise ShotError("model", model, f"no such model preset (known: {known}; or give a path to a preset YAML)")
+    preset = _load_yaml(path, ModelPreset, "model")
+    if preset.family not in FAMILIES:
+        raise ShotError("model", model, f"preset family must be one of {FAMILIES}, not {preset.family!r}")
+    return preset
+
+
+def list_model_presets() -> list[str]:
+    return sorted(p.stem for p in (presets_root() / "models").glob("*.yaml"))
+
+
+def list_shot_presets() -> list[str]:
+    return sorted(p.stem for p in (presets_root() / "shots").glob("*.yaml"))
+
+
+def shot_preset_path(name: str) -> Path:
+    return presets_root() / "shots" / f"{name}.yaml"
+
+
+def resolve_local(ref: str) -> str:
+    """A preset's weight reference: 'models/...' and './...' paths resolve against the checkout."""
+    if ref.startswith("models/"):
+        return str(models_root() / ref[len("models/"):])
+    return ref

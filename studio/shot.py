@@ -1,0 +1,244 @@
+"""The shot file: the typed contract between the UI, the CLI and the engine.
+
+A shot is YAML loaded through omegaconf structured configs over the dataclasses below, so unknown keys and
+wrong types are rejected with the field's dotted name. Field names are a stable contract: add, never rename.
+Fields left out take their defaults; frames, width, height, fps, steps and guidance_scale default to the
+model preset's own values (`resolve`), and the resolved shot is what a render's sidecar records.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_MODEL = "tiny"
+
+
+class ShotError(ValueError):
+    """Invalid shot input; names the field (dotted path) and the offending value."""
+
+    def __init__(self, field: str, value: Any, problem: str):
+        self.field, self.value, self.problem = field, value, problem
+        super().__init__(f"{field}: {problem} (got {value!r})")
+
+
+@dataclass
+class NoisePrior:
+    gamma: float = 0.0  # Cov(noise of frame i, noise of frame j) = gamma ** |i - j|; 0 = independent
+
+
+@dataclass
+class Camera:
+    cx: float = 0.0  # fraction of the frame width the camera travels over the clip; > 0 pans right (content moves left)
+    cy: float = 0.0  # same for the height; > 0 pans down (content moves up)
+
+
+@dataclass
+class Subject:
+    phrase: str = MISSING  # the words of the prompt that name this subject
+    subject: Optional[str] = None  # a tuned subject from the library, or None
+    reference: Optional[str] = None  # a reference image for zero-shot injection, or None
+    boxes: dict[int, list[float]] = field(default_factory=dict)  # frame index -> [x0, y0, x1, y1] in 0..1
+
+
+@dataclass
+class Background:
+    reference: Optional[str] = None  # a background reference image, or None
+
+
+@dataclass
+class Shot:
+    model: str = DEFAULT_MODEL  # a model preset: presets/models/<name>.yaml, or a path to such a file
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    frames: Optional[int] = None  # None: the model preset's default
+    width: Optional[int] = None
+    height: Optional[int] = None
+    fps: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    noise_prior: NoisePrior = field(default_factory=NoisePrior)
+    camera: Camera = field(default_factory=Camera)
+    subjects: list[Subject] = field(default_factory=list)
+    background: Background = field(default_factory=Background)
+
+
+PRESET_DEFAULTED = ("frames", "width", "height", "fps", "steps", "guidance_scale")
+
+
+# --- load / save -----------------------------------------------------------------------------------------
+
+
+def _config_error(e: OmegaConfBaseException) -> ShotError:
+    """Turn an omegaconf error into a ShotError naming the dotted field."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "shot"
+    msg = getattr(e, "msg", None) or str(e)
+    msg = msg.splitlines()[0]
+    if "not in" in msg and "Key" in msg:
+        return ShotError(str(key), str(key).rsplit(".", 1)[-1], "unknown field")
+    value = getattr(e, "value", None)
+    m = re.search(r"Value '(.*?)'", msg)
+    if value is None and m:
+        value = m.group(1)
+    return ShotError(str(key), value, msg)
+
+
+def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
+    """A Shot from a dict (or DictConfig) plus omegaconf dotted overrides ('noise_prior.gamma=0.3')."""
+    if data is None:
+        data = {}
+    if not isinstance(data, (dict, DictConfig)):
+        raise ShotError("shot", type(data).__name__, "a shot file must be a mapping of fields")
+    _check_subject_items(data)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Shot), data)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ShotError("--set", item, "an override must look like key=value, e.g. noise_prior.gamma=0.3")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        shot = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _config_error(e) from None
+    _check_subjects(shot)
+    return shot
+
+
+def _check_subject_items(data) -> None:
+    """Merge each subject on its own first, so an error inside one names it: subjects[1].boxes.first."""
+    items = data.get("subjects") if hasattr(data, "get") else None
+    if not isinstance(items, (list, ListConfig)):
+        return
+    for i, item in enumerate(items):
+        if not isinstance(item, (dict, DictConfig)):
+            raise ShotError(f"subjects[{i}]", item, "each subject must be a mapping with a phrase")
+        try:
+            OmegaConf.merge(OmegaConf.structured(Subject), item)
+        except OmegaConfBaseException as e:
+            err = _config_error(e)
+            raise ShotError(f"subjects[{i}].{err.field}", err.value, err.problem) from None
+
+
+def _check_subjects(shot: Shot) -> None:
+    for i, s in enumerate(shot.subjects):
+        if not isinstance(s, Subject):
+            raise ShotError(f"subjects[{i}]", s, "each subject must be a mapping with a phrase")
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
+    """Load a shot YAML file; any problem is a ShotError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShotError("shot", str(path), "shot file not found")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors come in several types
+        raise ShotError("shot", str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_container(data, overrides)
+
+
+def to_dict(shot: Shot) -> dict:
+    """Plain, YAML/JSON-ready dict of a shot (keyframe indices stay ints)."""
+    return OmegaConf.to_container(OmegaConf.structured(shot), resolve=True)
+
+
+def dumps(shot: Shot) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(shot))
+
+
+def save(shot: Shot, path: str | Path) -> Path:
+    """Write a shot as YAML atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dumps(shot))
+    tmp.replace(path)
+    return path
+
+
+# --- resolution and validation against a model preset ----------------------------------------------------
+
+
+def resolve(shot: Shot, preset) -> Shot:
+    """A copy of the shot with every preset-defaulted field filled in, validated against the preset.
+
+    `preset` is a `studio.presets.ModelPreset`. Raises ShotError naming the first bad field.
+    """
+    out = copy.deepcopy(shot)
+    for name in PRESET_DEFAULTED:
+        if getattr(out, name) is None:
+            setattr(out, name, getattr(preset.defaults, name))
+    validate(out, preset)
+    return out
+
+
+def validate(shot: Shot, preset) -> None:
+    """Check a resolved shot's values against each other and the model preset."""
+    if not shot.prompt.strip():
+        raise ShotError("prompt", shot.prompt, "the prompt must not be empty")
+    if shot.seed < 0 or shot.seed >= 2**63:
+        raise ShotError("seed", shot.seed, "the seed must be in 0..2**63-1")
+    lo, hi = preset.min_frames, preset.max_frames
+    if not lo <= shot.frames <= hi:
+        raise ShotError("frames", shot.frames, f"model '{preset.name}' renders {lo}..{hi} frames")
+    for name in ("width", "height"):
+        v = getattr(shot, name)
+        m = preset.size_multiple
+        if v <= 0 or v % m:
+            raise ShotError(name, v, f"must be a positive multiple of {m} for model '{preset.name}'")
+        if v > preset.max_size:
+            raise ShotError(name, v, f"model '{preset.name}' renders at most {preset.max_size} pixels")
+    if not 1 <= shot.fps <= 120:
+        raise ShotError("fps", shot.fps, "must be in 1..120")
+    if not 1 <= shot.steps <= 1000:
+        raise ShotError("steps", shot.steps, "must be in 1..1000")
+    if not 0.0 <= shot.guidance_scale <= 50.0:
+        raise ShotError("guidance_scale", shot.guidance_scale, "must be in 0..50")
+    g = shot.noise_prior.gamma
+    if not 0.0 <= g < 1.0:
+        raise ShotError("noise_prior.gamma", g, "must be in [0, 1): gamma = 1 would repeat one noise frame")
+    for name in ("cx", "cy"):
+        v = getattr(shot.camera, name)
+        if not -1.0 <= v <= 1.0:
+            raise ShotError(f"camera.{name}", v, "must be in -1..1 (fraction of the frame travelled over the clip)")
+    for i, s in enumerate(shot.subjects):
+        _validate_subject(s, f"subjects[{i}]", shot)
+
+
+def phrase_in_prompt(phrase: str, prompt: str) -> bool:
+    """Whether the phrase's words appear together in the prompt (case-insensitive, whole words)."""
+    words = phrase.lower().split()
+    if not words:
+        return False
+    pattern = r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
+    return re.search(pattern, prompt.lower()) is not None
+
+
+def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
+    if not s.phrase.strip():
+        raise ShotError(f"{where}.phrase", s.phrase, "the phrase must name the subject in the prompt")
+    if not phrase_in_prompt(s.phrase, shot.prompt):
+        raise ShotError(f"{where}.phrase", s.phrase, f"the phrase is not in the prompt {shot.prompt!r}")
+    for name in ("subject", "reference"):
+        v = getattr(s, name)
+        if v is not None and not str(v).strip():
+            raise ShotError(f"{where}.{name}", v, "must be null or non-empty")
+    for f, box in s.boxes.items():
+        key = f"{where}.boxes.{f}"
+        if not 0 <= f < shot.frames:
+            raise ShotError(key, f, f"keyframe index must be in 0..{shot.frames - 1}")
+        if len(box) != 4:
+            raise ShotError(key, list(box), "a box is [x0, y0, x1, y1]")
+        x0, y0, x1, y1 = box
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise ShotError(key, list(box), "box coordinates are normalised to 0..1")
+        if x1 <= x0:
+            raise ShotError(key, list(box), "x1 must be greater than x0")
+        if y1 <= y0:
+            raise ShotError(key, list(box), "y1 must be greater than y0")

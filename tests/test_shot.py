@@ -1,0 +1,168 @@
+"""The shot file contract: fields, defaults from the preset, and validation messages naming field and value."""
+
+import pytest
+
+from studio import presets, shot
+from studio.shot import ShotError
+
+EXAMPLE = """\
+model: tiny
+prompt: a red circle on grass
+negative_prompt: ""
+seed: 0
+frames: 8
+width: 64
+height: 64
+fps: 8
+steps: 20
+guidance_scale: 7.5
+noise_prior:
+  gamma: 0.0
+camera:
+  cx: 0.0
+  cy: 0.0
+subjects:
+  - phrase: red circle
+    subject: null
+    reference: null
+    boxes:
+      0: [0.05, 0.30, 0.35, 0.70]
+      7: [0.65, 0.30, 0.95, 0.70]
+background:
+  reference: null
+"""
+
+
+@pytest.fixture
+def example(tmp_path):
+    p = tmp_path / "shot.yaml"
+    p.write_text(EXAMPLE)
+    return p
+
+
+def resolved(data, *overrides):
+    s = shot.from_container(data, list(overrides))
+    return shot.resolve(s, presets.load_model_preset(s.model))
+
+
+def test_example_loads_with_every_field(example):
+    s = shot.load(example)
+    assert s.prompt == "a red circle on grass" and s.frames == 8 and s.guidance_scale == 7.5
+    assert s.noise_prior.gamma == 0.0 and s.camera.cx == 0.0
+    assert s.subjects[0].phrase == "red circle" and s.subjects[0].boxes[7] == [0.65, 0.30, 0.95, 0.70]
+    assert s.background.reference is None
+
+
+def test_round_trip_keeps_everything(example, tmp_path):
+    s = shot.load(example)
+    out = shot.save(s, tmp_path / "again.yaml")
+    assert shot.load(out) == s
+    assert shot.to_dict(s)["subjects"][0]["boxes"][0] == [0.05, 0.30, 0.35, 0.70]
+
+
+def test_omitted_fields_take_preset_defaults():
+    s = resolved({"model": "zeroscope", "prompt": "a dog running"})
+    z = presets.load_model_preset("zeroscope")
+    assert (s.width, s.height, s.frames, s.steps) == (576, 320, 24, 40) == (
+        z.defaults.width, z.defaults.height, z.defaults.frames, z.defaults.steps)
+    t = resolved({"model": "tiny", "prompt": "a dog"})
+    assert (t.width, t.height, t.frames) == (64, 64, 8)
+    assert resolved({"model": "tiny", "prompt": "a dog", "width": 128}).width == 128
+
+
+def test_overrides_use_dotted_keys():
+    s = resolved({"model": "tiny", "prompt": "a dog"}, "noise_prior.gamma=0.3", "seed=5")
+    assert s.noise_prior.gamma == 0.3 and s.seed == 5
+
+
+BAD = [
+    ({"noise_prior": {"gamma": 1.0}}, "noise_prior.gamma", "1.0"),
+    ({"noise_prior": {"gamma": -0.2}}, "noise_prior.gamma", "-0.2"),
+    ({"width": 60}, "width", "60"),
+    ({"height": 100}, "height", "100"),
+    ({"frames": 0}, "frames", "0"),
+    ({"frames": 500}, "frames", "500"),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.5, 0.3, 0.4, 0.7]}}]}, "subjects[0].boxes.0", "0.4"),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.7, 0.4, 0.3]}}]}, "subjects[0].boxes.0", "0.7"),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 1.4, 0.7]}}]}, "subjects[0].boxes.0", "1.4"),
+    ({"subjects": [{"phrase": "red circle", "boxes": {9: [0.1, 0.3, 0.4, 0.7]}}]}, "subjects[0].boxes.9", "9"),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 0.4]}}]}, "subjects[0].boxes.0", "0.4"),
+    ({"subjects": [{"phrase": "blue dog"}]}, "subjects[0].phrase", "blue dog"),
+    ({"camera": {"cx": 3.0}}, "camera.cx", "3.0"),
+    ({"prompt": "  "}, "prompt", "'  '"),
+    ({"steps": 0}, "steps", "0"),
+]
+
+
+@pytest.mark.parametrize("change,field,value", BAD)
+def test_bad_values_name_field_and_value(change, field, value):
+    data = {"model": "tiny", "prompt": "a red circle on grass", "frames": 8, **change}
+    with pytest.raises(ShotError) as e:
+        resolved(data)
+    assert e.value.field == field
+    assert field in str(e.value) and value in str(e.value)
+
+
+@pytest.mark.parametrize("data,field,value", [
+    ({"prompt": "x", "colour": "red"}, "colour", "colour"),
+    ({"prompt": "x", "camera": {"pan": 1}}, "camera.pan", "pan"),
+    ({"prompt": "x", "seed": "many"}, "seed", "many"),
+    ({"prompt": "x", "frames": "lots"}, "frames", "lots"),
+    ({"prompt": "x", "noise_prior": {"gamma": "high"}}, "noise_prior.gamma", "high"),
+    ({"prompt": "x", "subjects": [{"phrase": "x", "boxes": {"first": [0, 0, 1, 1]}}]}, "subjects", "first"),
+])
+def test_unknown_keys_and_wrong_types_name_the_field(data, field, value):
+    with pytest.raises(ShotError) as e:
+        shot.from_container(data)
+    assert field in e.value.field and value in str(e.value)
+
+
+def test_bad_override_and_unknown_model():
+    with pytest.raises(ShotError, match="--set"):
+        shot.from_container({"prompt": "x"}, ["gamma"])
+    with pytest.raises(ShotError, match="noise_prior.gama"):
+        shot.from_container({"prompt": "x"}, ["noise_prior.gama=0.2"])
+    with pytest.raises(ShotError) as e:
+        presets.load_model_preset("no-such-model")
+    assert e.value.field == "model" and "no-such-model" in str(e.value) and "tiny" in str(e.value)
+
+
+def test_yaml_errors_are_shot_errors(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("prompt: [unclosed\n")
+    with pytest.raises(ShotError, match="YAML"):
+        shot.load(p)
+    with pytest.raises(ShotError, match="not found"):
+        shot.load(tmp_path / "missing.yaml")
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ShotError, match="mapping"):
+        shot.load(p)
+
+
+def test_phrase_matching_is_whole_word_and_case_insensitive():
+    assert shot.phrase_in_prompt("Red Circle", "A red  circle on grass")
+    assert not shot.phrase_in_prompt("red circ", "a red circle on grass")
+    assert not shot.phrase_in_prompt("circle red", "a red circle on grass")
+
+
+def test_every_shipped_preset_loads():
+    names = presets.list_model_presets()
+    assert {"tiny", "animatediff-sd15", "zeroscope"} <= set(names)
+    for name in names:
+        p = presets.load_model_preset(name)
+        assert p.name == name and p.defaults.width % p.size_multiple == 0
+    for name in presets.list_shot_presets():
+        s = shot.load(presets.shot_preset_path(name))
+        shot.resolve(s, presets.load_model_preset(s.model))
+
+
+def test_subject_errors_name_the_subject():
+    with pytest.raises(ShotError) as e:
+        shot.from_container({"prompt": "x", "subjects": [{"phrase": "x"}, "red"]})
+    assert e.value.field == "subjects[1]"
+    with pytest.raises(ShotError) as e:
+        shot.from_container({"prompt": "x", "subjects": [{"phrase": "x", "boxs": {}}]})
+    assert e.value.field == "subjects[0].boxs" and "unknown" in str(e.value)
+    with pytest.raises(ShotError) as e:
+        shot.from_container({"prompt": "x", "subjects": [{"subject": "rex"}]})
+    assert e.value.field == "subjects[0].phrase"
