@@ -143,6 +143,17 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
     return from_container(data, overrides)
 
 
+def loads(text: str, overrides: list[str] | None = None, where: str = "shot") -> Shot:
+    """A shot from YAML text (the UI's shot editor); an empty text is the default shot."""
+    try:
+        data = OmegaConf.create(text or "{}")
+    except Exception as e:
+        raise ShotError(where, (text or "").strip()[:40], f"not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(data, ListConfig):
+        raise ShotError(where, "a list", "a shot file must be a mapping of fields")
+    return from_container(data, overrides)
+
+
 def to_dict(shot: Shot) -> dict:
     """Plain, YAML/JSON-ready dict of a shot (keyframe indices stay ints)."""
     return OmegaConf.to_container(OmegaConf.structured(shot), resolve=True)

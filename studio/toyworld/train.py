@@ -149,7 +149,7 @@ def vae_batch(cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_pixels(np.concatenate(frames)), _subject_weight(np.concatenate(masks), cfg.vae_subject_weight)
 
 
-def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float) -> None:
+def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float, checkpoint=None) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
@@ -169,6 +169,9 @@ def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float) -> None:
         if (step + 1) % cfg.log_every == 0:
             rate = (step + 1 - start) / (time.time() - t0)
             logger.info("vae step %d/%d loss %.5f %.2f steps/s", step + 1, cfg.vae_steps, loss.item(), rate)
+        if checkpoint is not None and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.vae_steps:
+            state["vae_opt"] = opt.state_dict()
+            checkpoint()
         if time.time() > deadline:
             break
     state["vae_opt"] = opt.state_dict()
@@ -367,7 +370,7 @@ def train(cfg: TrainConfig) -> Path:
     for m in (c["vae"], c["unet"], c["text_encoder"]):
         m.requires_grad_(True)
     if state.get("vae_step", 0) < cfg.vae_steps:
-        train_vae(c["vae"], cfg, state, deadline)
+        train_vae(c["vae"], cfg, state, deadline, checkpoint=lambda: save_checkpoint(c, cfg, state))
         c["vae"].register_to_config(scaling_factor=calibrate_vae_scale(c["vae"], cfg))
         logger.info("vae scaling factor %.4f", c["vae"].config.scaling_factor)
         save_checkpoint(c, cfg, state)
