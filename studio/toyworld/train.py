@@ -30,7 +30,7 @@ from studio.toyworld.model import ToyArch, build_components
 
 logger = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 1_000_000_000  # clip seeds at or above this are held out from training
+EVAL_SEED_OFFSET = world.EVAL_SEED_OFFSET
 
 
 @dataclass

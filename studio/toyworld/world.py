@@ -19,6 +19,7 @@ import numpy as np
 FRAMES = 8
 SIZE = 32
 SUPERSAMPLE = 4  # shapes are drawn at SUPERSAMPLE× and area-downsampled, so edges are anti-aliased
+EVAL_SEED_OFFSET = 1_000_000_000  # clip and noise seeds at or above this are held out from training
 
 BACKGROUNDS = ("grass", "sand", "sky")
 SHAPES = ("circle", "square", "triangle", "star")
