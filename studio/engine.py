@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 
 from studio import shot as shotlib
-from studio.controls import noise_prior
+from studio.controls import compose, noise_prior
+from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
 from studio.presets import ModelPreset, load_model_preset
 
@@ -94,37 +95,53 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     shape = (1, unet.config.in_channels, shot.frames, shot.height // scale, shot.width // scale)  # (B, C, F, h, w)
     generator = torch.Generator("cpu").manual_seed(shot.seed)
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
-    # 4. Denoise, reporting progress and honouring cancellation between steps.
-    step_cb = _step_callback(shot.steps, progress, cancel)
+    # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
+    ctx = compose.context(shot, shape[3], shape[4])
+    controls = compose.build(shot, pipe, ctx, preset.name)
+    chain = step_end_chain(ctx, controls)
+    latents = chain(-1, latents)  # edits due before the first step
+    timings["prepare"] = time.perf_counter() - t1
+    # 5. Denoise, reporting progress and honouring cancellation between steps.
+    t2 = time.perf_counter()
+    step_cb = _step_callback(shot.steps, progress, cancel, chain)
     kwargs = dict(prompt=shot.prompt, negative_prompt=shot.negative_prompt or None, num_frames=shot.frames,
                   height=shot.height, width=shot.width, num_inference_steps=shot.steps,
                   guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
     if preset.family == "animatediff":
         kwargs.update(callback_on_step_end=step_cb, callback_on_step_end_tensor_inputs=["latents"])
-    else:  # TextToVideoSDPipeline only has the legacy per-step callback
-        kwargs.update(callback=lambda i, t, lat: step_cb(pipe, i, t, {}), callback_steps=1)
-    with torch.inference_mode():
+    else:  # TextToVideoSDPipeline only has the legacy per-step callback: edit its latents in place
+        def legacy(i, t, lat):
+            new = step_cb(pipe, i, t, {"latents": lat}).get("latents")
+            if new is not None and new is not lat:
+                lat.copy_(new)
+
+        kwargs.update(callback=legacy, callback_steps=1)
+    with torch.inference_mode(), applied(pipe, controls, ctx):
         out = pipe(**kwargs).frames
     if cancel is not None and cancel.is_set():
         raise RenderCancelled("render cancelled")
-    timings["denoise"] = time.perf_counter() - t1
-    # 5. Frames to uint8.
+    timings["denoise"] = time.perf_counter() - t2
+    # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     timings["total"] = time.perf_counter() - t0
     info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
-            "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads}
+            "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
+            "controls": [c.name for c in controls]}
     logger.info("rendered %d frames %dx%d in %.2f s", shot.frames, shot.width, shot.height, timings["total"])
     return RenderResult(frames, shot, preset, timings, info)
 
 
-def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None):
+def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):
     def on_step_end(pipe, i, t, kw):
+        out = {}
+        if chain is not None and "latents" in kw:
+            out["latents"] = chain(i, kw["latents"])
         if progress is not None:
             progress(i + 1, total)
         if cancel is not None and cancel.is_set():
             pipe._interrupt = True  # diffusers skips the remaining steps
-        return {}
+        return out
 
     return on_step_end
 

@@ -37,6 +37,9 @@ class NoisePrior:
 class Camera:
     cx: float = 0.0  # fraction of the frame width the camera travels over the clip; > 0 pans right (content moves left)
     cy: float = 0.0  # same for the height; > 0 pans down (content moves up)
+    # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
+    start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
+    shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
 
 
 @dataclass
@@ -45,11 +48,36 @@ class Subject:
     subject: Optional[str] = None  # a tuned subject from the library, or None
     reference: Optional[str] = None  # a reference image for zero-shot injection, or None
     boxes: dict[int, list[float]] = field(default_factory=dict)  # frame index -> [x0, y0, x1, y1] in 0..1
+    reference_strength: float = 1.0  # weight of the reference's tokens in self-attention (0 = off, 1 = plain)
 
 
 @dataclass
 class Background:
     reference: Optional[str] = None  # a background reference image, or None
+    strength: float = 1.0  # weight of the background reference's tokens outside the subject boxes
+
+
+@dataclass
+class BoxControl:
+    """Cross-attention editing (MotionBooth §1.2 / Direct-A-Video) for subjects with boxes."""
+
+    strength: float = 10.0  # α: logit boost α·(1 − |box|/N) of a phrase's tokens inside its box (MotionBooth: 10)
+    amplify_steps: Optional[int] = None  # steps, from the first, that amplify; None: 30% (MotionBooth: 15 of 50)
+    # Which word tokens are suppressed outside where they belong, at every step:
+    #   all_words: every word of the prompt (MotionBooth, Direct-A-Video): strongest control, the prompt's other
+    #              words then reach the image only through the start/end tokens;
+    #   subject_words: only the subjects' phrases outside their boxes: keeps prompt detail, weaker control.
+    suppress: str = "all_words"
+    interpolation: str = "linear"  # between keyframes: linear | smooth (ease in and out)
+
+
+@dataclass
+class ReferenceControl:
+    """Zero-shot reference injection (VideoMaker §3.1/§3.3) for subjects' and the background's reference images."""
+
+    # Whether the reference takes part in the motion modules' temporal attention as an extra frame (VideoMaker's
+    # released code) or not (METHODS.md's advice: excluded, so the reference does not pull frames toward a still).
+    temporal_attention: bool = False
 
 
 @dataclass
@@ -68,9 +96,17 @@ class Shot:
     camera: Camera = field(default_factory=Camera)
     subjects: list[Subject] = field(default_factory=list)
     background: Background = field(default_factory=Background)
+    box_control: BoxControl = field(default_factory=BoxControl)
+    reference_control: ReferenceControl = field(default_factory=ReferenceControl)
 
 
 PRESET_DEFAULTED = ("frames", "width", "height", "fps", "steps", "guidance_scale")
+MAX_SUBJECTS = 4  # box control separates subjects by their phrases' tokens; past 4 boxes crowd a small latent
+MAX_REFERENCE_BYTES = 20 * 2**20
+MAX_REFERENCE_SIDE = 4096
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BOX_SUPPRESS = ("all_words", "subject_words")
+BOX_INTERPOLATION = ("linear", "smooth")
 
 
 # --- load / save -----------------------------------------------------------------------------------------
@@ -185,6 +221,13 @@ def resolve(shot: Shot, preset) -> Shot:
     for name in PRESET_DEFAULTED:
         if getattr(out, name) is None:
             setattr(out, name, getattr(preset.defaults, name))
+    if isinstance(out.steps, int) and out.steps >= 1:  # step windows default to the methods' fractions
+        if out.box_control.amplify_steps is None:
+            out.box_control.amplify_steps = round(0.3 * out.steps)
+        if out.camera.start_step is None:
+            out.camera.start_step = min(out.steps - 1, round(0.2 * out.steps))
+        if out.camera.shift_steps is None:
+            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(0.2 * out.steps)))
     validate(out, preset)
     return out
 
@@ -218,8 +261,30 @@ def validate(shot: Shot, preset) -> None:
         v = getattr(shot.camera, name)
         if not -1.0 <= v <= 1.0:
             raise ShotError(f"camera.{name}", v, "must be in -1..1 (fraction of the frame travelled over the clip)")
+    c = shot.camera
+    if c.start_step is not None and not 0 <= c.start_step < shot.steps:
+        raise ShotError("camera.start_step", c.start_step, f"must be in 0..{shot.steps - 1} (steps - 1)")
+    if c.shift_steps is not None and not 1 <= c.shift_steps <= shot.steps - (c.start_step or 0):
+        raise ShotError("camera.shift_steps", c.shift_steps,
+                        f"must be in 1..{shot.steps - (c.start_step or 0)} (the steps left after camera.start_step)")
+    b = shot.box_control
+    if not 0.0 <= b.strength <= 100.0:
+        raise ShotError("box_control.strength", b.strength, "must be in 0..100")
+    if b.amplify_steps is not None and not 0 <= b.amplify_steps <= shot.steps:
+        raise ShotError("box_control.amplify_steps", b.amplify_steps, f"must be in 0..{shot.steps} (steps)")
+    if b.suppress not in BOX_SUPPRESS:
+        raise ShotError("box_control.suppress", b.suppress, f"must be one of {', '.join(BOX_SUPPRESS)}")
+    if b.interpolation not in BOX_INTERPOLATION:
+        raise ShotError("box_control.interpolation", b.interpolation,
+                        f"must be one of {', '.join(BOX_INTERPOLATION)}")
+    if len(shot.subjects) > MAX_SUBJECTS:
+        raise ShotError("subjects", len(shot.subjects), f"at most {MAX_SUBJECTS} subjects per shot")
     for i, s in enumerate(shot.subjects):
         _validate_subject(s, f"subjects[{i}]", shot)
+    if shot.background.reference is not None:
+        validate_image_file(shot.background.reference, "background.reference")
+    if not 0.0 <= shot.background.strength <= 10.0:
+        raise ShotError("background.strength", shot.background.strength, "must be in 0..10")
 
 
 def phrase_in_prompt(phrase: str, prompt: str) -> bool:
@@ -240,6 +305,10 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
         v = getattr(s, name)
         if v is not None and not str(v).strip():
             raise ShotError(f"{where}.{name}", v, "must be null or non-empty")
+    if s.reference is not None:
+        validate_image_file(s.reference, f"{where}.reference")
+    if not 0.0 <= s.reference_strength <= 10.0:
+        raise ShotError(f"{where}.reference_strength", s.reference_strength, "must be in 0..10")
     for f, box in s.boxes.items():
         key = f"{where}.boxes.{f}"
         if not 0 <= f < shot.frames:
@@ -253,3 +322,25 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
             raise ShotError(key, list(box), "x1 must be greater than x0")
         if y1 <= y0:
             raise ShotError(key, list(box), "y1 must be greater than y0")
+
+
+def validate_image_file(path: str, where: str) -> None:
+    """A reference must be an existing, readable image of sane size (checked without decoding all pixels)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ShotError(where, path, "image file not found")
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ShotError(where, path, f"must be an image ({', '.join(IMAGE_SUFFIXES)})")
+    size = p.stat().st_size
+    if size > MAX_REFERENCE_BYTES:
+        raise ShotError(where, path, f"image file is {size / 2**20:.0f} MB; at most {MAX_REFERENCE_BYTES // 2**20} MB")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ShotError(where, path, f"not a readable image ({type(e).__name__})") from None
+    if max(w, h) > MAX_REFERENCE_SIDE:
+        raise ShotError(where, path, f"image is {w}x{h}; at most {MAX_REFERENCE_SIDE} pixels a side")

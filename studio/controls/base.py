@@ -1,0 +1,129 @@
+"""What every control shares: the per-render context, the control protocol, and installing/restoring them.
+
+A control is a small object with no UI imports. During one render it may
+- replace attention processors on some of the UNet's layers (`processors(unet)` returns {name: processor}),
+- register torch forward hooks on the UNet (`hooks(unet)` returns the handles),
+- edit the latents after a denoising step (`on_step_end(ctx, i, latents)` returns new latents or None).
+`applied(pipe, controls, ctx)` installs them all and restores the pipeline exactly afterwards, even on error, so
+a cached pipeline renders a plain shot identically after a controlled one.
+
+Shapes: B videos, F frames, C latent channels, h×w latent size, N = tokens of an attention layer, L text tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Processor names in diffusers' UNets that are temporal (frame-to-frame) attention, not spatial.
+TEMPORAL_MARKERS = ("motion_modules", "temp_attentions", "transformer_in")
+
+
+def spatial_cross_attention_names(unet) -> list[str]:
+    """Processor names of the spatial cross-attention (text) layers: attn2 outside the temporal modules."""
+    return [n for n in unet.attn_processors
+            if n.endswith("attn2.processor") and not any(m in n for m in TEMPORAL_MARKERS)]
+
+
+def spatial_self_attention_names(unet) -> list[str]:
+    return [n for n in unet.attn_processors
+            if n.endswith("attn1.processor") and not any(m in n for m in TEMPORAL_MARKERS)]
+
+
+def temporal_attention_names(unet) -> list[str]:
+    return [n for n in unet.attn_processors if any(m in n for m in TEMPORAL_MARKERS)]
+
+
+@dataclass
+class Context:
+    """The state of one render that controls read (and the camera control writes: it moves the boxes)."""
+
+    frames: int  # F
+    latent_h: int  # h
+    latent_w: int  # w
+    steps: int
+    do_cfg: bool  # the UNet batch is [uncond videos, cond videos] when True
+    generator: torch.Generator  # explicit, seeded from the shot: controls' random draws come from here
+    step: int = 0  # index of the denoising step about to run (advanced by the engine after each step)
+    # subject index -> (F, 4) normalised x0, y0, x1, y1 per frame; the camera control shifts them with the latents
+    boxes: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def layer_size(self, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols) of an attention layer with n_tokens spatial tokens (the latent downsampled by 2^k)."""
+        h, w = self.latent_h, self.latent_w
+        for _ in range(8):
+            if h * w == n_tokens:
+                return h, w
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        raise ValueError(f"no latent downsampling of {self.latent_h}x{self.latent_w} has {n_tokens} tokens")
+
+    def cond_slice(self, batch: int) -> slice:
+        """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass."""
+        return slice(batch // 2, batch) if self.do_cfg else slice(0, batch)
+
+
+class Control:
+    """Base class: a control that does nothing. Subclasses override what they need."""
+
+    name = "control"
+
+    def processors(self, unet) -> dict:
+        return {}
+
+    def hooks(self, unet) -> list:
+        return []
+
+    def on_step_end(self, ctx: Context, i: int, latents: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def close(self) -> None:
+        """Free per-render state (called after the pipeline is restored)."""
+
+
+@contextlib.contextmanager
+def applied(pipe, controls: list[Control], ctx: Context):
+    """Install the controls' processors and hooks on pipe.unet; restore the original processors afterwards."""
+    unet = pipe.unet
+    if not controls:
+        yield
+        return
+    original = dict(unet.attn_processors)
+    handles = []
+    try:
+        procs = dict(original)
+        for c in controls:
+            mine = c.processors(unet)
+            clash = [n for n in mine if procs[n] is not original[n]]
+            if clash:
+                raise RuntimeError(f"controls collide on {clash[0]}")
+            procs.update(mine)
+        unet.set_attn_processor(dict(procs))  # diffusers pops from the dict it is given: pass a copy
+        for c in controls:
+            handles.extend(c.hooks(unet))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        unet.set_attn_processor(dict(original))
+        for c in controls:
+            c.close()
+
+
+def step_end_chain(ctx: Context, controls: list[Control]):
+    """One function that runs every control's latent edit after step i and advances ctx.step."""
+
+    def run(i: int, latents: torch.Tensor) -> torch.Tensor:
+        for c in controls:
+            out = c.on_step_end(ctx, i, latents)
+            if out is not None:
+                latents = out
+        ctx.step = i + 1
+        return latents
+
+    return run

@@ -1,0 +1,189 @@
+"""Box trajectories by cross-attention editing (MotionBooth §1.2, Direct-A-Video).
+
+Each subject has a phrase in the prompt and keyframed boxes. In every spatial cross-attention layer, on the
+conditional pass only, the pre-softmax logits S (B·F rows, N pixels, L text tokens) get an additive bias:
+
+    S'[f, i, j] = S + α·(1 − |B_f|/N)   if i ∈ B_f and j ∈ P_k and step < amplify_steps      (amplify)
+                    − ∞                   if j ∈ W and not (i ∈ B_f^k and j ∈ P_k)               (suppress)
+
+P_k = the tokens of subject k's phrase, B_f^k its box in frame f at the layer's resolution, W = the suppressed
+word tokens: every word of the prompt ("all_words", the method's choice) or only the subjects' phrases
+("subject_words"). The bias goes into scaled-dot-product attention as a float mask: one fused call per layer,
+the bias built once per layer size and step.
+
+Shapes: F frames, N = rows·cols tokens of a layer, L = 77 text tokens, K subjects.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.controls.base import Context, Control, spatial_cross_attention_names
+
+logger = logging.getLogger(__name__)
+
+NEG = -1e4  # "−∞" that stays finite in fp16 (exp(-1e4) == 0): the start token is never suppressed, so no row is empty
+
+
+# --- keyframes ---------------------------------------------------------------------------------------------
+
+
+def interpolate(keyframes: dict[int, list[float]], frames: int, mode: str = "linear") -> np.ndarray:
+    """(F, 4) boxes for every frame from keyframes {frame: [x0, y0, x1, y1]}.
+
+    Between keyframes: linear, or 'smooth' (smoothstep easing: the box eases out of one keyframe into the next).
+    Before the first and after the last keyframe the box holds still.
+    """
+    if not keyframes:
+        raise ValueError("no keyframes")
+    if mode not in ("linear", "smooth"):
+        raise ValueError(f"interpolation must be linear or smooth, got {mode!r}")
+    keys = sorted(int(k) for k in keyframes)
+    vals = np.array([keyframes[k] for k in keys], np.float64)  # (K, 4)
+    t = np.arange(frames, dtype=np.float64)
+    out = np.empty((frames, 4))
+    if len(keys) == 1:
+        out[:] = vals[0]
+        return out.astype(np.float32)
+    seg = np.clip(np.searchsorted(keys, t, side="right") - 1, 0, len(keys) - 2)  # segment index per frame
+    k0, k1 = np.asarray(keys)[seg], np.asarray(keys)[seg + 1]
+    u = np.clip((t - k0) / (k1 - k0), 0.0, 1.0)
+    if mode == "smooth":
+        u = u * u * (3 - 2 * u)
+    out = vals[seg] * (1 - u)[:, None] + vals[seg + 1] * u[:, None]
+    return out.astype(np.float32)
+
+
+def box_masks(boxes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(F, rows·cols) bool masks of normalised boxes (F, 4) at a layer's resolution.
+
+    Edges are rounded to the layer's grid as MotionBooth does; a box always covers at least one token.
+    """
+    x0 = (boxes[:, 0] * cols).round().clamp(0, cols - 1)
+    y0 = (boxes[:, 1] * rows).round().clamp(0, rows - 1)
+    x1 = torch.maximum((boxes[:, 2] * cols).round(), x0 + 1).clamp(max=cols)
+    y1 = torch.maximum((boxes[:, 3] * rows).round(), y0 + 1).clamp(max=rows)
+    xs = torch.arange(cols, dtype=boxes.dtype, device=boxes.device)
+    ys = torch.arange(rows, dtype=boxes.dtype, device=boxes.device)
+    in_x = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])  # (F, cols)
+    in_y = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None])  # (F, rows)
+    return (in_y[:, :, None] & in_x[:, None, :]).flatten(1)  # (F, rows·cols)
+
+
+# --- tokens ------------------------------------------------------------------------------------------------
+
+
+def phrase_token_indices(tokenizer, prompt: str, phrase: str) -> list[int]:
+    """Positions of the phrase's tokens in the tokenized prompt (BOS at 0), every piece of multi-piece words.
+
+    Raises ValueError if the phrase's tokens do not occur in the (possibly truncated) prompt.
+    """
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    piece = tokenizer(phrase, add_special_tokens=False).input_ids
+    n = len(piece)
+    if n == 0:
+        raise ValueError(f"the phrase {phrase!r} has no tokens")
+    for i in range(len(ids) - n + 1):
+        if ids[i:i + n] == piece:
+            return list(range(i, i + n))
+    raise ValueError(f"the phrase {phrase!r} is not among the prompt's first {tokenizer.model_max_length} tokens")
+
+
+def word_token_indices(tokenizer, prompt: str) -> list[int]:
+    """Positions of the prompt's word tokens: everything between the start and end tokens."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return list(range(1, len(ids) - 1))
+
+
+# --- the control -------------------------------------------------------------------------------------------
+
+
+class BoxAttention(Control):
+    """Cross-attention editing that places each subject's phrase inside its box track.
+
+    tracks: subject index -> phrase token positions; the boxes come from ctx.boxes (the camera may move them).
+    """
+
+    name = "boxes"
+
+    def __init__(self, ctx: Context, tracks: dict[int, list[int]], words: list[int], strength: float = 10.0,
+                 amplify_steps: int = 15, suppress: str = "all_words", n_text: int = 77):
+        if suppress not in ("all_words", "subject_words"):
+            raise ValueError(f"suppress must be all_words or subject_words, got {suppress!r}")
+        self.ctx, self.tracks, self.strength, self.amplify_steps = ctx, tracks, strength, amplify_steps
+        subject_tokens = sorted({j for pos in tracks.values() for j in pos})
+        self.suppressed = sorted(set(words) | set(subject_tokens)) if suppress == "all_words" else subject_tokens
+        self.n_text = n_text
+        self._cache: dict = {}
+
+    def processors(self, unet) -> dict:
+        names = spatial_cross_attention_names(unet)
+        if not names:
+            raise ValueError("this model has no spatial cross-attention layers")
+        proc = BoxAttnProcessor(self)
+        return {n: proc for n in names}
+
+    def bias(self, n_tokens: int, n_text: int, dtype, device) -> torch.Tensor:
+        """(F, N, L) additive logit bias for the conditional rows at the current step."""
+        ctx = self.ctx
+        amplify = ctx.step < self.amplify_steps and self.strength > 0
+        key = (n_tokens, n_text, ctx.step, dtype, device)
+        if key not in self._cache:
+            self._cache.clear()  # one step's biases at a time
+            rows, cols = ctx.layer_size(n_tokens)
+            bias = torch.zeros(ctx.frames, n_tokens, n_text)
+            allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
+            for k, pos in self.tracks.items():
+                inside = box_masks(ctx.boxes[k].float(), rows, cols)  # (F, N)
+                idx = torch.tensor(pos)
+                allowed[:, :, idx] |= inside[:, :, None]
+                if amplify:
+                    area = inside.float().sum(1, keepdim=True) / n_tokens  # (F, 1) |B_f| / N
+                    boost = self.strength * (1 - area) * inside.float()  # (F, N)
+                    bias[:, :, idx] += boost[:, :, None]
+            sup = torch.zeros(n_text, dtype=torch.bool)
+            sup[torch.tensor(self.suppressed, dtype=torch.long)] = True
+            bias = bias.masked_fill(sup[None, None, :] & ~allowed, NEG)
+            self._cache[key] = bias.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class BoxAttnProcessor:
+    """Spatial cross-attention with the box bias on the conditional rows (plain attention elsewhere)."""
+
+    def __init__(self, control: BoxAttention):
+        self.control = control
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        if (encoder_hidden_states is None or isinstance(encoder_hidden_states, tuple) or hidden_states.ndim != 3
+                or attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None):
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        ctx = self.control.ctx
+        rows, n, _ = hidden_states.shape  # (B·[2]·F, N, C)
+        n_text = encoder_hidden_states.shape[1]
+        residual = hidden_states
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(rows, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (rows, heads, ·, d)
+        bias = self.control.bias(n, n_text, q.dtype, q.device)  # (F, N, L)
+        cond = ctx.cond_slice(rows)
+        mask = torch.zeros(rows, 1, n, n_text, dtype=q.dtype, device=q.device)
+        n_cond = cond.stop - cond.start
+        mask[cond] = bias.repeat(n_cond // ctx.frames, 1, 1)[:, None]  # cond rows are video-major, frame-minor
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * d).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

@@ -1,0 +1,75 @@
+"""From a resolved shot to the list of controls of one render (the engine's only door to the controls).
+
+Each control is built only when the shot asks for it, so a plain shot runs the unmodified pipeline. Problems
+found here (a phrase the tokenizer cannot find, a model without the layers a control needs) are ShotErrors naming
+the field, raised before any denoising.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio import shot as shotlib
+from studio.controls.base import Context, Control, spatial_cross_attention_names, spatial_self_attention_names
+
+
+def context(shot: shotlib.Shot, latent_h: int, latent_w: int) -> Context:
+    """The per-render context; its generator (for the controls' own random draws) is derived from the seed."""
+    gen = torch.Generator("cpu").manual_seed((shot.seed * 0x9E3779B1 + 0x5EED) % 2**63)
+    ctx = Context(frames=shot.frames, latent_h=latent_h, latent_w=latent_w, steps=shot.steps,
+                  do_cfg=shot.guidance_scale > 1.0, generator=gen)
+    from studio.controls.boxes import interpolate
+
+    for k, s in enumerate(shot.subjects):
+        if s.boxes:
+            ctx.boxes[k] = torch.from_numpy(interpolate(s.boxes, shot.frames, shot.box_control.interpolation))
+    return ctx
+
+
+def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "") -> list[Control]:
+    controls: list[Control] = []
+    unet = pipe.unet
+    model = f"model '{preset_name}'" if preset_name else "this model"
+    # 1. Box trajectories: cross-attention editing.
+    tracked = [k for k, s in enumerate(shot.subjects) if s.boxes]
+    if tracked:
+        if not spatial_cross_attention_names(unet):
+            raise shotlib.ShotError(f"subjects[{tracked[0]}].boxes", "…",
+                                    f"{model} has no spatial cross-attention, which box control edits")
+        from studio.controls.boxes import BoxAttention, phrase_token_indices, word_token_indices
+
+        tracks = {}
+        for k in tracked:
+            try:
+                tracks[k] = phrase_token_indices(pipe.tokenizer, shot.prompt, shot.subjects[k].phrase)
+            except ValueError as e:
+                raise shotlib.ShotError(f"subjects[{k}].phrase", shot.subjects[k].phrase, str(e)) from None
+        b = shot.box_control
+        controls.append(BoxAttention(ctx, tracks, word_token_indices(pipe.tokenizer, shot.prompt), b.strength,
+                                     b.amplify_steps, b.suppress))
+    # 2. Camera pan: latent shift.
+    c = shot.camera
+    if c.cx or c.cy:
+        from studio.controls.camera import CameraShift
+
+        controls.append(CameraShift(c.cx, c.cy, c.start_step, c.shift_steps))
+    # 3./4. Subject and background references: injection into spatial self-attention.
+    refs = [(k, s.reference, s.reference_strength) for k, s in enumerate(shot.subjects) if s.reference]
+    if shot.background.reference:
+        refs.append((None, shot.background.reference, shot.background.strength))
+    if refs:
+        where = f"subjects[{refs[0][0]}].reference" if refs[0][0] is not None else "background.reference"
+        if not spatial_self_attention_names(unet):
+            raise shotlib.ShotError(where, refs[0][1], f"{model} has no spatial self-attention to inject into")
+        from studio.controls import reference
+
+        if hasattr(reference, "supports") and not reference.supports(unet):
+            raise shotlib.ShotError(where, refs[0][1], f"reference injection does not support {model}'s UNet "
+                                    f"({type(unet).__name__})")
+        items = []
+        for k, path, strength in refs:
+            latent = reference.encode_reference(pipe, path, shot.width, shot.height)
+            region = ("outside",) if k is None else ("box", k)
+            items.append((latent, strength, region))
+        controls.append(reference.ReferenceInjection(items, temporal_attention=shot.reference_control.temporal_attention))
+    return controls

@@ -1,0 +1,120 @@
+"""Box trajectories: keyframe interpolation, masks at a layer's grid, phrase token lookup, the logit bias, the
+processor against plain attention, and the control end to end on the tiny model (changes with, identical without,
+restored after)."""
+
+import numpy as np
+import pytest
+import torch
+
+from studio import engine, shot as shotlib
+from studio.controls import boxes
+from studio.controls.base import Context
+from studio.toyworld import model as toymodel
+
+
+def test_linear_interpolation_between_and_beyond_keyframes():
+    b = boxes.interpolate({2: [0.0, 0.0, 0.2, 0.2], 6: [0.4, 0.2, 0.6, 0.6]}, frames=8)
+    assert b.shape == (8, 4)
+    assert np.allclose(b[0], [0, 0, 0.2, 0.2]) and np.allclose(b[1], b[0])  # holds before the first key
+    assert np.allclose(b[4], [0.2, 0.1, 0.4, 0.4])  # halfway
+    assert np.allclose(b[7], [0.4, 0.2, 0.6, 0.6])  # holds after the last key
+    assert np.allclose(boxes.interpolate({3: [0.1, 0.1, 0.3, 0.3]}, 5), [[0.1, 0.1, 0.3, 0.3]] * 5)
+
+
+def test_smooth_interpolation_eases_but_meets_the_keyframes():
+    keys = {0: [0.0, 0.0, 0.2, 0.2], 8: [0.8, 0.0, 1.0, 0.2]}
+    lin, smooth = boxes.interpolate(keys, 9), boxes.interpolate(keys, 9, "smooth")
+    assert np.allclose(smooth[[0, 4, 8]], lin[[0, 4, 8]])  # same ends and midpoint
+    assert smooth[1, 0] < lin[1, 0] and smooth[7, 0] > lin[7, 0]  # slower start and end
+    assert (np.diff(smooth[:, 0]) >= 0).all()
+
+
+def test_box_masks_on_a_layer_grid():
+    m = boxes.box_masks(torch.tensor([[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.01, 0.01]]), rows=4, cols=4)
+    grid = m.view(2, 4, 4)
+    assert grid[0].int().tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0]]
+    assert grid[1].sum() == 1 and grid[1, 0, 0]  # a tiny box still covers one token
+
+
+def test_phrase_tokens_found_by_position_including_multi_piece_words():
+    tok = toymodel.build_tokenizer()
+    prompt = "a purple square and a yellow star moving left on sand"
+    assert boxes.phrase_token_indices(tok, prompt, "yellow star") == [6, 7]  # BOS at 0
+    assert boxes.phrase_token_indices(tok, prompt, "purple square") == [2, 3]
+    # a word outside the world's vocabulary is several BPE pieces: all of them are found
+    pieces = tok("zebracorn", add_special_tokens=False).input_ids
+    assert len(pieces) > 1
+    idx = boxes.phrase_token_indices(tok, "a zebracorn on grass", "zebracorn")
+    assert idx == list(range(2, 2 + len(pieces)))
+    assert boxes.word_token_indices(tok, "a red circle") == [1, 2, 3]
+    with pytest.raises(ValueError, match="not among"):
+        boxes.phrase_token_indices(tok, "a red circle", "blue square")
+
+
+def _ctx(frames=2, h=4, w=4, step=0):
+    return Context(frames=frames, latent_h=h, latent_w=w, steps=10, do_cfg=True,
+                   generator=torch.Generator().manual_seed(0), step=step)
+
+
+def test_bias_amplifies_inside_and_suppresses_outside():
+    ctx = _ctx()
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # top-left quarter: 4 of 16 tokens
+    ctl = boxes.BoxAttention(ctx, {0: [2, 3]}, words=[1, 2, 3, 4], strength=10.0, amplify_steps=3)
+    b = ctl.bias(16, 8, torch.float32, "cpu")  # (F, N, L)
+    inside, outside = 0, 15  # token (0, 0) and token (3, 3)
+    assert b[0, inside, 2] == pytest.approx(10.0 * (1 - 4 / 16))
+    assert b[0, outside, 2] == boxes.NEG  # the phrase outside its box
+    assert b[0, inside, 1] == boxes.NEG and b[0, inside, 4] == boxes.NEG  # other words everywhere (all_words)
+    assert (b[:, :, 0] == 0).all() and (b[:, :, 5:] == 0).all()  # start, end and padding untouched
+    ctx.step = 3  # amplification over; suppression stays
+    b = ctl.bias(16, 8, torch.float32, "cpu")
+    assert b[0, inside, 2] == 0 and b[0, outside, 2] == boxes.NEG
+    # subject_words keeps the other words
+    soft = boxes.BoxAttention(ctx, {0: [2, 3]}, words=[1, 2, 3, 4], suppress="subject_words").bias(16, 8, torch.float32, "cpu")
+    assert (soft[:, :, [1, 4]] == 0).all() and soft[0, outside, 3] == boxes.NEG
+
+
+def test_processor_edits_only_the_conditional_rows():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    ctx = _ctx(frames=2)
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)
+    proc = boxes.BoxAttnProcessor(boxes.BoxAttention(ctx, {0: [1]}, words=[1, 2], amplify_steps=5))
+    x, text = torch.randn(4, 16, 8), torch.randn(4, 5, 6)  # (2 passes · F, N, C), (·, L, D)
+    plain = AttnProcessor2_0()(attn, x, text)
+    edited = proc(attn, x, text)
+    assert torch.allclose(edited[:2], plain[:2], atol=1e-6)  # unconditional pass untouched
+    assert not torch.allclose(edited[2:], plain[2:], atol=1e-3)
+    # a box over the whole frame, no amplification, only the subject's words suppressed: plain attention
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    noop = boxes.BoxAttnProcessor(boxes.BoxAttention(ctx, {0: [1]}, words=[1, 2], strength=0.0,
+                                                     suppress="subject_words"))
+    assert torch.allclose(noop(attn, x, text), plain, atol=1e-6)
+
+
+def _plain(tiny_shot):
+    s = shotlib.from_container(shotlib.to_dict(tiny_shot))
+    s.subjects = []
+    return s
+
+
+def test_box_control_changes_the_render_and_is_removed_after(tiny_shot, manager):
+    plain = _plain(tiny_shot)
+    before = engine.render(plain, manager).frames
+    pipe = manager.get(engine.prepare(plain)[1])
+    procs = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
+    r = engine.render(tiny_shot, manager)  # the example's red circle with a left-to-right track
+    assert r.info["controls"] == ["boxes"]
+    assert np.abs(r.frames.astype(int) - before.astype(int)).mean() > 0.5
+    assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == procs
+    assert np.array_equal(engine.render(plain, manager).frames, before)  # the cached pipeline is clean
+
+
+def test_phrase_lost_to_truncation_is_a_shot_error(manager):
+    long_prompt = "a " + "very " * 80 + "red circle"
+    s = shotlib.from_container({"model": "tiny", "prompt": long_prompt, "steps": 2,
+                                "subjects": [{"phrase": "red circle", "boxes": {0: [0, 0, 0.5, 0.5]}}]})
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.phrase"):
+        engine.render(s, manager)
