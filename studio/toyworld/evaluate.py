@@ -245,3 +245,61 @@ def format_report(result: dict) -> str:
     lines.append(f"| render 8 frames, native size (s) | {result['render_s']:.2f} | < {GATES['render_s']:.1f} | – | – "
                  f"| {'yes' if result['passed']['render_s'] else 'NO'} |")
     return "\n".join(lines)
+
+
+# --- control checks (known colours of the toy world; used by the control tests and the eval harness) ----------
+
+
+def subject_boxes(frames: np.ndarray, colour: str) -> np.ndarray:
+    """(F, 4) normalised bounding box of the colour's pixels per frame (NaN where fewer than a few pixels)."""
+    m = colour_masks(frames)[colour]
+    size = frames.shape[1]
+    out = np.full((len(frames), 4), np.nan, np.float32)
+    for f in range(len(frames)):
+        ys, xs = np.nonzero(m[f])
+        if len(xs) >= _MIN_PIXELS:
+            out[f] = xs.min() / size, ys.min() / size, (xs.max() + 1) / size, (ys.max() + 1) / size
+    return out
+
+
+def box_adherence(frames: np.ndarray, colour: str, boxes: np.ndarray) -> dict:
+    """Hit rate (frames whose subject centroid lies in the requested box) and mean IoU with the requested box."""
+    track = subject_track(frames, colour) / frames.shape[1]  # (F, 2) normalised
+    found = subject_boxes(frames, colour)
+    hits, ious = [], []
+    for f, (x0, y0, x1, y1) in enumerate(boxes):
+        cx, cy = track[f]
+        hits.append(bool(x0 <= cx <= x1 and y0 <= cy <= y1) if not np.isnan(cx) else False)
+        g = found[f]
+        if np.isnan(g).any():
+            ious.append(0.0)
+            continue
+        iw = max(0.0, min(x1, g[2]) - max(x0, g[0]))
+        ih = max(0.0, min(y1, g[3]) - max(y0, g[1]))
+        inter = iw * ih
+        ious.append(inter / ((x1 - x0) * (y1 - y0) + (g[2] - g[0]) * (g[3] - g[1]) - inter))
+    return {"hit_rate": float(np.mean(hits)), "iou": float(np.mean(ious))}
+
+
+def global_shift(frames: np.ndarray, max_shift: int = 4) -> np.ndarray:
+    """(F-1, 2) content motion (dx, dy) in whole pixels between consecutive frames.
+
+    Exhaustive search over shifts in ±max_shift: the shift minimising the median absolute difference over the
+    overlap. The median ignores a subject that moves differently from the background (it covers < 20% of a frame).
+    """
+    f = frames.astype(np.float32)
+    _, h, w, _ = f.shape
+    m = max_shift
+    out = []
+    for a, b in zip(f, f[1:]):
+        best, arg = np.inf, (0, 0)
+        core = b[m:h - m, m:w - m]  # (h-2m, w-2m, 3)
+        for dy in range(-m, m + 1):
+            for dx in range(-m, m + 1):
+                # content moved by (dx, dy): b[y, x] == a[y - dy, x - dx]
+                ref = a[m - dy:h - m - dy, m - dx:w - m - dx]
+                err = np.median(np.abs(core - ref).sum(-1))
+                if err < best:
+                    best, arg = err, (dx, dy)
+        out.append(arg)
+    return np.array(out, np.float32)
