@@ -78,6 +78,9 @@ class ReferenceControl:
     # Whether the reference takes part in the motion modules' temporal attention as an extra frame (VideoMaker's
     # released code) or not (METHODS.md's advice: excluded, so the reference does not pull frames toward a still).
     temporal_attention: bool = False
+    # Recompute the reference's tokens (a one-frame UNet pass) every this many steps and reuse them in between:
+    # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step).
+    refresh_every: int = 4
 
 
 @dataclass
@@ -277,6 +280,8 @@ def validate(shot: Shot, preset) -> None:
     if b.interpolation not in BOX_INTERPOLATION:
         raise ShotError("box_control.interpolation", b.interpolation,
                         f"must be one of {', '.join(BOX_INTERPOLATION)}")
+    if not 1 <= shot.reference_control.refresh_every <= 1000:
+        raise ShotError("reference_control.refresh_every", shot.reference_control.refresh_every, "must be in 1..1000")
     if len(shot.subjects) > MAX_SUBJECTS:
         raise ShotError("subjects", len(shot.subjects), f"at most {MAX_SUBJECTS} subjects per shot")
     for i, s in enumerate(shot.subjects):

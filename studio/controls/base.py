@@ -53,6 +53,10 @@ class Context:
     step: int = 0  # index of the denoising step about to run (advanced by the engine after each step)
     # subject index -> (F, 4) normalised x0, y0, x1, y1 per frame; the camera control shifts them with the latents
     boxes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # frames appended to each video of the current UNet call after the F generated ones (reference frames in
+    # temporal mode); attention processors treat them as unedited
+    extra_frames: int = 0
+    side_pass: bool = False  # a UNet call that is not the render's own (a reference write pass): no edits
 
     def layer_size(self, n_tokens: int) -> tuple[int, int]:
         """(rows, cols) of an attention layer with n_tokens spatial tokens (the latent downsampled by 2^k)."""

@@ -163,7 +163,8 @@ class BoxAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         if (encoder_hidden_states is None or isinstance(encoder_hidden_states, tuple) or hidden_states.ndim != 3
-                or attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None):
+                or attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None
+                or self.control.ctx.side_pass):
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -178,9 +179,12 @@ class BoxAttnProcessor:
         q, k, v = (t.view(rows, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (rows, heads, ·, d)
         bias = self.control.bias(n, n_text, q.dtype, q.device)  # (F, N, L)
         cond = ctx.cond_slice(rows)
+        per_video = ctx.frames + ctx.extra_frames  # rows are video-major, frame-minor
+        if ctx.extra_frames:  # appended reference frames are not edited
+            bias = torch.cat([bias, bias.new_zeros(ctx.extra_frames, n, n_text)])
         mask = torch.zeros(rows, 1, n, n_text, dtype=q.dtype, device=q.device)
         n_cond = cond.stop - cond.start
-        mask[cond] = bias.repeat(n_cond // ctx.frames, 1, 1)[:, None]  # cond rows are video-major, frame-minor
+        mask[cond] = bias.repeat(n_cond // per_video, 1, 1)[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(rows, -1, attn.heads * d).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

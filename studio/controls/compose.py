@@ -66,10 +66,16 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "") -> list
         if hasattr(reference, "supports") and not reference.supports(unet):
             raise shotlib.ShotError(where, refs[0][1], f"reference injection does not support {model}'s UNet "
                                     f"({type(unet).__name__})")
+        limit = getattr(unet.config, "motion_max_seq_length", None)
+        if shot.reference_control.temporal_attention and limit and shot.frames + len(refs) > limit:
+            raise shotlib.ShotError("reference_control.temporal_attention", True,
+                                    f"{shot.frames} frames + {len(refs)} reference frames exceed the {limit} frames "
+                                    f"{model}'s motion modules take; use fewer frames or temporal_attention: false")
         items = []
         for k, path, strength in refs:
             latent = reference.encode_reference(pipe, path, shot.width, shot.height)
             region = ("outside",) if k is None else ("box", k)
             items.append((latent, strength, region))
-        controls.append(reference.ReferenceInjection(items, temporal_attention=shot.reference_control.temporal_attention))
+        rc = shot.reference_control
+        controls.append(reference.ReferenceInjection(ctx, items, rc.temporal_attention, rc.refresh_every))
     return controls

@@ -1,0 +1,255 @@
+"""Zero-shot subject and background references through the model's own spatial self-attention.
+
+VideoMaker (§3.1) shows that a video diffusion UNet's spatial self-attention can carry a subject's look: append
+the reference's clean latent and let every frame's tokens attend to the reference's tokens (concatenated keys
+and values). Used training-free here (METHODS.md §3.3), in the spirit of diffusers' reference-only:
+
+1. write: at every UNet call, the same UNet runs once on the clean reference latents as a one-frame video (same
+   timestep, the conditional prompt), and each spatial self-attention layer keeps the tokens it receives;
+2. read: in the main pass, each spatial self-attention layer lets the conditional pass's tokens attend to
+   [own tokens ‖ reference tokens]; the unconditional pass stays plain (as reference-only does), so guidance
+   pushes toward the reference.
+
+Because the write pass is a one-frame video, the reference never enters the motion modules: it is excluded from
+temporal attention (METHODS.md's advice). `temporal_attention=True` instead appends the reference to the main
+pass as an extra frame, as VideoMaker's released code does (zeros for the unconditional videos), so it takes part
+in temporal attention; frames then read its tokens from the same pass.
+
+Each reference has a strength (a logit bias log(strength) on its keys: 0 = off, 1 = plain concatenation) and a
+region: a subject's reference is read only by query tokens inside that subject's box (everywhere if it has no
+boxes); the background reference only by tokens outside every subject box (Video Alchemist's separation of
+subjects and background, done by masking).
+
+Shapes: R references, B videos, F frames, C channels, h×w latent size, N tokens of a layer, D features.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.controls.base import Context, Control, spatial_self_attention_names
+from studio.controls.boxes import NEG, box_masks
+
+logger = logging.getLogger(__name__)
+
+
+def load_image(path_or_array, width: int, height: int) -> np.ndarray:
+    """RGB uint8 (height, width, 3): resized to cover width×height, then centre-cropped."""
+    from PIL import Image
+
+    if isinstance(path_or_array, np.ndarray):
+        im = Image.fromarray(path_or_array)
+    else:
+        im = Image.open(path_or_array)
+    im = im.convert("RGB")
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.asarray(im.crop((left, top, left + width, top + height)))
+
+
+@torch.no_grad()
+def encode_reference(pipe, path_or_array, width: int, height: int) -> torch.Tensor:
+    """The clean latent (1, C, h, w) of a reference image at the shot's size."""
+    rgb = load_image(path_or_array, width, height).copy()
+    x = torch.from_numpy(rgb).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]  # (1, 3, H, W) in -1..1
+    x = x.to(pipe.vae.device, pipe.vae.dtype)
+    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def supports(unet) -> bool:
+    return bool(spatial_self_attention_names(unet))
+
+
+class ReferenceInjection(Control):
+    """Inject reference latents into spatial self-attention. items: (latent (1, C, h, w), strength, region) with
+    region ("box", k) for subject k, ("outside",) for the background, or ("all",)."""
+
+    name = "reference"
+
+    def __init__(self, ctx: Context, items: list[tuple[torch.Tensor, float, tuple]], temporal_attention: bool = False,
+                 refresh_every: int = 1):
+        if not items:
+            raise ValueError("no references")
+        self.ctx = ctx
+        self.latents = torch.cat([z for z, _, _ in items])  # (R, C, h, w)
+        self.strengths = [float(s) for _, s, _ in items]
+        self.regions = [r for _, _, r in items]
+        self.temporal = temporal_attention
+        self.refresh_every = max(1, int(refresh_every))
+        self.bank: dict[str, torch.Tensor] = {}  # layer name -> (R, N, D) reference tokens of the current step
+        self.writing = False
+        self.write_calls = 0
+        self._bias: dict = {}
+
+    # --- installation ------------------------------------------------------------------------------------
+
+    def processors(self, unet) -> dict:
+        return {n: RefSelfAttnProcessor(self, n) for n in spatial_self_attention_names(unet)}
+
+    def hooks(self, unet) -> list:
+        if self.temporal:
+            return [unet.register_forward_pre_hook(self._append, with_kwargs=True),
+                    unet.register_forward_hook(self._strip, with_kwargs=True)]
+        return [unet.register_forward_pre_hook(self._write, with_kwargs=True)]
+
+    def close(self) -> None:
+        self.bank.clear()
+        self._bias.clear()
+
+    # --- exclude mode: a one-frame write pass before every main call ----------------------------------------
+
+    def _write(self, unet, args, kwargs):
+        if self.writing:
+            return None
+        if self.bank and self.ctx.step % self.refresh_every:
+            return None  # reuse the tokens of the last refresh
+        sample, timestep, text = _unet_inputs(args, kwargs)
+        R = self.latents.shape[0]
+        ref = self.latents.to(sample.device, sample.dtype)[:, :, None]  # (R, C, 1, h, w)
+        cond = text[-1:].expand(R, *text.shape[1:])  # the conditional prompt: the last row is a cond frame
+        t = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
+        self.writing = self.ctx.side_pass = True
+        try:
+            with torch.no_grad():
+                unet(ref, t, encoder_hidden_states=cond)
+        finally:
+            self.writing = self.ctx.side_pass = False
+        self.write_calls += 1
+        return None
+
+    # --- temporal mode: references appended as frames of the main pass --------------------------------------
+
+    def _append(self, unet, args, kwargs):
+        sample, timestep, text = _unet_inputs(args, kwargs)
+        B2, C, F_, h, w = sample.shape
+        R = self.latents.shape[0]
+        ref = self.latents.to(sample.device, sample.dtype)[None].transpose(1, 2)  # (1, C, R, h, w)
+        ref = ref.expand(B2, -1, -1, -1, -1).clone()
+        if self.ctx.do_cfg:
+            ref[: B2 // 2] = 0  # unconditional videos get a blank reference (VideoMaker)
+        sample = torch.cat([sample, ref], 2)  # (B2, C, F + R, h, w)
+        if text.shape[0] == B2 * F_:  # AnimateDiff: text repeated per frame; repeat the last frame's for the refs
+            text = text.view(B2, F_, *text.shape[1:])
+            text = torch.cat([text, text[:, -1:].expand(-1, R, -1, -1)], 1).flatten(0, 1)
+        self.ctx.extra_frames = R  # other controls see F + R frames per video in this call
+        args = list(args)
+        for i, (name, value) in enumerate((("sample", sample), ("timestep", timestep),
+                                           ("encoder_hidden_states", text))):
+            if i < len(args):
+                args[i] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
+    def _strip(self, unet, args, kwargs, output):
+        R, self.ctx.extra_frames = self.ctx.extra_frames, 0
+        if isinstance(output, tuple):
+            return (output[0][:, :, :-R], *output[1:])
+        output.sample = output.sample[:, :, :-R]
+        return output
+
+    # --- the attention bias ------------------------------------------------------------------------------
+
+    def key_bias(self, n: int, frames: int, dtype, device) -> torch.Tensor:
+        """(frames, N, R·N) bias on the reference keys for conditional queries of each frame."""
+        ctx = self.ctx
+        key = (n, frames, ctx.step, dtype, device)
+        if key not in self._bias:
+            self._bias.clear()
+            rows, cols = ctx.layer_size(n)
+            union = torch.zeros(frames, n, dtype=torch.bool)
+            for boxes in ctx.boxes.values():
+                union |= box_masks(boxes.float(), rows, cols)
+            parts = []
+            for strength, region in zip(self.strengths, self.regions):
+                if region[0] == "box" and region[1] in ctx.boxes:
+                    allowed = box_masks(ctx.boxes[region[1]].float(), rows, cols)  # (F, N)
+                elif region[0] == "outside" and ctx.boxes:
+                    allowed = ~union
+                else:
+                    allowed = torch.ones(frames, n, dtype=torch.bool)
+                weight = math.log(strength) if strength > 0 else NEG
+                b = torch.where(allowed, torch.tensor(weight), torch.tensor(NEG))  # (F, N) per query
+                parts.append(b[:, :, None].expand(frames, n, n))  # same for every key of this reference
+            self._bias[key] = torch.cat(parts, 2).to(device=device, dtype=dtype)
+        return self._bias[key]
+
+
+def _unet_inputs(args, kwargs):
+    names = ("sample", "timestep", "encoder_hidden_states")
+    vals = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+    return vals[0], vals[1], vals[2]
+
+
+class RefSelfAttnProcessor:
+    """Spatial self-attention that stores its input on the write pass and reads the references on the main pass."""
+
+    def __init__(self, control: ReferenceInjection, name: str):
+        self.control, self.name = control, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        ctl = self.control
+        plain = (encoder_hidden_states is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
+                 or attn.group_norm is not None or attention_mask is not None)
+        if plain:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        ctx = ctl.ctx
+        if ctl.writing:
+            ctl.bank[self.name] = hidden_states  # (R, N, D): the references' tokens at this layer
+            return _attend(attn, hidden_states, hidden_states)
+        rows, n, d = hidden_states.shape
+        R = ctl.latents.shape[0]
+        per_video = ctx.frames + ctx.extra_frames
+        videos = rows // per_video
+        x = hidden_states.view(videos, per_video, n, d)
+        if ctx.extra_frames:  # temporal mode: the reference frames are in this batch
+            gen, refs = x[:, :ctx.frames], x[:, ctx.frames:]  # (V, F, N, D), (V, R, N, D)
+            ref_tokens = refs.flatten(1, 2)  # (V, R·N, D) per video
+            out_ref = _attend(attn, refs.flatten(0, 1), refs.flatten(0, 1)).view_as(refs)
+        else:
+            if self.name not in ctl.bank:
+                return _attend(attn, hidden_states, hidden_states)
+            gen = x
+            ref_tokens = ctl.bank[self.name].reshape(1, R * n, d).expand(videos, -1, -1)  # (V, R·N, D)
+        cond_videos = slice(videos // 2, videos) if ctx.do_cfg else slice(0, videos)
+        out = torch.empty_like(gen)
+        if ctx.do_cfg:  # unconditional videos: plain self-attention
+            u = gen[: videos // 2].flatten(0, 1)
+            out[: videos // 2] = _attend(attn, u, u).view_as(gen[: videos // 2])
+        c = gen[cond_videos]  # (Vc, F, N, D)
+        vc = c.shape[0]
+        keys = torch.cat([c, ref_tokens[cond_videos][:, None].expand(-1, ctx.frames, -1, -1)], 2)  # (Vc, F, N+RN, D)
+        bias = ctl.key_bias(n, ctx.frames, hidden_states.dtype, hidden_states.device)  # (F, N, R·N)
+        mask = torch.cat([torch.zeros(ctx.frames, n, n, dtype=bias.dtype, device=bias.device), bias], 2)
+        mask = mask[None].expand(vc, -1, -1, -1).flatten(0, 1)[:, None]  # (Vc·F, 1, N, N+RN)
+        out[cond_videos] = _attend(attn, c.flatten(0, 1), keys.flatten(0, 1), mask).view_as(c)
+        if ctx.extra_frames:
+            out = torch.cat([out, out_ref], 1)
+        return out.reshape(rows, n, -1)
+
+
+def _attend(attn, x: torch.Tensor, ctx_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """attn's projections and output around one scaled-dot-product call; x (M, N, D), ctx_tokens (M, K, D)."""
+    if x.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()(attn, x, None if ctx_tokens is x else ctx_tokens)
+    m = x.shape[0]
+    q, k, v = attn.to_q(x), attn.to_k(ctx_tokens), attn.to_v(ctx_tokens)
+    dh = k.shape[-1] // attn.heads
+    q, k, v = (t.view(m, -1, attn.heads, dh).transpose(1, 2) for t in (q, k, v))  # (M, heads, ·, dh)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(m, -1, attn.heads * dh).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
