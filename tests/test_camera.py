@@ -1,98 +1,257 @@
-"""Camera pan by latent shift: content moves by the expected latent pixels in the expected direction, the strip
-is filled from the same row/column outside the boxes, boxes travel with the content, and a render pans."""
+"""Camera pan by latent shift (MotionBooth): whole-pixel moves in the right direction, fill drawn from the same
+row/column outside the subject boxes, frame f moved in proportion to f over a schedule, boxes moved along,
+seeded reproducibility, and a tiny-model render that pans (and is untouched at cx = 0)."""
 
 import numpy as np
 import pytest
 import torch
 
-from studio import engine, shot as shotlib
 from studio.controls import camera
-from studio.controls.base import Context
+from studio.controls.base import Context, step_end_chain
 
 
-def _z(h=6, w=8):
+def _frame(h=6, w=8):
     return torch.arange(2 * h * w, dtype=torch.float32).view(1, 2, h, w)  # (B, C, h, w), every value distinct
 
 
-def test_shift_left_right_up_down_by_whole_pixels():
-    z, keep, g = _z(), torch.ones(6, 8, dtype=torch.bool), torch.Generator().manual_seed(0)
-    left = camera.shift_frame(z, 2, 0, keep, g)
-    assert torch.equal(left[..., :6], z[..., 2:])  # content moved 2 px left
-    right = camera.shift_frame(z, -3, 0, keep, g)
-    assert torch.equal(right[..., 3:], z[..., :5])
-    up = camera.shift_frame(z, 0, 1, keep, g)
-    assert torch.equal(up[:, :, :5], z[:, :, 1:])
-    down = camera.shift_frame(z, 0, -2, keep, g)
-    assert torch.equal(down[:, :, 2:], z[:, :, :4])
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
 
 
-def test_fill_comes_from_the_same_row_outside_the_boxes():
-    z = _z()
+# ---- shift_frame ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dx", [1, 3, -1, -2])
+def test_shift_frame_moves_content_dx_pixels(dx):
+    z, keep = _frame(), torch.ones(6, 8, dtype=torch.bool)
+    out = camera.shift_frame(z, dx, 0, keep, _gen())
+    assert out.shape == z.shape
+    if dx > 0:  # content moves left
+        assert torch.equal(out[..., :-dx], z[..., dx:])
+    else:  # content moves right
+        assert torch.equal(out[..., -dx:], z[..., :dx])
+
+
+@pytest.mark.parametrize("dy", [1, 2, -1, -3])
+def test_shift_frame_moves_content_dy_pixels(dy):
+    z, keep = _frame(), torch.ones(6, 8, dtype=torch.bool)
+    out = camera.shift_frame(z, 0, dy, keep, _gen())
+    if dy > 0:  # content moves up
+        assert torch.equal(out[:, :, :-dy], z[:, :, dy:])
+    else:  # content moves down
+        assert torch.equal(out[:, :, -dy:], z[:, :, :dy])
+
+
+def test_zero_shift_is_identity():
+    z = _frame()
+    assert torch.equal(camera.shift_frame(z, 0, 0, torch.ones(6, 8, dtype=torch.bool), _gen()), z)
+
+
+@pytest.mark.parametrize("dx", [2, -2])
+def test_x_fill_comes_from_the_same_row_outside_the_box(dx):
+    z = _frame()
+    z[:, :, 1:5, 2:5] = 1000.0 + torch.arange(2 * 4 * 3, dtype=torch.float32).view(1, 2, 4, 3)  # the subject
     keep = torch.ones(6, 8, dtype=torch.bool)
-    keep[:, 2:5] = False  # a subject box spanning columns 2..4 of every row
-    for seed in range(5):
-        out = camera.shift_frame(z, 2, 0, keep, torch.Generator().manual_seed(seed))
-        fill = out[..., 6:]  # the vacated strip at the right
+    keep[1:5, 2:5] = False
+    for seed in range(8):
+        out = camera.shift_frame(z, dx, 0, keep, _gen(seed))
+        strip = out[..., -dx:] if dx > 0 else out[..., :-dx]  # (B, C, h, |dx|) vacated strip
+        assert (strip < 1000).all()  # nothing from the subject
         for r in range(6):
-            allowed = set(z[0, 0, r, [0, 1, 5, 6, 7]].tolist())
-            assert set(fill[0, 0, r].tolist()) <= allowed
-            assert len(set(fill[0, 0, r].tolist())) == 2  # without replacement
-        # channels move together: the same positions are drawn for every channel
-        assert torch.equal(fill[0, 1] - fill[0, 0], torch.full_like(fill[0, 0], 48.0))
-    out = camera.shift_frame(z, 0, 1, keep, torch.Generator().manual_seed(0))
-    assert set(out[0, 0, 5].tolist()) <= set(z[0, 0, :, :].flatten().tolist())
-    for c in range(8):  # columns: the fill of column c comes from column c
-        assert out[0, 0, 5, c].item() in z[0, 0, :, c].tolist()
+            for c in range(2):
+                row = set(z[0, c, r, keep[r]].tolist())
+                vals = strip[0, c, r].tolist()
+                assert set(vals) <= row  # same row, outside the box
+                assert len(set(vals)) == abs(dx)  # without replacement
+        # channels move together: the same positions are copied in every channel
+        assert torch.equal(strip[0, 1] - strip[0, 0], torch.full_like(strip[0, 0], 48.0))
 
 
-def _run(cx, cy, frames=8, h=8, w=8, steps=10, start=2, n=3, seed=0):
-    ctx = Context(frames=frames, latent_h=h, latent_w=w, steps=steps, do_cfg=True,
-                  generator=torch.Generator().manual_seed(seed))
-    ctx.boxes[0] = torch.tensor([[0.25, 0.25, 0.5, 0.5]] * frames)
+@pytest.mark.parametrize("dy", [2, -1])
+def test_y_fill_comes_from_the_same_column_outside_the_box(dy):
+    z = _frame()
+    z[:, :, 1:4, 3:6] = -1000.0 - torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3)
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    keep[1:4, 3:6] = False
+    for seed in range(8):
+        out = camera.shift_frame(z, 0, dy, keep, _gen(seed))
+        strip = out[:, :, -dy:] if dy > 0 else out[:, :, :-dy]  # (B, C, |dy|, w)
+        assert (strip > -1000).all()
+        for col in range(8):
+            column = set(z[0, 0, keep[:, col], col].tolist())
+            assert set(strip[0, 0, :, col].tolist()) <= column
+
+
+def test_line_fully_covered_by_a_box_falls_back_to_the_whole_row():
+    z = _frame()
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    keep[2] = False  # row 2 is all subject
+    out = camera.shift_frame(z, 3, 0, keep, _gen())
+    assert set(out[0, 0, 2, -3:].tolist()) <= set(z[0, 0, 2].tolist())
+
+
+def test_outside_boxes_mask():
+    keep = camera.outside_boxes([torch.tensor([0.25, 0.5, 0.5, 1.0])], 8, 8)
+    expected = torch.ones(8, 8, dtype=torch.bool)
+    expected[4:8, 2:4] = False
+    assert torch.equal(keep, expected)
+    assert camera.outside_boxes([torch.tensor([-0.5, 0.0, -0.1, 1.0])], 8, 8).all()  # moved out of frame
+
+
+def test_frame_targets():
+    t = camera.frame_targets(5, 0.5, -0.25, 8, 16)  # h = 8, w = 16
+    assert t.shape == (5, 2)
+    assert torch.allclose(t[:, 0], torch.tensor([0.0, 2, 4, 6, 8], dtype=torch.float64))  # f/4 · 0.5 · 16
+    assert torch.allclose(t[:, 1], torch.tensor([0.0, -0.5, -1, -1.5, -2], dtype=torch.float64))  # f/4 · -0.25 · 8
+    assert not camera.frame_targets(1, 0.5, 0.5, 8, 8).any()
+
+
+# ---- CameraShift over a schedule ---------------------------------------------------------------------------------
+
+F, H, W = 8, 8, 16
+BOX = [0.25, 0.25, 0.5, 0.5]
+
+
+def _run(cx, cy, steps=10, start=2, n=3, seed=0):
+    ctx = Context(frames=F, latent_h=H, latent_w=W, steps=steps, do_cfg=True, generator=_gen(seed))
+    ctx.boxes = {0: torch.tensor([BOX] * F), 1: torch.tensor([[0.6, 0.1, 0.9, 0.3]] * F)}
     ctl = camera.CameraShift(cx, cy, start, n)
-    z = torch.randn(1, 4, frames, h, w, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 4, F, H, W, generator=_gen(100))
     lat = z
     for i in range(-1, steps - 1):
+        if i == start - 2:  # before the window: nothing happens
+            assert ctl.on_step_end(ctx, i, lat) is None
+            continue
         out = ctl.on_step_end(ctx, i, lat)
         lat = lat if out is None else out
     return z, lat, ctx
 
 
-@pytest.mark.parametrize("cx, cy", [(0.5, 0.0), (-0.5, 0.0), (0.0, 0.25), (0.0, -0.75), (0.5, 0.5)])
+def _measured_shift(z, lat, f, max_shift=W):
+    """The (x, y) shift under which frame f of lat matches frame f of z best on the overlap (content moved by)."""
+    best, arg = None, None
+    for sy in range(-H + 2, H - 1):
+        for sx in range(-max_shift + 2, max_shift - 1):
+            src = z[0, :, f, max(0, sy):H + min(0, sy), max(0, sx):W + min(0, sx)]
+            dst = lat[0, :, f, max(0, -sy):H + min(0, -sy), max(0, -sx):W + min(0, -sx)]
+            err = (src - dst).abs().mean().item()
+            if best is None or err < best:
+                best, arg = err, (sx, sy)
+    assert best == 0.0
+    return arg
+
+
+@pytest.mark.parametrize("cx, cy", [(0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.75), (0.4, -0.3)])
 def test_schedule_moves_frame_f_in_proportion_to_f(cx, cy):
     z, lat, ctx = _run(cx, cy)
-    for f in range(8):
-        ex, ey = int(f / 7 * cx * 8), int(f / 7 * cy * 8)  # whole pixels of the target
-        # frame f's content, shifted back by the expected amount, matches the original in the overlap
-        src = z[0, :, f, max(0, ey):8 + min(0, ey), max(0, ex):8 + min(0, ex)]
-        dst = lat[0, :, f, max(0, -ey):8 + min(0, -ey), max(0, -ex):8 + min(0, -ex)]
-        assert torch.equal(src, dst), (f, ex, ey)
-        assert ctx.boxes[0][f, 0].item() == pytest.approx(0.25 - ex / 8)  # boxes travel with the content
-        assert ctx.boxes[0][f, 1].item() == pytest.approx(0.25 - ey / 8)
     assert torch.equal(lat[:, :, 0], z[:, :, 0])  # frame 0 never moves
+    for f in range(F):
+        sx, sy = _measured_shift(z, lat, f)
+        ex, ey = f / (F - 1) * cx * W, f / (F - 1) * cy * H
+        assert abs(sx - round(ex)) <= 1 and abs(sy - round(ey)) <= 1, (f, sx, sy, ex, ey)
+        assert sx * np.sign(cx) >= 0 and sy * np.sign(cy) >= 0  # content moves against the camera
+        # the boxes moved by the same whole pixels (content left/up -> box coordinates decrease)
+        assert ctx.boxes[0][f].tolist() == pytest.approx([BOX[0] - sx / W, BOX[1] - sy / H,
+                                                          BOX[2] - sx / W, BOX[3] - sy / H])
+        assert ctx.boxes[1][f, 0].item() == pytest.approx(0.6 - sx / W)
+    sx, _ = _measured_shift(z, lat, F - 1)
+    assert abs(sx) == round(abs(cx) * W)  # the last frame travels the whole requested fraction
 
 
-def test_no_pan_is_identical_and_same_seed_is_reproducible():
-    z, lat, _ = _run(0.0, 0.0)
+def test_shift_is_spread_over_the_window():
+    ctx = Context(frames=F, latent_h=H, latent_w=W, steps=10, do_cfg=False, generator=_gen())
+    ctl = camera.CameraShift(1.0, 0.0, 3, 4)
+    lat = torch.randn(1, 4, F, H, W, generator=_gen(1))
+    chain = step_end_chain(ctx, [ctl])
+    lat = chain(-1, lat)
+    moved = []
+    for i in range(9):
+        lat = chain(i, lat)
+        moved.append(int(ctl.moved[-1, 0]) if ctl.moved is not None else 0)
+    # last frame: 16 px over steps 3..6, 4 px before each of them (calls i = 2..5)
+    assert moved == [0, 0, 4, 8, 12, 16, 16, 16, 16]
+
+
+def test_no_pan_is_bit_identical_and_seeded():
+    z, lat, ctx = _run(0.0, 0.0)
     assert torch.equal(z, lat)
-    assert torch.equal(_run(0.5, 0.25, seed=3)[1], _run(0.5, 0.25, seed=3)[1])
-    assert not torch.equal(_run(0.5, 0.25, seed=3)[1], _run(0.5, 0.25, seed=4)[1])
+    assert ctx.boxes[0][3].tolist() == pytest.approx(BOX)
+    a, b, c = _run(0.5, 0.25, seed=3)[1], _run(0.5, 0.25, seed=3)[1], _run(0.5, 0.25, seed=4)[1]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
 
 
-def test_pan_changes_a_tiny_render_and_zero_pan_does_not(tiny_shot, manager):
+def test_fill_in_a_schedule_avoids_the_subject():
+    ctx = Context(frames=F, latent_h=H, latent_w=W, steps=4, do_cfg=False, generator=_gen())
+    ctx.boxes = {0: torch.tensor([[0.5, 0.0, 0.75, 1.0]] * F)}  # a full-height box: columns 8..11
+    z = torch.randn(1, 4, F, H, W, generator=_gen(1))
+    z[:, :, :, :, 8:12] = 99.0  # the subject's tokens
+    out = camera.CameraShift(-0.5, 0.0, 0, 1).on_step_end(ctx, -1, z)  # pan left: content moves right
+    for f in range(1, F):
+        n = int(f / (F - 1) * 0.5 * W + 1e-6)
+        assert not (out[:, :, f, :, :n] == 99.0).any()  # the strip opened at the left holds no subject token
+        assert (out[:, :, f, :, 8 + n:12 + n] == 99.0).all()  # the subject itself moved right by n
+
+
+def test_invalid_window():
+    with pytest.raises(ValueError):
+        camera.CameraShift(0.5, 0.0, 0, 0)
+    with pytest.raises(ValueError):
+        camera.CameraShift(0.5, 0.0, -1, 2)
+
+
+# ---- tiny random model -------------------------------------------------------------------------------------------
+
+def _render(pipe, latents, cx):
+    ctx = Context(frames=8, latent_h=8, latent_w=8, steps=4, do_cfg=True, generator=_gen(7))
+    ctx.boxes = {0: torch.tensor([[0.1, 0.3, 0.4, 0.7]] * 8)}
+    chain = step_end_chain(ctx, [camera.CameraShift(cx, 0.0, 1, 2)])
+
+    def on_step_end(p, i, t, kw):
+        return {"latents": chain(i, kw["latents"])}
+
+    out = pipe(prompt="a red circle on grass", num_frames=8, height=64, width=64, num_inference_steps=4,
+               guidance_scale=7.5, latents=chain(-1, latents.clone()), generator=_gen(1), output_type="np",
+               callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"]).frames
+    return np.asarray(out[0]), ctx
+
+
+def test_pan_changes_a_tiny_render_and_zero_pan_does_not(manager):
+    from studio.presets import load_model_preset
+
+    pipe = manager.get(load_model_preset("tiny"))
+    latents = torch.randn(1, 4, 8, 8, 8, generator=_gen(0))  # (B, C, F, h, w) for 64×64 on tiny
+    plain = pipe(prompt="a red circle on grass", num_frames=8, height=64, width=64, num_inference_steps=4,
+                 guidance_scale=7.5, latents=latents.clone(), generator=_gen(1), output_type="np").frames
+    plain = np.asarray(plain[0])
+    still, _ = _render(pipe, latents, 0.0)
+    assert np.array_equal(still, plain)
+    panned, ctx = _render(pipe, latents, 0.5)
+    assert panned.shape == plain.shape
+    assert np.abs(panned - plain)[1:].mean() > 1e-3  # later frames change
+    assert ctx.boxes[0][7, 0].item() == pytest.approx(0.1 - 4 / 8)  # the last frame's box moved 4 of 8 px left
+    assert ctx.boxes[0][0, 0].item() == pytest.approx(0.1)
+
+
+def test_engine_pans_a_shot_and_resolves_the_window(tiny_shot, manager):
+    import numpy as np
+
+    from studio import engine, shot as shotlib
+
     plain = shotlib.from_container(shotlib.to_dict(tiny_shot))
     plain.subjects = []
-    base = engine.render(plain, manager)
-    plain.camera.cx = 0.5
+    base = engine.render(plain, manager).frames
+    plain.camera.cx = -0.5
     r = engine.render(plain, manager)
     assert r.info["controls"] == ["camera"]
-    assert np.abs(r.frames.astype(int) - base.frames.astype(int)).mean() > 0.5
-    assert r.shot.camera.start_step == 1 and r.shot.camera.shift_steps == 1  # 20% of 4 steps, resolved
+    assert r.shot.camera.start_step == 1 and r.shot.camera.shift_steps == 1  # 20% of 4 steps, recorded
+    assert np.abs(r.frames.astype(int) - base.astype(int)).mean() > 0.5
     plain.camera.cx = 0.0
-    assert np.array_equal(engine.render(plain, manager).frames, base.frames)
+    assert np.array_equal(engine.render(plain, manager).frames, base)
 
 
 def test_camera_window_is_validated(tiny_shot):
+    from studio import engine, shot as shotlib
+
     tiny_shot.camera.start_step = 4
     with pytest.raises(shotlib.ShotError, match="camera.start_step"):
         engine.prepare(tiny_shot)
