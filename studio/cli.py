@@ -79,6 +79,9 @@ def cmd_toyworld_eval(args) -> int:
 
     result = evaluate.evaluate(args.model, n=args.n, seed=args.seed)
     print(evaluate.format_report(result))
+    if args.controls:
+        result["controls"] = evaluate.measure_controls(args.model)
+        print(json.dumps(result["controls"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--n", type=int, default=48, help="held-out prompts")
     te.add_argument("--seed", type=int, default=0)
     te.add_argument("--json", help="also write the result as JSON here")
+    te.add_argument("--controls", action="store_true", help="also measure box, camera and reference control")
     te.set_defaults(func=cmd_toyworld_eval)
     return p
 

@@ -303,3 +303,84 @@ def global_shift(frames: np.ndarray, max_shift: int = 4) -> np.ndarray:
                     best, arg = err, (dx, dy)
         out.append(arg)
     return np.array(out, np.float32)
+
+
+# --- the controls on the toy-world model (measured by `studio toyworld eval --controls` and the tests) ---------
+
+LEFT_TO_RIGHT = {0: [0.0, 0.25, 0.45, 0.75], 7: [0.55, 0.25, 1.0, 0.75]}
+TWO_TRACKS = {"red square": {0: [0.55, 0.0, 1.0, 0.45], 7: [0.0, 0.0, 0.45, 0.45]},
+              "yellow star": {0: [0.0, 0.55, 0.45, 1.0], 7: [0.55, 0.55, 1.0, 1.0]}}
+
+
+def _render(manager, model: str, **fields) -> np.ndarray:
+    from studio import engine, shot as shotlib
+
+    return engine.render(shotlib.from_container({"model": model, **fields}), manager).frames
+
+
+def measure_box_control(manager, model: str = "toyworld", seeds=range(8)) -> dict:
+    """A yellow star on sky with a left-to-right track, with and without box control: hit rate and IoU."""
+    from studio.controls.boxes import interpolate
+
+    boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
+    out = {}
+    for on in (True, False):
+        subjects = [{"phrase": "yellow star", "boxes": LEFT_TO_RIGHT}] if on else []
+        rows = [box_adherence(_render(manager, model, prompt="a yellow star on sky", seed=s, subjects=subjects),
+                              "yellow", boxes) for s in seeds]
+        out["with" if on else "without"] = {k: float(np.mean([r[k] for r in rows])) for k in ("hit_rate", "iou")}
+    return out
+
+
+def measure_two_subjects(manager, model: str = "toyworld", seeds=range(6)) -> dict:
+    """A red square and a yellow star crossing on opposite tracks: each one's hit rate in its own box."""
+    from studio.controls.boxes import interpolate
+
+    hits: dict[str, list] = {p: [] for p in TWO_TRACKS}
+    for s in seeds:
+        frames = _render(manager, model, prompt="a red square and a yellow star on sky", seed=s,
+                         subjects=[{"phrase": p, "boxes": b} for p, b in TWO_TRACKS.items()])
+        for p, b in TWO_TRACKS.items():
+            hits[p].append(box_adherence(frames, p.split()[0], interpolate(b, world.FRAMES))["hit_rate"])
+    return {p: float(np.mean(v)) for p, v in hits.items()}
+
+
+def measure_camera(manager, cx: float, cy: float, model: str = "toyworld", seeds=range(4)) -> list[float]:
+    """Mean content motion (dx, dy) in px/frame of 'a white circle on sand' under a pan."""
+    shifts = [global_shift(_render(manager, model, prompt="a white circle on sand", seed=s,
+                                   camera={"cx": cx, "cy": cy})).mean(0) for s in seeds]
+    return [float(v) for v in np.mean(shifts, 0)]
+
+
+def reference_image(path) -> str:
+    """A purple circle on grass, the toy world's own drawing, saved as a PNG reference."""
+    from PIL import Image
+
+    spec = world.SubjectSpec("purple", "circle", 8.0, np.array([[16.0, 16.0]] * world.FRAMES), None)
+    Image.fromarray(world.render_clip("grass", [spec], seed=1).frames[0]).save(path)
+    return str(path)
+
+
+def measure_reference(manager, reference: str, strength: float = 10.0, model: str = "toyworld",
+                      seeds=range(6)) -> dict:
+    """Purple pixel fraction of 'a circle on grass' (no colour named) without and with a purple reference."""
+    def purple(subjects):
+        return float(np.mean([colour_masks(_render(manager, model, prompt="a circle on grass", seed=s,
+                                                   subjects=subjects))["purple"].mean() for s in seeds]))
+
+    return {"without": purple([]),
+            "with": purple([{"phrase": "circle", "reference": reference, "reference_strength": strength}])}
+
+
+def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
+    """Every control measurement on a model folder (through a preset written for it, like `evaluate`)."""
+    from studio.pipelines import PipelineManager
+
+    manager = PipelineManager(max_pipelines=1, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(_preset_file(Path(model_dir), Path(tmp)))
+        ref = reference_image(Path(tmp) / "purple.png")
+        return {"box": measure_box_control(manager, model), "two_subjects": measure_two_subjects(manager, model),
+                "camera": {f"{cx},{cy}": measure_camera(manager, cx, cy, model)
+                           for cx, cy in ((0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5))},
+                "reference": measure_reference(manager, ref, model=model)}
