@@ -82,6 +82,9 @@ def cmd_toyworld_eval(args) -> int:
     if args.controls:
         result["controls"] = evaluate.measure_controls(args.model)
         print(json.dumps(result["controls"], indent=2))
+    if args.card:
+        Path(args.model, "README.md").write_text(evaluate.model_card(result, args.model, args.hardware,
+                                                                     args.train_seconds))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--seed", type=int, default=0)
     te.add_argument("--json", help="also write the result as JSON here")
     te.add_argument("--controls", action="store_true", help="also measure box, camera and reference control")
+    te.add_argument("--card", action="store_true", help="write the model card (README.md) into the model folder")
+    te.add_argument("--hardware", default="2 CPU cores", help="for the model card")
+    te.add_argument("--train-seconds", type=float, help="training wall clock, for the model card")
     te.set_defaults(func=cmd_toyworld_eval)
     return p
 

@@ -72,6 +72,21 @@ class Context:
         return slice(batch // 2, batch) if self.do_cfg else slice(0, batch)
 
 
+def attend(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`attn`'s projections around one scaled-dot-product call: queries from x (M, N, D), keys and values from
+    context (M, K, Dc), an optional additive float mask broadcastable to (M, heads, N, K)."""
+    m = x.shape[0]
+    q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+    dh = k.shape[-1] // attn.heads
+    q, k, v = (t.view(m, -1, attn.heads, dh).transpose(1, 2) for t in (q, k, v))  # (M, heads, ·, dh)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(m, -1, attn.heads * dh).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
+
+
 class Control:
     """Base class: a control that does nothing. Subclasses override what they need."""
 

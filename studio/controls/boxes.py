@@ -20,9 +20,8 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from studio.controls.base import Context, Control, spatial_cross_attention_names
+from studio.controls.base import Context, Control, attend, spatial_cross_attention_names
 
 logger = logging.getLogger(__name__)
 
@@ -171,23 +170,15 @@ class BoxAttnProcessor:
         ctx = self.control.ctx
         rows, n, _ = hidden_states.shape  # (B·[2]·F, N, C)
         n_text = encoder_hidden_states.shape[1]
-        residual = hidden_states
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(rows, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (rows, heads, ·, d)
-        bias = self.control.bias(n, n_text, q.dtype, q.device)  # (F, N, L)
+        dtype, device = hidden_states.dtype, hidden_states.device
+        bias = self.control.bias(n, n_text, dtype, device)  # (F, N, L)
         cond = ctx.cond_slice(rows)
         per_video = ctx.frames + ctx.extra_frames  # rows are video-major, frame-minor
         if ctx.extra_frames:  # appended reference frames are not edited
             bias = torch.cat([bias, bias.new_zeros(ctx.extra_frames, n, n_text)])
-        mask = torch.zeros(rows, 1, n, n_text, dtype=q.dtype, device=q.device)
+        mask = torch.zeros(rows, 1, n, n_text, dtype=dtype, device=device)
         n_cond = cond.stop - cond.start
         mask[cond] = bias.repeat(n_cond // per_video, 1, 1)[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * d).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attend(attn, hidden_states, encoder_hidden_states, mask)

@@ -30,9 +30,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from studio.controls.base import Context, Control, spatial_self_attention_names
+from studio.controls.base import Context, Control, attend, spatial_self_attention_names
 from studio.controls.boxes import NEG, box_masks
 
 logger = logging.getLogger(__name__)
@@ -237,19 +236,9 @@ class RefSelfAttnProcessor:
         return out.reshape(rows, n, -1)
 
 
-def _attend(attn, x: torch.Tensor, ctx_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """attn's projections and output around one scaled-dot-product call; x (M, N, D), ctx_tokens (M, K, D)."""
+def _attend(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     if x.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        return AttnProcessor2_0()(attn, x, None if ctx_tokens is x else ctx_tokens)
-    m = x.shape[0]
-    q, k, v = attn.to_q(x), attn.to_k(ctx_tokens), attn.to_v(ctx_tokens)
-    dh = k.shape[-1] // attn.heads
-    q, k, v = (t.view(m, -1, attn.heads, dh).transpose(1, 2) for t in (q, k, v))  # (M, heads, ·, dh)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(m, -1, attn.heads * dh).to(q.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + x
-    return out / attn.rescale_output_factor
+        return AttnProcessor2_0()(attn, x, None if context is x else context)
+    return attend(attn, x, context, mask)

@@ -133,17 +133,12 @@ def attention_binding(pipe, prompts: list[dict], t_frac: float = 0.5) -> float:
     import torch
     import torch.nn.functional as F
 
-    from studio.toyworld.train import CaptureCrossAttnProcessor, phrase_token_positions, spatial_cross_attn_names, \
-        to_pixels
+    from studio.toyworld.train import capture_cross_attention, phrase_token_positions, to_pixels
 
     unet, vae, tok, te = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
     dtype = unet.dtype
     store: list = []
-    orig = dict(unet.attn_processors)
-    procs = dict(orig)
-    for name in spatial_cross_attn_names(unet):
-        procs[name] = CaptureCrossAttnProcessor(store)
-    unet.set_attn_processor(procs)
+    orig = capture_cross_attention(unet, store)
     ratios = []
     try:
         for p in prompts:
@@ -384,3 +379,69 @@ def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
                 "camera": {f"{cx},{cy}": measure_camera(manager, cx, cy, model)
                            for cx, cy in ((0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5))},
                 "reference": measure_reference(manager, ref, model=model)}
+
+
+def model_card(result: dict, model_dir: str | Path, hardware: str, train_seconds: float | None = None) -> str:
+    """The model folder's README: data, architecture, training run and the measured gates (from `result`)."""
+    import json
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "training.json").read_text())
+    cfg = info["config"]
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    te = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    sizes = {p.parent.name: p.stat().st_size for p in model_dir.rglob("*.safetensors")}
+    hours = f"{train_seconds / 3600:.1f} h" if train_seconds else "see training.json"
+    failed = [k for k, ok in result["passed"].items() if not ok]
+    verdict = ("All gates pass." if not failed else
+               f"Gates not reached by this run: {', '.join(failed)}. The eval keeps them, so a longer training "
+               f"run (`studio toyworld train` resumes) can pass them.")
+    lines = [
+        "# toyworld: the Shot Studio embedded model", "",
+        "A tiny text-to-video model in the AnimateDiff layout (diffusers format), trained by this project on its "
+        "synthetic toy world so the studio runs, and its controls can be tested, on a CPU with no download. "
+        "Load it like any AnimateDiff folder: `AnimateDiffPipeline.from_pretrained(\"models/toyworld\")`, or use "
+        "the `toyworld` preset.", "",
+        "## Data", "",
+        "Clips generated on the fly by `studio/toyworld/world.py` (deterministic by seed): 8 frames of 32×32 "
+        "pixels; backgrounds grass (textured green), sand (textured beige), sky (blue gradient with clouds); "
+        "one subject (75%) or two (25%): circle, square, triangle or star in red, yellow, white or purple; motion "
+        "left/right/up/down named in the caption (\"a red circle moving right on grass\"), or still / a free path "
+        "with no motion word (25%), or a camera pan over the background (15%, the subject still in the world); "
+        "per-frame masks and boxes. Personal looks (checkered, striped) and trigger words (sks, zorb, blick) "
+        "never appear in training captions. Held-out evaluation seeds start at 10⁹; training seeds stay below.", "",
+        "## Architecture", "",
+        f"- VAE: AutoencoderKL, channels {vae['block_out_channels']}, 4 latent channels, factor 2 "
+        f"(32×32 → 16×16), scaling factor {vae['scaling_factor']:.4f}; trained first for {info['vae_steps']} steps "
+        f"with the loss weighted ×{1 + cfg['vae_subject_weight']:.0f} on subject pixels.",
+        f"- UNet: UNetMotionModel from a UNet2DConditionModel with channels {unet['block_out_channels']}, one "
+        f"layer per block, {unet['motion_num_attention_heads']} heads, cross-attention dim "
+        f"{unet['cross_attention_dim']}, motion modules of up to {unet['motion_max_seq_length']} frames.",
+        f"- Text: CLIPTextModel, hidden {te['hidden_size']} × {te['num_hidden_layers']} layers; CLIPTokenizer "
+        "with a vocabulary built by the project in which every world word is one token.",
+        "- Scheduler: DDIM, linear β 0.00085–0.012, 1000 steps, ε-prediction.",
+        f"- Weights: fp16 safetensors, {sum(sizes.values()) / 2**20:.1f} MB "
+        f"({', '.join(f'{k} {v / 2**20:.1f} MB' for k, v in sorted(sizes.items()))}).", "",
+        "## Training", "",
+        f"- {info['t2v_steps']} text-to-video steps at batch {cfg['batch']} clips, AdamW lr {cfg['lr']} "
+        f"(warm-up {cfg['warmup']}), caption dropout {cfg['p_uncond']} for guidance, EMA {cfg['ema_decay']}; "
+        f"UNet and text encoder trained together; seed {cfg['seed']}.",
+        f"- Loss: ε-MSE + {cfg['stca_weight']} × STCA (MotionBooth's subject-token cross-attention loss: BCE "
+        "between each subject phrase's spatial cross-attention map and its true mask), which binds the subject "
+        "words to where the subject is, so box control by cross-attention editing works on this model.",
+        f"- Hardware: {hardware}; wall clock {hours}.",
+        "- Reproduce: `studio toyworld train --work runs/toyworld --out models/toyworld` (resumable, time budget, "
+        "log of steps/s and loss), then `studio toyworld eval`.", "",
+        "## Measured gates", "",
+        format_report(result), "",
+        verdict, "",
+        "Checks: colour = the subject colour with most pixels; background = nearest background to the median "
+        "colour; direction = the subject colour's centroid travel between the first and last thirds of the clip; "
+        "binding = attention mass of the phrase inside the true mask over the mask's area (1 = unbound). The "
+        "\"ground truth\" column is the same checks on the world's own clips.", "",
+        "## Limits", "",
+        "Only this world's words mean anything to it. 32×32 pixels. Shape is learned less well than colour and "
+        "background. Not for anything but demos, tests and CPU-only use of the studio.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -99,6 +99,16 @@ class CaptureCrossAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def capture_cross_attention(unet, store: list) -> dict:
+    """Install capturing processors on the spatial cross-attention layers; returns the original processors."""
+    orig = dict(unet.attn_processors)
+    procs = dict(orig)
+    for n in spatial_cross_attn_names(unet):
+        procs[n] = CaptureCrossAttnProcessor(store)
+    unet.set_attn_processor(procs)  # diffusers pops from the dict it is given: procs is a copy
+    return orig
+
+
 def spatial_cross_attn_names(unet) -> list[str]:
     return [n for n in unet.attn_processors if n.endswith("attn2.processor") and "motion_modules" not in n]
 
@@ -231,11 +241,7 @@ class EMA:
 def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
     vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     store: list = []
-    orig = dict(unet.attn_processors)
-    procs = dict(orig)
-    for n in spatial_cross_attn_names(unet):
-        procs[n] = CaptureCrossAttnProcessor(store)
-    unet.set_attn_processor(procs)
+    orig = capture_cross_attention(unet, store)
     params = [*unet.parameters(), *te.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = EMA(params, cfg.ema_decay)
