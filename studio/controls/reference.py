@@ -156,10 +156,12 @@ class ReferenceInjection(Control):
 
     # --- the attention bias ------------------------------------------------------------------------------
 
-    def key_bias(self, n: int, frames: int, dtype, device) -> torch.Tensor:
-        """(frames, N, R·N) bias on the reference keys for conditional queries of each frame."""
+    def key_bias(self, n: int, frames: int, dtype, device, n_keys: int | None = None, group: int = 1) -> torch.Tensor:
+        """(frames, N, R·n_keys) bias on the reference keys for conditional queries of each frame; each key
+        stands for `group` reference tokens (pooling)."""
         ctx = self.ctx
-        key = (n, frames, ctx.step, dtype, device)
+        n_keys = n if n_keys is None else n_keys
+        key = (n, n_keys, frames, ctx.step, dtype, device)
         if key not in self._bias:
             self._bias.clear()
             rows, cols = ctx.layer_size(n)
@@ -174,11 +176,28 @@ class ReferenceInjection(Control):
                     allowed = ~union
                 else:
                     allowed = torch.ones(frames, n, dtype=torch.bool)
-                weight = math.log(strength) if strength > 0 else NEG
+                weight = math.log(strength * group) if strength > 0 else NEG
                 b = torch.where(allowed, torch.tensor(weight), torch.tensor(NEG))  # (F, N) per query
-                parts.append(b[:, :, None].expand(frames, n, n))  # same for every key of this reference
+                parts.append(b[:, :, None].expand(frames, n, n_keys))  # same for every key of this reference
             self._bias[key] = torch.cat(parts, 2).to(device=device, dtype=dtype)
         return self._bias[key]
+
+
+MAX_REF_TOKENS = 64  # per reference and layer: larger layers see the reference average-pooled to this many keys
+
+
+def pool_tokens(tokens: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, int]:
+    """(M, N, D) tokens on a rows×cols grid -> (M, N', D) with N' <= MAX_REF_TOKENS by k×k average pooling, and
+    k·k (how many tokens each pooled key stands for: its logit gets log(k·k) so its total weight is kept)."""
+    k = 1
+    while (rows // k) * (cols // k) > MAX_REF_TOKENS and rows % (2 * k) == 0 and cols % (2 * k) == 0:
+        k *= 2
+    if k == 1:
+        return tokens, 1
+    m, _, d = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(m, d, rows, cols)
+    pooled = torch.nn.functional.avg_pool2d(grid, k)  # (M, D, rows/k, cols/k)
+    return pooled.flatten(2).transpose(1, 2), k * k
 
 
 def _unet_inputs(args, kwargs):
@@ -212,13 +231,13 @@ class RefSelfAttnProcessor:
         x = hidden_states.view(videos, per_video, n, d)
         if ctx.extra_frames:  # temporal mode: the reference frames are in this batch
             gen, refs = x[:, :ctx.frames], x[:, ctx.frames:]  # (V, F, N, D), (V, R, N, D)
-            ref_tokens = refs.flatten(1, 2)  # (V, R·N, D) per video
+            ref_tokens = refs  # (V, R, N, D)
             out_ref = _attend(attn, refs.flatten(0, 1), refs.flatten(0, 1)).view_as(refs)
         else:
             if self.name not in ctl.bank:
                 return _attend(attn, hidden_states, hidden_states)
             gen = x
-            ref_tokens = ctl.bank[self.name].reshape(1, R * n, d).expand(videos, -1, -1)  # (V, R·N, D)
+            ref_tokens = ctl.bank[self.name][None].expand(videos, -1, -1, -1)  # (V, R, N, D)
         cond_videos = slice(videos // 2, videos) if ctx.do_cfg else slice(0, videos)
         out = torch.empty_like(gen)
         if ctx.do_cfg:  # unconditional videos: plain self-attention
@@ -226,10 +245,15 @@ class RefSelfAttnProcessor:
             out[: videos // 2] = _attend(attn, u, u).view_as(gen[: videos // 2])
         c = gen[cond_videos]  # (Vc, F, N, D)
         vc = c.shape[0]
-        keys = torch.cat([c, ref_tokens[cond_videos][:, None].expand(-1, ctx.frames, -1, -1)], 2)  # (Vc, F, N+RN, D)
-        bias = ctl.key_bias(n, ctx.frames, hidden_states.dtype, hidden_states.device)  # (F, N, R·N)
+        h, w = ctx.layer_size(n)
+        refs_c = ref_tokens[cond_videos]  # (Vc, R, N, D)
+        pooled, group = pool_tokens(refs_c.flatten(0, 1), h, w)  # (Vc·R, N', D): fewer keys on large layers
+        pooled = pooled.view(vc, -1, d)  # (Vc, R·N', D)
+        keys = torch.cat([c, pooled[:, None].expand(-1, ctx.frames, -1, -1)], 2)  # (Vc, F, N + R·N', D)
+        n_keys = pooled.shape[1] // R
+        bias = ctl.key_bias(n, ctx.frames, hidden_states.dtype, hidden_states.device, n_keys, group)  # (F, N, R·N')
         mask = torch.cat([torch.zeros(ctx.frames, n, n, dtype=bias.dtype, device=bias.device), bias], 2)
-        mask = mask[None].expand(vc, -1, -1, -1).flatten(0, 1)[:, None]  # (Vc·F, 1, N, N+RN)
+        mask = mask[None].expand(vc, -1, -1, -1).flatten(0, 1)[:, None]  # (Vc·F, 1, N, N + R·N')
         out[cond_videos] = _attend(attn, c.flatten(0, 1), keys.flatten(0, 1), mask).view_as(c)
         if ctx.extra_frames:
             out = torch.cat([out, out_ref], 1)
