@@ -132,7 +132,8 @@ class BoxAttention(Control):
         amplify = ctx.step < self.amplify_steps and self.strength > 0
         key = (n_tokens, n_text, ctx.step, dtype, device)
         if key not in self._cache:
-            self._cache.clear()  # one step's biases at a time
+            if any(k[-3] != ctx.step for k in self._cache):
+                self._cache.clear()  # one step's biases at a time
             rows, cols = ctx.layer_size(n_tokens)
             bias = torch.zeros(ctx.frames, n_tokens, n_text)
             allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
@@ -148,6 +149,24 @@ class BoxAttention(Control):
             sup[torch.tensor(self.suppressed, dtype=torch.long)] = True
             bias = bias.masked_fill(sup[None, None, :] & ~allowed, NEG)
             self._cache[key] = bias.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def batch_mask(self, rows: int, n: int, n_text: int, dtype, device) -> torch.Tensor:
+        """(rows, 1, N, L) attention mask of a whole UNet batch: the bias on conditional rows, zeros elsewhere.
+
+        Rows are video-major, frame-minor; frames appended after the F generated ones (references in temporal
+        mode) are not edited. Cached with the step's bias.
+        """
+        ctx = self.ctx
+        key = ("batch", rows, n, n_text, ctx.extra_frames, ctx.step, dtype, device)
+        if key not in self._cache:
+            bias = self.bias(n, n_text, dtype, device)  # (F, N, L); clears the cache on a new step
+            if ctx.extra_frames:
+                bias = torch.cat([bias, bias.new_zeros(ctx.extra_frames, n, n_text)])
+            cond = ctx.cond_slice(rows)
+            mask = torch.zeros(rows, 1, n, n_text, dtype=dtype, device=device)
+            mask[cond] = bias.repeat((cond.stop - cond.start) // (ctx.frames + ctx.extra_frames), 1, 1)[:, None]
+            self._cache[key] = mask
         return self._cache[key]
 
     def close(self) -> None:
@@ -172,13 +191,5 @@ class BoxAttnProcessor:
         n_text = encoder_hidden_states.shape[1]
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        dtype, device = hidden_states.dtype, hidden_states.device
-        bias = self.control.bias(n, n_text, dtype, device)  # (F, N, L)
-        cond = ctx.cond_slice(rows)
-        per_video = ctx.frames + ctx.extra_frames  # rows are video-major, frame-minor
-        if ctx.extra_frames:  # appended reference frames are not edited
-            bias = torch.cat([bias, bias.new_zeros(ctx.extra_frames, n, n_text)])
-        mask = torch.zeros(rows, 1, n, n_text, dtype=dtype, device=device)
-        n_cond = cond.stop - cond.start
-        mask[cond] = bias.repeat(n_cond // per_video, 1, 1)[:, None]
+        mask = self.control.batch_mask(rows, n, n_text, hidden_states.dtype, hidden_states.device)
         return attend(attn, hidden_states, encoder_hidden_states, mask)

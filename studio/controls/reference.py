@@ -156,6 +156,15 @@ class ReferenceInjection(Control):
 
     # --- the attention bias ------------------------------------------------------------------------------
 
+    def cond_mask(self, videos: int, n: int, n_keys: int, group: int, dtype, device) -> torch.Tensor:
+        """(videos·F, 1, N, N + R·n_keys) mask of the conditional rows: own keys free, reference keys biased."""
+        key = ("mask", videos, n, n_keys, group, self.ctx.step, dtype, device)
+        if key not in self._bias:
+            bias = self.key_bias(n, self.ctx.frames, dtype, device, n_keys, group)  # (F, N, R·n_keys)
+            mask = torch.cat([torch.zeros(self.ctx.frames, n, n, dtype=dtype, device=device), bias], 2)
+            self._bias[key] = mask[None].expand(videos, -1, -1, -1).flatten(0, 1)[:, None].contiguous()
+        return self._bias[key]
+
     def key_bias(self, n: int, frames: int, dtype, device, n_keys: int | None = None, group: int = 1) -> torch.Tensor:
         """(frames, N, R·n_keys) bias on the reference keys for conditional queries of each frame; each key
         stands for `group` reference tokens (pooling)."""
@@ -163,7 +172,8 @@ class ReferenceInjection(Control):
         n_keys = n if n_keys is None else n_keys
         key = (n, n_keys, frames, ctx.step, dtype, device)
         if key not in self._bias:
-            self._bias.clear()
+            if any(k[-3] != ctx.step for k in self._bias):
+                self._bias.clear()  # one step's masks at a time
             rows, cols = ctx.layer_size(n)
             union = torch.zeros(frames, n, dtype=torch.bool)
             for boxes in ctx.boxes.values():
@@ -251,9 +261,7 @@ class RefSelfAttnProcessor:
         pooled = pooled.view(vc, -1, d)  # (Vc, R·N', D)
         keys = torch.cat([c, pooled[:, None].expand(-1, ctx.frames, -1, -1)], 2)  # (Vc, F, N + R·N', D)
         n_keys = pooled.shape[1] // R
-        bias = ctl.key_bias(n, ctx.frames, hidden_states.dtype, hidden_states.device, n_keys, group)  # (F, N, R·N')
-        mask = torch.cat([torch.zeros(ctx.frames, n, n, dtype=bias.dtype, device=bias.device), bias], 2)
-        mask = mask[None].expand(vc, -1, -1, -1).flatten(0, 1)[:, None]  # (Vc·F, 1, N, N + R·N')
+        mask = ctl.cond_mask(vc, n, n_keys, group, hidden_states.dtype, hidden_states.device)  # (Vc·F, 1, N, N+R·N')
         out[cond_videos] = _attend(attn, c.flatten(0, 1), keys.flatten(0, 1), mask).view_as(c)
         if ctx.extra_frames:
             out = torch.cat([out, out_ref], 1)
