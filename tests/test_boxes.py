@@ -118,3 +118,37 @@ def test_phrase_lost_to_truncation_is_a_shot_error(manager):
                                 "subjects": [{"phrase": "red circle", "boxes": {0: [0, 0, 0.5, 0.5]}}]})
     with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.phrase"):
         engine.render(s, manager)
+
+
+def test_more_subjects_than_the_limit_is_refused(tiny_shot):
+    tiny_shot.prompt = "a red circle and a red circle and a red circle and a red circle and a red circle"
+    tiny_shot.subjects = [shotlib.Subject(phrase="red circle") for _ in range(shotlib.MAX_SUBJECTS + 1)]
+    with pytest.raises(shotlib.ShotError, match=rf"subjects: at most {shotlib.MAX_SUBJECTS} subjects"):
+        engine.prepare(tiny_shot)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("strength", -1.0, "box_control.strength"), ("amplify_steps", 99, "box_control.amplify_steps"),
+    ("suppress", "everything", "box_control.suppress"), ("interpolation", "cubic", "box_control.interpolation")])
+def test_box_settings_are_validated(tiny_shot, field, value, message):
+    setattr(tiny_shot.box_control, field, value)
+    with pytest.raises(shotlib.ShotError, match=message):
+        engine.prepare(tiny_shot)
+
+
+def test_a_model_without_spatial_cross_attention_refuses_boxes(tiny_shot, manager, monkeypatch):
+    from studio.controls import compose
+
+    monkeypatch.setattr(compose, "spatial_cross_attention_names", lambda unet: [])
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.boxes: .*no spatial cross-attention"):
+        engine.render(tiny_shot, manager)
+
+
+def test_interpolation_setting_reaches_the_render_context(tiny_shot):
+    from studio.controls import compose
+
+    shot = engine.prepare(tiny_shot)[0]
+    linear = compose.context(shot, 8, 8).boxes[0]
+    shot.box_control.interpolation = "smooth"
+    smooth = compose.context(shot, 8, 8).boxes[0]
+    assert torch.allclose(linear[[0, 7]], smooth[[0, 7]]) and smooth[1, 0] < linear[1, 0]
