@@ -14,13 +14,14 @@ from pathlib import Path
 
 from studio import engine, shot as shotlib
 from studio.pipelines import ModelLoadError, studio_home
-from studio.presets import list_model_presets
+from studio.presets import list_model_presets, shot_preset_path
 
 logger = logging.getLogger(__name__)
 
 GAMMA_HELP = ("γ correlates the initial noise across frames: Cov(frame i, frame j) = γ^|i−j|. 0 = independent "
               "noise per frame (more motion, more flicker); near 1 = shared noise (steadier, less motion).")
 MAX_SEED = 2**31 - 1
+DEFAULT_SHOT = "toyworld-star"  # the shot the page opens with: presets/shots/<name>.yaml, on the embedded model
 
 
 class UserError(Exception):
@@ -35,7 +36,7 @@ def output_dir() -> Path:
 
 
 def shot_from_form(shot_yaml: str, model: str, prompt: str, negative_prompt: str, seed, steps, guidance_scale,
-                   frames, gamma) -> shotlib.Shot:
+                   frames, gamma, cx=None, cy=None) -> shotlib.Shot:
     """The form's values laid over the shot file in the editor (which carries subjects, camera, background)."""
     base = shotlib.loads(shot_yaml, where="shot file")
     values = {"model": model, "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
@@ -46,6 +47,9 @@ def shot_from_form(shot_yaml: str, model: str, prompt: str, negative_prompt: str
             data[k] = v
     if gamma is not None:
         data["noise_prior"]["gamma"] = gamma
+    for name, v in (("cx", cx), ("cy", cy)):
+        if v is not None:
+            data["camera"][name] = v
     for k in ("seed", "steps", "frames"):  # sliders and number boxes send floats
         if isinstance(data.get(k), float) and data[k].is_integer():
             data[k] = int(data[k])
@@ -55,10 +59,11 @@ def shot_from_form(shot_yaml: str, model: str, prompt: str, negative_prompt: str
 
 
 def render_event(shot_yaml: str, model: str, prompt: str, negative_prompt: str, seed, steps, guidance_scale,
-                 frames, gamma, progress=None, manager=None, cancel: threading.Event | None = None):
+                 frames, gamma, cx=None, cy=None, progress=None, manager=None, cancel: threading.Event | None = None):
     """Render the form's shot; returns (video path, sidecar path, shot file path, resolved shot YAML, status)."""
     try:
-        shot = shot_from_form(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance_scale, frames, gamma)
+        shot = shot_from_form(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance_scale, frames, gamma,
+                              cx, cy)
         stem = time.strftime("%Y%m%d-%H%M%S") + f"-{shot.seed}"
         folder = output_dir()
         out = folder / f"{stem}.mp4"
@@ -109,12 +114,31 @@ def gamma_preview_event(gamma: float):
     return heat, strip
 
 
+def preview_event(shot_yaml: str, model: str, prompt: str, frames, cx, cy):
+    """Strips of the boxes' trajectory and of the camera pan over the shot's frames (no rendering)."""
+    import numpy as np
+
+    from studio import previews
+
+    try:
+        shot = shot_from_form(shot_yaml, model, prompt, "", None, None, None, frames, None, cx, cy)
+        shot = engine.prepare(shot)[0]
+    except (shotlib.ShotError, UserError) as e:
+        raise UserError(str(e)) from None
+
+    def strip(frames):  # (F, H, W, 3) -> (H, F·(W+2), 3)
+        gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+        return np.concatenate([x for f in frames for x in (f, gap)][:-1], 1)
+
+    return strip(previews.trajectory(shot, long_side=96)), strip(previews.camera(shot, long_side=96))
+
+
 def build_app(manager=None):
     """The Blocks app. One pipeline manager for every event; one render at a time."""
     import gradio as gr
 
     manager = manager or engine.default_manager()
-    example = Path(__file__).resolve().parent.parent / "presets" / "shots" / "example.yaml"
+    example = shot_preset_path(DEFAULT_SHOT)
     default_yaml = example.read_text() if example.exists() else ""
     default_shot = shotlib.loads(default_yaml)
 
@@ -127,10 +151,10 @@ def build_app(manager=None):
         run.__name__ = fn.__name__
         return run
 
-    def do_render(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance, frames, gamma,
+    def do_render(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance, frames, gamma, cx, cy,
                   progress=gr.Progress()):
         return guarded(render_event)(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance, frames,
-                                     gamma, progress=progress, manager=manager)
+                                     gamma, cx, cy, progress=progress, manager=manager)
 
     with gr.Blocks(title="Shot Studio") as demo:
         gr.Markdown("# Shot Studio\nDescribe a shot, set the noise prior, render. The shot file below carries "
@@ -154,6 +178,13 @@ def build_app(manager=None):
                 with gr.Row():
                     heat = gr.Image(label="Cov(frame i, frame j)", height=160, interactive=False)
                     strip = gr.Image(label="sampled noise frames", height=160, interactive=False)
+                with gr.Row():
+                    cx = gr.Slider(-1.0, 1.0, value=default_shot.camera.cx, step=0.05, label="camera pan cx",
+                                   info="fraction of the width travelled; > 0 pans right (content moves left)")
+                    cy = gr.Slider(-1.0, 1.0, value=default_shot.camera.cy, step=0.05, label="camera pan cy",
+                                   info="> 0 pans down (content moves up)")
+                track = gr.Image(label="box trajectory per frame (from the shot file's boxes)", interactive=False)
+                pan = gr.Image(label="camera pan per frame", interactive=False)
                 render_btn = gr.Button("Render", variant="primary")
                 status = gr.Markdown()
             with gr.Column(scale=2):
@@ -169,7 +200,13 @@ def build_app(manager=None):
                      show_progress="hidden")
         demo.load(guarded(gamma_preview_event), gamma, [heat, strip], api_visibility="private")
         upload.upload(guarded(load_shot_event), upload, shot_yaml, api_name="load_shot")
-        render_btn.click(do_render, [shot_yaml, model, prompt, negative, seed, steps, guidance, frames, gamma],
+        preview_inputs = [shot_yaml, model, prompt, frames, cx, cy]
+        for component in (cx, cy, frames, model):
+            component.change(guarded(preview_event), preview_inputs, [track, pan], api_visibility="private",
+                             show_progress="hidden")
+        shot_yaml.blur(guarded(preview_event), preview_inputs, [track, pan], api_name="preview", show_progress="hidden")
+        demo.load(guarded(preview_event), preview_inputs, [track, pan], api_visibility="private")
+        render_btn.click(do_render, [shot_yaml, model, prompt, negative, seed, steps, guidance, frames, gamma, cx, cy],
                          [video, sidecar, shot_file, shot_yaml, status], api_name="render", concurrency_limit=1,
                          concurrency_id="gpu")
     return demo

@@ -12,7 +12,7 @@ EXAMPLE = open("presets/shots/example.yaml").read()
 
 def _form(**kw):
     values = dict(shot_yaml=EXAMPLE, model="tiny", prompt="a red circle on grass", negative_prompt="", seed=3,
-                  steps=3.0, guidance_scale=7.5, frames=8.0, gamma=0.2)
+                  steps=3.0, guidance_scale=7.5, frames=8.0, gamma=0.2, cx=0.0, cy=0.0)
     values.update(kw)
     return values
 
@@ -88,12 +88,33 @@ def test_app_serves_and_renders_through_gradio_client(manager):
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         video, sidecar, shot_file, resolved, status = client.predict(
-            EXAMPLE, "tiny", "a red circle on grass", "", 1, 2, 7.5, 8, 0.5, api_name="/render")
+            EXAMPLE, "tiny", "a red circle on grass", "", 1, 2, 7.5, 8, 0.5, 0.25, 0.0, api_name="/render")
         path = video["video"] if isinstance(video, dict) else video
         info = export.probe_video(path)
         assert (info["frames"], info["width"], info["height"]) == (8, 64, 64)
-        assert "gamma: 0.5" in resolved
+        assert "gamma: 0.5" in resolved and "cx: 0.25" in resolved
         with pytest.raises(Exception, match=r"subjects\[0\]\.phrase"):  # a gr.Error naming the field
-            client.predict(EXAMPLE, "tiny", "a star on sand", "", 1, 2, 7.5, 8, 0.5, api_name="/render")
+            client.predict(EXAMPLE, "tiny", "a star on sand", "", 1, 2, 7.5, 8, 0.5, 0.0, 0.0, api_name="/render")
     finally:
         demo.close()
+
+
+def test_previews_show_the_track_and_the_pan():
+    track, pan = ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 0.5, 0.0)
+    assert track.dtype == np.uint8 and track.shape[1] > 8 * 90  # eight frames side by side
+    # the red box of subject 0 moves right across the track strip: its leftmost red column per frame grows
+    w = (track.shape[1] + 2) // 8 - 2
+    red = (track[..., 0] > 200) & (track[..., 1] < 120)
+    lefts = [np.nonzero(red[:, f * (w + 2):f * (w + 2) + w].any(0))[0].min() for f in (0, 7)]
+    assert lefts[1] > lefts[0] + w // 3
+    # with cx > 0 the scene's landmark moves left by half the width over the clip; cx = 0 keeps it still
+    _, still = ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 0.0, 0.0)
+
+    def landmark_x(img, f):
+        ys, xs = np.nonzero((img[:, f * (w + 2):f * (w + 2) + w] == 40).all(-1))
+        return xs.mean()
+
+    assert landmark_x(pan, 7) == pytest.approx(landmark_x(pan, 0) - w / 2, abs=2)
+    assert landmark_x(still, 7) == pytest.approx(landmark_x(still, 0), abs=0.5)
+    with pytest.raises(ui.UserError, match="camera.cx"):
+        ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 1.5, 0.0)
