@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,19 +26,30 @@ logger = logging.getLogger(__name__)
 TEMPORAL_MARKERS = ("motion_modules", "temp_attentions", "transformer_in")
 
 
+_ATTENTION_MODULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def attention_modules(unet) -> dict:
+    """{processor name: attention module} of a UNet, found once per UNet (the layout never changes)."""
+    if unet not in _ATTENTION_MODULES:
+        _ATTENTION_MODULES[unet] = {f"{name}.processor": m for name, m in unet.named_modules()
+                                    if hasattr(m, "set_processor") and hasattr(m, "processor")}
+    return _ATTENTION_MODULES[unet]
+
+
 def spatial_cross_attention_names(unet) -> list[str]:
     """Processor names of the spatial cross-attention (text) layers: attn2 outside the temporal modules."""
-    return [n for n in unet.attn_processors
+    return [n for n in attention_modules(unet)
             if n.endswith("attn2.processor") and not any(m in n for m in TEMPORAL_MARKERS)]
 
 
 def spatial_self_attention_names(unet) -> list[str]:
-    return [n for n in unet.attn_processors
+    return [n for n in attention_modules(unet)
             if n.endswith("attn1.processor") and not any(m in n for m in TEMPORAL_MARKERS)]
 
 
 def temporal_attention_names(unet) -> list[str]:
-    return [n for n in unet.attn_processors if any(m in n for m in TEMPORAL_MARKERS)]
+    return [n for n in attention_modules(unet) if any(m in n for m in TEMPORAL_MARKERS)]
 
 
 @dataclass
@@ -112,24 +124,24 @@ def applied(pipe, controls: list[Control], ctx: Context):
     if not controls:
         yield
         return
-    original = dict(unet.attn_processors)
+    modules = attention_modules(unet)
+    original: dict = {}  # only the layers the controls replace: their processors before
     handles = []
     try:
-        procs = dict(original)
         for c in controls:
-            mine = c.processors(unet)
-            clash = [n for n in mine if procs[n] is not original[n]]
-            if clash:
-                raise RuntimeError(f"controls collide on {clash[0]}")
-            procs.update(mine)
-        unet.set_attn_processor(dict(procs))  # diffusers pops from the dict it is given: pass a copy
+            for name, proc in c.processors(unet).items():
+                if name in original:
+                    raise RuntimeError(f"controls collide on {name}")
+                original[name] = modules[name].processor
+                modules[name].set_processor(proc)
         for c in controls:
             handles.extend(c.hooks(unet))
         yield
     finally:
         for h in handles:
             h.remove()
-        unet.set_attn_processor(dict(original))
+        for name, proc in original.items():
+            modules[name].set_processor(proc)
         for c in controls:
             c.close()
 

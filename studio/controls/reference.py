@@ -86,6 +86,7 @@ class ReferenceInjection(Control):
         self.writing = False
         self.write_calls = 0
         self._bias: dict = {}
+        self._rows: dict = {}
 
     # --- installation ------------------------------------------------------------------------------------
 
@@ -155,6 +156,17 @@ class ReferenceInjection(Control):
         return output
 
     # --- the attention bias ------------------------------------------------------------------------------
+
+    def row_split(self, videos: int, per_video: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of a spatial-attention batch: (conditional generated frames, every other row)."""
+        key = ("rows", videos, per_video, self.ctx.frames, self.ctx.do_cfg, device)
+        if key not in self._rows:
+            first = videos // 2 if self.ctx.do_cfg else 0
+            is_cond = torch.zeros(videos, per_video, dtype=torch.bool)
+            is_cond[first:, :self.ctx.frames] = True
+            flat = is_cond.flatten()
+            self._rows[key] = flat.nonzero().flatten().to(device), (~flat).nonzero().flatten().to(device)
+        return self._rows[key]
 
     def cond_mask(self, videos: int, n: int, n_keys: int, group: int, dtype, device) -> torch.Tensor:
         """(videos·F, 1, N, N + R·n_keys) mask of the conditional rows: own keys free, reference keys biased."""
@@ -235,37 +247,44 @@ class RefSelfAttnProcessor:
             ctl.bank[self.name] = hidden_states  # (R, N, D): the references' tokens at this layer
             return _attend(attn, hidden_states, hidden_states)
         rows, n, d = hidden_states.shape
-        R = ctl.latents.shape[0]
-        per_video = ctx.frames + ctx.extra_frames
+        F_, per_video = ctx.frames, ctx.frames + ctx.extra_frames  # rows: video-major, frame-minor
         videos = rows // per_video
-        x = hidden_states.view(videos, per_video, n, d)
-        if ctx.extra_frames:  # temporal mode: the reference frames are in this batch
-            gen, refs = x[:, :ctx.frames], x[:, ctx.frames:]  # (V, F, N, D), (V, R, N, D)
-            ref_tokens = refs  # (V, R, N, D)
-            out_ref = _attend(attn, refs.flatten(0, 1), refs.flatten(0, 1)).view_as(refs)
-        else:
-            if self.name not in ctl.bank:
-                return _attend(attn, hidden_states, hidden_states)
-            gen = x
-            ref_tokens = ctl.bank[self.name][None].expand(videos, -1, -1, -1)  # (V, R, N, D)
-        cond_videos = slice(videos // 2, videos) if ctx.do_cfg else slice(0, videos)
-        out = torch.empty_like(gen)
-        if ctx.do_cfg:  # unconditional videos: plain self-attention
-            u = gen[: videos // 2].flatten(0, 1)
-            out[: videos // 2] = _attend(attn, u, u).view_as(gen[: videos // 2])
-        c = gen[cond_videos]  # (Vc, F, N, D)
-        vc = c.shape[0]
-        h, w = ctx.layer_size(n)
-        refs_c = ref_tokens[cond_videos]  # (Vc, R, N, D)
-        pooled, group = pool_tokens(refs_c.flatten(0, 1), h, w)  # (Vc·R, N', D): fewer keys on large layers
-        pooled = pooled.view(vc, -1, d)  # (Vc, R·N', D)
-        keys = torch.cat([c, pooled[:, None].expand(-1, ctx.frames, -1, -1)], 2)  # (Vc, F, N + R·N', D)
-        n_keys = pooled.shape[1] // R
-        mask = ctl.cond_mask(vc, n, n_keys, group, hidden_states.dtype, hidden_states.device)  # (Vc·F, 1, N, N+R·N')
-        out[cond_videos] = _attend(attn, c.flatten(0, 1), keys.flatten(0, 1), mask).view_as(c)
+        if not ctx.extra_frames and self.name not in ctl.bank:
+            return _attend(attn, hidden_states, hidden_states)
+        R, heads = ctl.latents.shape[0], attn.heads
+        cond_videos = range(videos // 2, videos) if ctx.do_cfg else range(videos)
+        vc = len(cond_videos)
+        # The references' tokens at this layer: from this batch (temporal mode, per cond video) or the write pass.
         if ctx.extra_frames:
-            out = torch.cat([out, out_ref], 1)
-        return out.reshape(rows, n, -1)
+            refs = hidden_states.view(videos, per_video, n, d)[cond_videos.start:, F_:]  # (Vc, R, N, D)
+        else:
+            refs = ctl.bank[self.name][None]  # (1, R, N, D), shared by every video
+        rows_grid, cols_grid = ctx.layer_size(n)
+        pooled, group = pool_tokens(refs.flatten(0, 1), rows_grid, cols_grid)  # (·, N', D): fewer keys
+        n_keys = pooled.shape[1]
+        pooled = pooled.reshape(refs.shape[0], R * n_keys, d)  # (1 or Vc, R·N', D)
+
+        def split(t):  # (M, tokens, heads·dh) -> (M, heads, tokens, dh)
+            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))  # (rows, heads, N, dh)
+        k_ref, v_ref = split(attn.to_k(pooled)), split(attn.to_v(pooled))  # projected once, not per frame
+        if k_ref.shape[0] > 1:
+            k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)
+        else:
+            k_ref, v_ref = k_ref.expand(vc * F_, -1, -1, -1), v_ref.expand(vc * F_, -1, -1, -1)
+        cond, rest = ctl.row_split(videos, per_video, q.device)
+        out = torch.empty_like(q)
+        if len(rest):  # unconditional videos and appended reference frames: plain self-attention
+            out[rest] = torch.nn.functional.scaled_dot_product_attention(q[rest], k[rest], v[rest])
+        mask = ctl.cond_mask(vc, n, n_keys, group, q.dtype, q.device)  # (Vc·F, 1, N, N + R·N')
+        out[cond] = torch.nn.functional.scaled_dot_product_attention(
+            q[cond], torch.cat([k[cond], k_ref], 2), torch.cat([v[cond], v_ref], 2), attn_mask=mask)
+        out = out.transpose(1, 2).reshape(rows, n, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 def _attend(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
