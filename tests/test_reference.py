@@ -1,5 +1,8 @@
-"""Zero-shot references: encoding, the attention processor alone (region and unconditional pass), and the control
-on the tiny model (strength 0 = off, changes when on, restored after, write pass once per refresh)."""
+"""Zero-shot references: encoding, the attention processor alone (region, strength, unconditional pass), the control
+on the tiny model through `applied` (strength 0 = off, changes when on, everything restored, the write pass: once
+per UNet call, with the conditional prompt), and its wiring from a shot through the engine."""
+
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +11,9 @@ from PIL import Image
 
 from studio import engine, shot as shotlib
 from studio.controls import reference
-from studio.controls.base import Context
+from studio.controls.base import Context, applied, step_end_chain
+
+PROMPT = "a red circle on grass"
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +28,39 @@ def images(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def pipe(manager):
+    from studio.presets import load_model_preset
+
+    return manager.get(load_model_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def purple(pipe, images):
+    return reference.encode_reference(pipe, images / "purple.png", 64, 64)
+
+
+def _ctx(frames=8, size=8, do_cfg=True):
+    return Context(frames=frames, latent_h=size, latent_w=size, steps=4, do_cfg=do_cfg,
+                   generator=torch.Generator().manual_seed(0))
+
+
+def _render(pipe, make=lambda ctx: [], prompt=PROMPT):
+    """Frames (1, F, H, W, 3) of the tiny model from fixed noise, with the controls make(ctx) applied."""
+    ctx = _ctx()
+    controls = make(ctx)
+    chain = step_end_chain(ctx, controls)
+    latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), applied(pipe, controls, ctx):
+        return pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=4, guidance_scale=7.5,
+                    latents=latents, generator=torch.Generator().manual_seed(0), output_type="np",
+                    callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
+                    callback_on_step_end_tensor_inputs=["latents"]).frames
+
+
+# --- encoding --------------------------------------------------------------------------------------------------
+
+
 def test_load_image_covers_and_centre_crops(images):
     img = reference.load_image(images / "wide.png", 64, 64)
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
@@ -30,22 +68,48 @@ def test_load_image_covers_and_centre_crops(images):
     assert abs(int(img[32, 32, 0]) - 80) < 6
 
 
-def test_encode_reference_gives_a_latent_at_the_shot_size(images, manager, tiny_shot):
-    pipe = manager.get(engine.prepare(tiny_shot)[1])
+def test_encode_reference_gives_a_latent_at_the_shot_size_from_the_centre(pipe, images):
     z = reference.encode_reference(pipe, images / "purple.png", 64, 64)
-    assert z.shape == (1, 4, 8, 8) and z.dtype == pipe.vae.dtype
+    assert z.shape == (1, 4, 8, 8) and z.dtype == pipe.vae.dtype and z.device == pipe.vae.device
+    assert reference.encode_reference(pipe, images / "wide.png", 48, 32).shape == (1, 4, 4, 6)
+    # A 128×64 array at 64×64 keeps its middle 64 columns: the same latent as that square alone.
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    z_wide = reference.encode_reference(pipe, wide, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(z_wide, reference.encode_reference(pipe, np.ascontiguousarray(wide[:, 32:96]), 64, 64))
+    assert not torch.allclose(z_wide, reference.encode_reference(pipe, np.ascontiguousarray(wide[:, :64]), 64, 64))
 
 
-def _ctx(frames=2):
-    return Context(frames=frames, latent_h=4, latent_w=4, steps=4, do_cfg=True, generator=torch.Generator())
+# --- the attention processor alone -----------------------------------------------------------------------------
+
+
+def _attention():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=8, heads=2, dim_head=4)
+
+
+def _manual(attn, x, ref, bias):
+    """Conditional rows by hand: queries of x (M, N, D) over [x ‖ ref] keys, bias (N,) on every reference key."""
+    heads, m, n = attn.heads, x.shape[0], x.shape[1]
+    ctx_tokens = torch.cat([x, ref.expand(m, -1, -1)], 1)
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(x)), split(attn.to_k(ctx_tokens)), split(attn.to_v(ctx_tokens))
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (M, heads, N, N + Nr)
+    logits[..., n:] += bias[:, None]
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(m, n, -1)
+    return attn.to_out[0](out)
 
 
 def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_cond_pass():
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    torch.manual_seed(0)
-    attn = Attention(query_dim=8, heads=2, dim_head=4)
-    ctx = _ctx()
+    attn = _attention()
+    ctx = _ctx(frames=2, size=4)
     ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # top-left 2×2 of a 4×4 layer
     ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("box", 0))])
     proc = reference.RefSelfAttnProcessor(ctl, "layer")
@@ -53,17 +117,166 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     x = torch.randn(4, 16, 8)  # (2 passes · F, N, D)
     plain = AttnProcessor2_0()(attn, x)
     out = proc(attn, x)
-    assert torch.allclose(out[:2], plain[:2], atol=1e-6)  # unconditional pass untouched
+    assert torch.equal(out[:2], plain[:2])  # unconditional pass untouched
     inside = torch.tensor([0, 1, 4, 5])
     outside = torch.tensor([i for i in range(16) if i not in (0, 1, 4, 5)])
-    assert torch.allclose(out[2:, outside], plain[2:, outside], atol=1e-5)
-    assert not torch.allclose(out[2:, inside], plain[2:, inside], atol=1e-3)
+    assert torch.allclose(out[2:, outside], plain[2:, outside], atol=1e-6)
+    assert (out[2:, inside] - plain[2:, inside]).abs().amax(-1).min() > 1e-3  # every inside token changes
+    # inside, it is attention over [own ‖ reference] tokens
+    assert torch.allclose(out[2:, inside], _manual(attn, x[2:], ctl.bank["layer"], torch.zeros(16))[:, inside],
+                          atol=1e-5)
     # the background region is the complement
     bg = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("outside",))])
     bg.bank["layer"] = ctl.bank["layer"]
     out_bg = reference.RefSelfAttnProcessor(bg, "layer")(attn, x)
-    assert torch.allclose(out_bg[2:, inside], plain[2:, inside], atol=1e-5)
-    assert not torch.allclose(out_bg[2:, outside], plain[2:, outside], atol=1e-3)
+    assert torch.allclose(out_bg[2:, inside], plain[2:, inside], atol=1e-6)
+    assert (out_bg[2:, outside] - plain[2:, outside]).abs().amax(-1).min() > 1e-3
+    # the masks follow the boxes from step to step (the camera moves them); unchanged boxes reuse them
+    mask = ctl.cond_mask(1, 16, 16, 1, torch.float32, x.device)
+    ctx.step = 1
+    assert ctl.cond_mask(1, 16, 16, 1, torch.float32, x.device) is mask
+    ctx.boxes[0] = torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2)  # now the bottom-right 2×2
+    ctx.step = 2
+    moved = proc(attn, x)
+    assert torch.allclose(moved[2:, inside], plain[2:, inside], atol=1e-6)
+    assert (moved[2:, [10, 11, 14, 15]] - plain[2:, [10, 11, 14, 15]]).abs().amax(-1).min() > 1e-3
+    # a subject without boxes reads its reference everywhere
+    ctx.boxes.clear()
+    ctx.step = 3
+    everywhere = proc(attn, x)
+    assert torch.allclose(everywhere[2:], _manual(attn, x[2:], ctl.bank["layer"], torch.zeros(16)), atol=1e-5)
+
+
+def test_processor_strength_is_a_log_bias_and_without_cfg_every_row_reads():
+    attn = _attention()
+    ctx = _ctx(frames=2, size=4, do_cfg=False)
+    ref = torch.randn(1, 16, 8)
+    x = torch.randn(2, 16, 8)  # one video of 2 frames, conditional only
+    outs = {}
+    for s in (0.5, 3.0):
+        ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), s, ("all",))])
+        ctl.bank["layer"] = ref
+        outs[s] = reference.RefSelfAttnProcessor(ctl, "layer")(attn, x)
+        assert torch.allclose(outs[s], _manual(attn, x, ref, torch.full((16,), math.log(s))), atol=1e-5)
+    assert not torch.allclose(outs[0.5], outs[3.0], atol=1e-3)
+
+
+def test_strength_zero_installs_nothing_and_bad_items_are_refused():
+    ctx = _ctx()
+    z = torch.zeros(1, 4, 8, 8)
+    off = reference.ReferenceInjection(ctx, [(z, 0.0, ("box", 0)), (z, 0.0, ("outside",))])
+    assert not off.active and off.processors(None) == {} and off.hooks(None) == []
+    half = reference.ReferenceInjection(ctx, [(z, 0.0, ("box", 0)), (z, 2.0, ("outside",))])
+    assert half.latents.shape[0] == 1 and half.regions == [("outside",)] and half.strengths == [2.0]
+    for bad in ([], [(z, -1.0, ("all",))], [(z, float("nan"), ("all",))], [(z, 1.0, ("box",))],
+                [(z, 1.0, ("inside", 0))], [(z[0], 1.0, ("all",))], [(z[..., :4], 1.0, ("all",))]):
+        with pytest.raises(ValueError):
+            reference.ReferenceInjection(ctx, bad)
+
+
+# --- the control on the tiny model ------------------------------------------------------------------------------
+
+
+def _state(pipe):
+    unet = pipe.unet
+    return ({n: type(p) for n, p in unet.attn_processors.items()}, dict(unet._forward_pre_hooks),
+            dict(unet._forward_hooks))
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_strength_zero_is_plain_one_changes_the_render_and_all_is_restored(pipe, purple, temporal):
+    before = _state(pipe)
+    assert not before[1] and not before[2]
+    plain = _render(pipe)
+    off = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 0.0, ("all",))], temporal)])
+    assert np.abs(off - plain).max() <= 1e-6
+    on = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], temporal)])
+    assert on.shape == plain.shape and np.abs(on - plain).mean() > 1e-3
+    assert _state(pipe) == before  # processor types, no hooks left
+    assert np.array_equal(_render(pipe), plain)  # a plain render after is the plain render before
+
+
+def test_temporal_mode_appends_the_reference_as_a_frame_and_differs_from_excluded(pipe, purple):
+    seen = []  # the UNet's first layer input: (videos · frames, C, h, w)
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        ex = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], False)])
+        assert {x.shape[0] for x in seen} == {16, 1}  # main calls: 2 videos × 8 frames; write passes: 1 frame
+        seen.clear()
+        tm = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], True)])
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and all(x.shape[0] == 2 * 9 for x in seen)  # one extra frame per video, no write pass
+    x = seen[0].view(2, 9, *seen[0].shape[1:])
+    assert torch.equal(x[0, 8], torch.zeros_like(x[0, 8]))  # the unconditional video's reference frame is blank
+    assert torch.allclose(x[1, 8], purple[0].to(x.dtype))  # the conditional video's is the clean reference
+    assert tm.shape == ex.shape and not np.allclose(ex, tm, atol=1e-4)
+
+
+def test_a_box_region_changes_less_than_everywhere(pipe, purple):
+    plain = _render(pipe)
+
+    def boxed(ctx):
+        ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.25, 0.25]] * 8)
+        return [reference.ReferenceInjection(ctx, [(purple, 1.0, ("box", 0))])]
+
+    small = np.abs(_render(pipe, boxed) - plain).mean()
+    full = np.abs(_render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))])])
+                  - plain).mean()
+    assert 0 < small < full
+
+
+def test_write_pass_runs_once_per_unet_call_with_the_conditional_prompt(pipe, purple):
+    calls = []  # (frames, text) of every UNet call, write passes included
+
+    def spy(module, args, kwargs):
+        calls.append((args[0].shape[2], kwargs["encoder_hidden_states"].clone()))
+
+    stored = {}
+    for every in (1, 2):
+        for prompt in (PROMPT, "a white star on sky"):
+            made = []
+
+            def make(ctx):
+                made.append(reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], refresh_every=every))
+                return made
+
+            calls.clear()
+            handle = pipe.unet.register_forward_pre_hook(spy, with_kwargs=True)
+            try:
+                _render(pipe, lambda ctx: make(ctx), prompt=prompt)
+            finally:
+                handle.remove()
+            ctl = made[0]
+            writes = [text for frames, text in calls if frames == 1]
+            mains = [text for frames, text in calls if frames == 8]
+            assert len(mains) == 4 and len(writes) == ctl.write_calls == 4 // every
+            # each write pass got the main call's conditional text (the last of its per-frame rows), once
+            assert all(w.shape[0] == 1 and torch.equal(w[0], m[-1]) for w, m in zip(writes, mains[::every]))
+            assert not torch.equal(mains[0][0], mains[0][-1])  # ... not the unconditional one
+            assert not ctl.bank  # freed by close()
+            stored[(every, prompt)] = mains[0][-1]
+    assert not torch.equal(stored[(1, PROMPT)], stored[(1, "a white star on sky")])
+
+
+def test_stored_reference_tokens_depend_on_the_prompt(pipe, purple):
+    banks = {}
+    for prompt in (PROMPT, "a white star on sky"):
+        ctx = _ctx()
+        ctl = reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))])
+        latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), applied(pipe, [ctl], ctx):
+            pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=1, guidance_scale=7.5,
+                 latents=latents, output_type="latent")
+            banks[prompt] = {k: v.clone() for k, v in ctl.bank.items()}
+    a, b = banks.values()
+    assert set(a) == set(reference.spatial_self_attention_names(pipe.unet))
+    assert all(v.shape[0] == 1 for v in a.values())  # (R, N, D)
+    deep = [k for k in a if "up_blocks" in k]  # after cross-attention, the stored tokens depend on the prompt
+    assert deep and any(not torch.allclose(a[k], b[k]) for k in deep)
+
+
+# --- through a shot and the engine -------------------------------------------------------------------------------
 
 
 def _shot(tiny_shot, **subject):
@@ -72,59 +285,21 @@ def _shot(tiny_shot, **subject):
     return s
 
 
-def test_strength_zero_is_off_and_a_reference_changes_the_render(images, tiny_shot, manager):
+def test_a_shot_reference_reaches_the_render_and_strength_zero_is_off(images, tiny_shot, manager):
     plain = engine.render(_shot(tiny_shot), manager).frames
     off = engine.render(_shot(tiny_shot, reference=str(images / "purple.png"), reference_strength=0.0), manager)
     assert off.info["controls"] == ["reference"] and np.array_equal(off.frames, plain)
-    on = engine.render(_shot(tiny_shot, reference=str(images / "purple.png")), manager).frames
-    assert np.abs(on.astype(int) - plain.astype(int)).mean() > 0.3
+    s = _shot(tiny_shot, reference=str(images / "purple.png"))
+    for temporal in (False, True):
+        s.reference_control.temporal_attention = temporal
+        on = engine.render(s, manager).frames
+        assert np.abs(on.astype(int) - plain.astype(int)).mean() > 0.3
     assert np.array_equal(engine.render(_shot(tiny_shot), manager).frames, plain)  # restored
 
 
-def test_hooks_and_processors_are_removed_after_each_mode(images, tiny_shot, manager):
-    s = _shot(tiny_shot, reference=str(images / "purple.png"))
-    pipe = manager.get(engine.prepare(s)[1])
-    before = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
-    for temporal in (False, True):
-        s.reference_control.temporal_attention = temporal
-        engine.render(s, manager)
-        assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == before
-        assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
-
-
-def test_temporal_mode_differs_from_excluded_mode(images, tiny_shot, manager):
-    s = _shot(tiny_shot, reference=str(images / "purple.png"))
-    s.reference_control.refresh_every = 1
-    excluded = engine.render(s, manager).frames
-    s.reference_control.temporal_attention = True
-    included = engine.render(s, manager).frames
-    assert included.shape == excluded.shape and not np.array_equal(included, excluded)
-
-
-def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(images, tiny_shot, manager):
-    pipe = manager.get(engine.prepare(tiny_shot)[1])
-    z = reference.encode_reference(pipe, images / "purple.png", 64, 64)
-    seen = {}
-    for every in (1, 2):
-        ctx = Context(frames=8, latent_h=8, latent_w=8, steps=4, do_cfg=True, generator=torch.Generator())
-        ctl = reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], refresh_every=every)
-        from studio.controls.base import applied, step_end_chain
-
-        chain = step_end_chain(ctx, [ctl])
-        latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-        for prompt in ("a red circle on grass", "a white star on sky"):
-            with torch.inference_mode(), applied(pipe, [ctl], ctx):
-                ctl.write_calls = 0
-                ctx.step = 0
-                pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=4, guidance_scale=7.5,
-                     latents=latents.clone(), output_type="np",
-                     callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
-                     callback_on_step_end_tensor_inputs=["latents"])
-                seen[(every, prompt)] = {k: v.clone() for k, v in ctl.bank.items()}
-            assert ctl.write_calls == 4 // every
-    a, b = seen[(1, "a red circle on grass")], seen[(1, "a white star on sky")]
-    deep = [k for k in a if "up_blocks" in k]  # after cross-attention, the stored tokens depend on the prompt
-    assert deep and any(not torch.allclose(a[k], b[k]) for k in deep)
+def test_supports_video_unets_only(pipe):
+    assert reference.supports(pipe.unet)
+    assert not reference.supports(pipe.vae)
 
 
 @pytest.mark.parametrize("name, problem", [("notes.txt", "must be an image"), ("fake.png", "not a readable image"),
