@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "toyworld"  # the embedded model shipped in models/toyworld
 
 
 class ShotError(ValueError):
