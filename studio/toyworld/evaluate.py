@@ -358,13 +358,16 @@ def reference_image(path) -> str:
 
 def measure_reference(manager, reference: str, strength: float = 10.0, model: str = "toyworld",
                       seeds=range(6)) -> dict:
-    """Purple pixel fraction of 'a circle on grass' (no colour named) without and with a purple reference."""
-    def purple(subjects):
-        return float(np.mean([colour_masks(_render(manager, model, prompt="a circle on grass", seed=s,
-                                                   subjects=subjects))["purple"].mean() for s in seeds]))
+    """'a circle on grass' (no colour named) without and with a purple-circle reference on the phrase "circle":
+    per case, the fraction of pixels of the reference's colour ("purple") and of any subject colour ("subject")."""
+    def fractions(subjects):
+        masks = [colour_masks(_render(manager, model, prompt="a circle on grass", seed=s, subjects=subjects))
+                 for s in seeds]
+        return {"purple": float(np.mean([m["purple"].mean() for m in masks])),
+                "subject": float(np.mean([np.any(list(m.values()), 0).mean() for m in masks]))}
 
-    return {"without": purple([]),
-            "with": purple([{"phrase": "circle", "reference": reference, "reference_strength": strength}])}
+    return {"without": fractions([]),
+            "with": fractions([{"phrase": "circle", "reference": reference, "reference_strength": strength}])}
 
 
 def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
