@@ -90,6 +90,73 @@ def cmd_toyworld_eval(args) -> int:
     return 0
 
 
+def _subject_photos(folder: str):
+    d = Path(folder)
+    if not d.is_dir():
+        raise ValueError(f"--images: not a folder (got {folder!r})")
+    files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"--images: no files in {folder!r}")
+    return files
+
+
+def cmd_subject_add(args) -> int:
+    from studio.subjects import masks as masklib, tune
+    from studio.subjects.library import SubjectLibrary, import_photos
+
+    words = (args.phrase or f"sks {args.name}").split()
+    if len(words) < 2:
+        raise ValueError(f"--phrase: needs a trigger word and the class word, e.g. 'sks dog' (got {args.phrase!r})")
+    files = _subject_photos(args.images)
+    photos = import_photos(files)
+    if args.masks:
+        by_stem = {p.stem: p for p in _subject_photos(args.masks)}
+        missing = [f.name for f in files if f.stem not in by_stem]
+        if missing:
+            raise ValueError(f"--masks: no mask named like {missing[0]!r} in {args.masks!r}")
+        masks = [masklib.load_mask(by_stem[f.stem]) for f in files]
+    else:
+        masks = []
+        for f, ph in zip(files, photos):
+            r = masklib.segment_word(ph, words[-1])
+            logging.getLogger("studio").info("mask of %s: %s %s", f.name, r.backend, r.note)
+            masks.append(r.mask)
+    settings = tune.TuneSettings(method=args.method, class_word=words[-1], trigger=" ".join(words[:-1]),
+                                 steps=args.steps, seed=args.seed, preservation=args.preservation)
+
+    def progress(i, n, loss, left):
+        if args.progress:
+            print(f"\rstep {i}/{n}  loss {loss:.4f}  {left:.0f} s left", end="" if i < n else "\n",
+                  file=sys.stderr, flush=True)
+
+    subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
+                                       progress=progress, overwrite=args.overwrite)
+    print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
+          f"'{subject.trigger} {subject.class_word}', {subject.photos} photos, {result.seconds:.0f} s  {subject.path}")
+    return 0
+
+
+def cmd_subject_list(args) -> int:
+    from studio.subjects.library import SubjectLibrary
+
+    lib = SubjectLibrary()
+    subjects = lib.list()
+    if not subjects:
+        print(f"no subjects in {lib.root}")
+    for s in subjects:
+        print(f"{s.name:20s} {s.base_model:16s} {', '.join(s.methods):12s} '{s.trigger} {s.class_word}'  "
+              f"{s.photos} photos  {s.created}")
+    return 0
+
+
+def cmd_subject_remove(args) -> int:
+    from studio.subjects.library import SubjectLibrary
+
+    SubjectLibrary().delete(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studio", description="Shot Studio: customized text-to-video.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -113,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--share", action="store_true", help="create a public Gradio link")
     u.set_defaults(func=cmd_ui)
+
+    sj = sub.add_parser("subject", help="teach the studio a subject; list and remove subjects")
+    ssub = sj.add_subparsers(dest="subject_command", required=True)
+    sa = ssub.add_parser("add", help="train a subject from a folder of 1-10 photos and add it to the library")
+    sa.add_argument("name", help="the subject's name (letters, digits, - and _), used as subjects[i].subject")
+    sa.add_argument("--images", required=True, help="folder of photos (png, jpg, webp)")
+    sa.add_argument("--model", default="toyworld", help="model preset the subject is trained for")
+    sa.add_argument("--method", default="lora", choices=["lora", "tokens", "both"])
+    sa.add_argument("--steps", type=int, help="training steps (default: the model's)")
+    sa.add_argument("--phrase", help="trigger word(s) and class word, e.g. 'sks dog' (default: 'sks NAME')")
+    sa.add_argument("--masks", help="folder of masks named like the photos (default: automatic masks)")
+    sa.add_argument("--preservation", help="folder of your own clips for the video-preservation loss")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--overwrite", action="store_true", help="replace a subject of that name")
+    sa.add_argument("--no-progress", dest="progress", action="store_false")
+    sa.set_defaults(func=cmd_subject_add)
+    sl = ssub.add_parser("list", help="the subjects in the library")
+    sl.set_defaults(func=cmd_subject_list)
+    sr = ssub.add_parser("remove", help="delete a subject from the library")
+    sr.add_argument("name")
+    sr.set_defaults(func=cmd_subject_remove)
 
     t = sub.add_parser("toyworld", help="the embedded toy-world model: train it, evaluate it")
     tsub = t.add_subparsers(dest="toyworld_command", required=True)
@@ -151,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ShotError, ModelLoadError) as e:
+    except (ShotError, ModelLoadError, ValueError) as e:  # ValueError: bad input at the boundary (names the field)
         print(f"studio: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -87,6 +87,13 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     # 2. Fetch the pipeline (cached by what determines it).
     manager = manager or default_manager()
     pipe = manager.get(preset)
+    # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
+    #     once per pipeline, then switched by adapter weights).
+    from studio.subjects import apply as subjects
+
+    plan, records = subjects.plan(shot, preset)
+    if records:
+        subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
     # 3. Initial noise from the 3D Gaussian prior, drawn on the CPU from the shot's seed.
     t1 = time.perf_counter()
@@ -96,15 +103,18 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     generator = torch.Generator("cpu").manual_seed(shot.seed)
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
-    ctx = compose.context(shot, shape[3], shape[4])
-    controls = compose.build(shot, pipe, ctx, preset.name)
+    ctx = compose.context(plan.shot, shape[3], shape[4])
+    controls = compose.build(plan.shot, pipe, ctx, preset.name)
+    regional = subjects.needs_regions(plan.shot, plan.adapters)
+    if regional:
+        controls.append(subjects.RegionalLora(ctx, plan.adapters))
     chain = step_end_chain(ctx, controls)
     latents = chain(-1, latents)  # edits due before the first step
     timings["prepare"] = time.perf_counter() - t1
     # 5. Denoise, reporting progress and honouring cancellation between steps.
     t2 = time.perf_counter()
     step_cb = _step_callback(shot.steps, progress, cancel, chain)
-    kwargs = dict(prompt=shot.prompt, negative_prompt=shot.negative_prompt or None, num_frames=shot.frames,
+    kwargs = dict(prompt=plan.shot.prompt, negative_prompt=shot.negative_prompt or None, num_frames=shot.frames,
                   height=shot.height, width=shot.width, num_inference_steps=shot.steps,
                   guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
     if preset.family == "animatediff":
@@ -116,7 +126,7 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
                 lat.copy_(new)
 
         kwargs.update(callback=legacy, callback_steps=1)
-    with torch.inference_mode(), applied(pipe, controls, ctx):
+    with torch.inference_mode(), subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
         out = pipe(**kwargs).frames
     if cancel is not None and cancel.is_set():
         raise RenderCancelled("render cancelled")
@@ -128,6 +138,8 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
             "controls": [c.name for c in controls]}
+    if plan.names:
+        info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", shot.frames, shot.width, shot.height, timings["total"])
     return RenderResult(frames, shot, preset, timings, info)
 

@@ -160,6 +160,14 @@ class PipelineManager:
                 logger.info("evicted %s", old.base)
             return pipe
 
+    def forget_subject(self, name: str) -> None:
+        """Drop a subject's weights from every cached pipeline (after it was retrained or removed)."""
+        from studio.subjects import apply
+
+        with self._lock:
+            for pipe in self._cache.values():
+                apply.forget(pipe, name)
+
     def loaded(self) -> list[PipelineKey]:
         with self._lock:
             return list(self._cache)

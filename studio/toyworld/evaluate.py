@@ -60,9 +60,15 @@ def classify_colour(frames: np.ndarray) -> str | None:
     return best if counts[best] >= _MIN_PIXELS * len(frames) // 2 else None
 
 
-def subject_track(frames: np.ndarray, colour: str) -> np.ndarray:
+def _pixels_of(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
+    """(F, S, S) pixels of one subject colour, or of any of several (a two-colour pattern)."""
+    cm = colour_masks(frames)
+    return cm[colour] if isinstance(colour, str) else np.any([cm[c] for c in colour], 0)
+
+
+def subject_track(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
     """(F, 2) centroid x, y of the colour's pixels per frame (NaN where too few)."""
-    m = colour_masks(frames)[colour]
+    m = _pixels_of(frames, colour)
     out = np.full((len(frames), 2), np.nan, np.float32)
     for f in range(len(frames)):
         ys, xs = np.nonzero(m[f])
@@ -245,9 +251,9 @@ def format_report(result: dict) -> str:
 # --- control checks (known colours of the toy world; used by the control tests and the eval harness) ----------
 
 
-def subject_boxes(frames: np.ndarray, colour: str) -> np.ndarray:
+def subject_boxes(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
     """(F, 4) normalised bounding box of the colour's pixels per frame (NaN where fewer than a few pixels)."""
-    m = colour_masks(frames)[colour]
+    m = _pixels_of(frames, colour)
     size = frames.shape[1]
     out = np.full((len(frames), 4), np.nan, np.float32)
     for f in range(len(frames)):
@@ -257,7 +263,7 @@ def subject_boxes(frames: np.ndarray, colour: str) -> np.ndarray:
     return out
 
 
-def box_adherence(frames: np.ndarray, colour: str, boxes: np.ndarray) -> dict:
+def box_adherence(frames: np.ndarray, colour: str | tuple, boxes: np.ndarray) -> dict:
     """Hit rate (frames whose subject centroid lies in the requested box) and mean IoU with the requested box."""
     track = subject_track(frames, colour) / frames.shape[1]  # (F, 2) normalised
     found = subject_boxes(frames, colour)
@@ -368,6 +374,45 @@ def measure_reference(manager, reference: str, strength: float = 10.0, model: st
 
     return {"without": fractions([]),
             "with": fractions([{"phrase": "circle", "reference": reference, "reference_strength": strength}])}
+
+
+def subject_photos(pattern: str = "striped", shape: str = "star", n: int = 4) -> tuple[list, list]:
+    """n photos of a personal subject (a pattern the model never saw) on varied backgrounds, with true masks."""
+    spots = [("grass", 12, 14), ("sand", 20, 18), ("sky", 16, 12), ("grass", 18, 20), ("sand", 14, 20)]
+    photos, masks = [], []
+    for i, (bg, x, y) in enumerate((spots * 2)[:n]):
+        spec = world.SubjectSpec(pattern, shape, 8.0, np.array([[x, y]] * world.FRAMES, np.float32), None)
+        clip = world.render_clip(bg, [spec], seed=100 + i)
+        photos.append(clip.frames[0])
+        masks.append(clip.masks[0, 0])
+    return photos, masks
+
+
+def colour_histogram(frames: np.ndarray) -> np.ndarray:
+    """(4,) share of each subject colour (world.COLORS order) among the subject-coloured pixels."""
+    cm = colour_masks(frames)
+    counts = np.array([cm[c].sum() for c in world.COLORS], np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def measure_subject(manager, subject: str | None, pattern: str = "striped", shape: str = "star",
+                    model: str = "toyworld", seeds=range(4)) -> dict:
+    """'a <shape> on sky' with a left-to-right box track, the trained subject on the phrase (or None: the untuned
+    model): L1 distance of the generated colour histogram to the photos' (0 = same colours, 2 = disjoint), and
+    hit rate / IoU of the pattern's pixels in the box."""
+    from studio.controls.boxes import interpolate
+
+    photos, masks = subject_photos(pattern, shape)
+    target = np.mean([colour_histogram(p[None]) for p in photos], 0)
+    colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
+    boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
+    rows = []
+    for s in seeds:
+        subj = {"phrase": shape, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
+        frames = _render(manager, model, prompt=f"a {shape} on sky", seed=s, subjects=[subj])
+        rows.append({"l1": float(np.abs(colour_histogram(frames) - target).sum()),
+                     **box_adherence(frames, colours, boxes)})
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
