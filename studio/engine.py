@@ -104,10 +104,8 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
-    controls = compose.build(plan.shot, pipe, ctx, preset.name)
-    regional = subjects.needs_regions(plan.shot, plan.adapters)
-    if regional:
-        controls.append(subjects.RegionalLora(ctx, plan.adapters))
+    controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
+    regional = any(c.name == subjects.RegionalLora.name for c in controls)
     chain = step_end_chain(ctx, controls)
     latents = chain(-1, latents)  # edits due before the first step
     timings["prepare"] = time.perf_counter() - t1

@@ -292,13 +292,18 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("background.strength", shot.background.strength, "must be in 0..10")
 
 
+def find_phrase(phrase: str, prompt: str) -> re.Match | None:
+    """The first place the phrase's words appear together in the prompt (case-insensitive, whole words)."""
+    words = phrase.split()
+    if not words:
+        return None
+    pattern = r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
+    return re.search(pattern, prompt, flags=re.IGNORECASE)
+
+
 def phrase_in_prompt(phrase: str, prompt: str) -> bool:
     """Whether the phrase's words appear together in the prompt (case-insensitive, whole words)."""
-    words = phrase.lower().split()
-    if not words:
-        return False
-    pattern = r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
-    return re.search(pattern, prompt.lower()) is not None
+    return find_phrase(phrase, prompt) is not None
 
 
 def _validate_subject(s: Subject, where: str, shot: Shot) -> None:

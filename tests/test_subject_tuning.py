@@ -83,7 +83,7 @@ def test_training_leaves_motion_modules_and_base_weights_bitwise_alone():
         assert torch.equal(v, after[k] if k in after else after[peft_key]), k
 
 
-def test_subject_in_a_shot_changes_the_render_the_same_way_in_a_fresh_pipeline(trained, library, monkeypatch):
+def test_subject_in_a_shot_changes_the_render_the_same_way_in_a_fresh_pipeline(trained):
     m1, m2 = PipelineManager(1, "cpu"), PipelineManager(1, "cpu")
     plain = engine.render(_shot(), m1).frames
     with_rex = _shot(subjects=[{"phrase": "dog", "subject": "rex"}])
@@ -98,7 +98,7 @@ def test_subject_in_a_shot_changes_the_render_the_same_way_in_a_fresh_pipeline(t
     assert a.sidecar()["shot"]["prompt"] == "a dog on grass"  # the sidecar keeps the user's shot
 
 
-def test_second_render_loads_no_weights(trained, library, monkeypatch):
+def test_second_render_loads_no_weights(trained, monkeypatch):
     calls = []
     real = SubjectLibrary.load_lora
     monkeypatch.setattr(SubjectLibrary, "load_lora", lambda self, name: calls.append(name) or real(self, name))
@@ -112,7 +112,7 @@ def test_second_render_loads_no_weights(trained, library, monkeypatch):
     assert calls == ["rex", "rex"]
 
 
-def test_unknown_subject_and_wrong_base_model_are_field_errors(trained, library, monkeypatch):
+def test_unknown_subject_and_wrong_base_model_are_field_errors(trained):
     with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.subject.*nosuch"):
         engine.render(_shot(subjects=[{"phrase": "dog", "subject": "nosuch"}]), PipelineManager(1, "cpu"))
     shot = shotlib.from_container({"prompt": "a dog on grass", "subjects": [{"phrase": "dog", "subject": "rex"}]})
@@ -183,7 +183,7 @@ def test_stca_loss_falls_when_attention_moves_into_the_mask():
     assert near < far
 
 
-def test_two_lora_subjects_with_boxes_act_only_in_their_boxes(trained, library, monkeypatch):
+def test_two_lora_subjects_with_boxes_act_only_in_their_boxes(trained, library):
     photos, masks = _photos()
     if not library.exists("kit"):
         tune.add_subject("kit", photos, masks, "tiny", tune.TuneSettings(class_word="cat", steps=2, seed=1),
@@ -199,7 +199,7 @@ def test_two_lora_subjects_with_boxes_act_only_in_their_boxes(trained, library, 
     pipe = m.get(load_model_preset("tiny"))
     from peft.tuners.lora import LoraLayer
 
-    name, mod = next((n, mm) for n, mm in pipe.unet.named_modules()
+    mod = next(mm for n, mm in pipe.unet.named_modules()
                      if isinstance(mm, LoraLayer) and n.endswith("attn1.to_q") and "subject_rex" in mm.lora_A)
     resolved, preset = engine.prepare(shot)
     ctx = engine.compose.context(apply.plan(resolved, preset)[0].shot, 8, 8)

@@ -26,7 +26,8 @@ def context(shot: shotlib.Shot, latent_h: int, latent_w: int) -> Context:
     return ctx
 
 
-def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "") -> list[Control]:
+def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapters=()) -> list[Control]:
+    """adapters: (LoRA adapter name, subject index) of the shot's trained subjects (studio.subjects.apply.plan)."""
     controls: list[Control] = []
     unet = pipe.unet
     model = f"model '{preset_name}'" if preset_name else "this model"
@@ -78,4 +79,9 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "") -> list
             items.append((latent, strength, region))
         rc = shot.reference_control
         controls.append(reference.ReferenceInjection(ctx, items, rc.temporal_attention, rc.refresh_every))
+    # 5. Several trained subjects' LoRAs, each confined to its own box.
+    from studio.subjects import apply
+
+    if apply.needs_regions(shot, list(adapters)):
+        controls.append(apply.RegionalLora(ctx, list(adapters)))
     return controls

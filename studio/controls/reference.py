@@ -44,6 +44,19 @@ from studio.controls.boxes import NEG, box_masks
 logger = logging.getLogger(__name__)
 
 
+def cover_crop(image: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
+    """An image (H, W[, 3]) resized to cover width×height, then centre-cropped to it (bicubic, or nearest for
+    masks). Shared by references and subject photos/masks, so both meet the model at the same framing."""
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.NEAREST if nearest else Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.asarray(im.crop((left, top, left + width, top + height)))
+
+
 def load_image(path_or_array, width: int, height: int) -> np.ndarray:
     """RGB uint8 (height, width, 3): resized to cover width×height, then centre-cropped."""
     from PIL import Image
@@ -52,12 +65,7 @@ def load_image(path_or_array, width: int, height: int) -> np.ndarray:
         im = Image.fromarray(path_or_array)
     else:
         im = Image.open(path_or_array)
-    im = im.convert("RGB")
-    scale = max(width / im.width, height / im.height)
-    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-    im = im.resize(size, Image.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return np.asarray(im.crop((left, top, left + width, top + height)))
+    return cover_crop(np.asarray(im.convert("RGB")), width, height)
 
 
 @torch.no_grad()

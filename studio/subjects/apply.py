@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -48,9 +47,7 @@ def _stamp(subject) -> str:
 
 def insert_words(prompt: str, phrase: str, words: str) -> str:
     """Put `words` before the first whole-word occurrence of `phrase` in `prompt` (case-insensitive)."""
-    parts = phrase.split()
-    pattern = r"\b" + r"\s+".join(re.escape(w) for w in parts) + r"\b"
-    m = re.search(pattern, prompt, flags=re.IGNORECASE)
+    m = shotlib.find_phrase(phrase, prompt)
     if m is None:  # validated before; a clear error all the same
         raise ValueError(f"phrase {phrase!r} not in prompt {prompt!r}")
     return f"{prompt[:m.start()]}{words} {prompt[m.start():]}"
@@ -111,8 +108,6 @@ def load(pipe, records, library=None) -> None:
                 if name in _adapters(pipe):
                     pipe.delete_adapters(name)
                 pipe.load_lora_weights(library.load_lora(rec.name), adapter_name=name)
-        except shotlib.ShotError:
-            raise
         except Exception as e:  # noqa: BLE001 - a corrupt or unsafe file becomes the shot's field error
             raise shotlib.ShotError(where, rec.name, f"cannot load its weights ({_reason(e)})") from None
         held.pop(name, None)

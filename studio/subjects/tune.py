@@ -125,18 +125,6 @@ def insertion(method: str, trigger: str, tokens: list[str]) -> str:
 # --- data --------------------------------------------------------------------------------------------------
 
 
-def fit(image: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
-    """Resize to cover width×height, then centre-crop (photos and their masks alike)."""
-    from PIL import Image
-
-    im = Image.fromarray(image)
-    scale = max(width / im.width, height / im.height)
-    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-    im = im.resize(size, Image.NEAREST if nearest else Image.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return np.asarray(im.crop((left, top, left + width, top + height)))
-
-
 def augment(x, m, generator, full: bool):
     """Magic-Me's augmentation of one photo: x (3, H, W) in -1..1, m (H, W) in 0..1 -> (x, m, caption prefix).
 
@@ -217,6 +205,8 @@ def _user_clips(pipe, folder: Path, frames: int, width: int, height: int):
     import imageio.v3 as iio
     import torch
 
+    from studio.controls.reference import cover_crop
+
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".mp4", ".gif", ".webm", ".mov"))
     if not files:
         raise ValueError(f"preservation: no .mp4/.gif/.webm/.mov clips in {str(folder)!r}")
@@ -228,7 +218,7 @@ def _user_clips(pipe, folder: Path, frames: int, width: int, height: int):
             raise ValueError(f"preservation: cannot read {str(p)!r} ({e})") from None
         if video.ndim != 4 or len(video) < frames:
             raise ValueError(f"preservation: {str(p)!r} needs at least {frames} frames (got {len(video)})")
-        clip = np.stack([fit(f[..., :3], width, height) for f in video[:frames]])
+        clip = np.stack([cover_crop(f[..., :3], width, height) for f in video[:frames]])
         lat.append(encode(pipe, clip, None)[None].transpose(1, 2))  # (1, C, F, h, w)
         txt = p.with_suffix(".txt")
         caps.append(txt.read_text().strip() if txt.exists() else "a video")
@@ -281,6 +271,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     import torch.nn.functional as F
 
     from studio.controls.boxes import phrase_token_indices
+    from studio.controls.reference import cover_crop
     from studio.subjects import losses
     from studio.toyworld.train import capture_cross_attention
 
@@ -294,10 +285,10 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     motion = type(unet).__name__ == "UNetMotionModel"  # text repeated per frame; UNet3D takes it per video
 
     # 1. Photos and masks at the model's size, in -1..1.
-    px = torch.stack([torch.from_numpy(fit(p, W, H).copy()) for p in photos]).float().div(127.5).sub(1)
+    px = torch.stack([torch.from_numpy(cover_crop(p, W, H).copy()) for p in photos]).float().div(127.5).sub(1)
     px = px.permute(0, 3, 1, 2)  # (n, 3, H, W)
     if masks:
-        mk = torch.stack([torch.from_numpy(fit(m.astype(np.uint8) * 255, W, H, nearest=True) > 127)
+        mk = torch.stack([torch.from_numpy(cover_crop(m.astype(np.uint8) * 255, W, H, nearest=True) > 127)
                           for m in masks]).float()  # (n, H, W)
     else:
         mk = torch.ones(px.shape[0], H, W)

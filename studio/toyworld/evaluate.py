@@ -402,7 +402,7 @@ def measure_subject(manager, subject: str | None, pattern: str = "striped", shap
     hit rate / IoU of the pattern's pixels in the box."""
     from studio.controls.boxes import interpolate
 
-    photos, masks = subject_photos(pattern, shape)
+    photos, _ = subject_photos(pattern, shape)
     target = np.mean([colour_histogram(p[None]) for p in photos], 0)
     colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
     boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
