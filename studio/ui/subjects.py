@@ -1,0 +1,228 @@
+"""The Subjects and Background tabs' events: photos -> masks -> a trained subject in the library; the shot's
+subjects (each bound to a phrase of the prompt, with a library subject or a zero-shot reference image) and its
+background reference. Plain Python over named values; the page wires them (studio.ui.app).
+
+A photo set is a list of {"photo": png path, "mask": png path, "backend": how the mask was made}, kept in the
+output folder under names taken from the content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from studio import shot as shotlib
+from studio.ui.events import UserError, _subdir, read_image, resolved, store_image, user_errors
+
+logger = logging.getLogger(__name__)
+
+SUBJECT_COLUMNS = ["#", "phrase", "library subject", "reference", "keyframes"]
+LIBRARY_COLUMNS = ["name", "base model", "methods", "prompt words", "photos", "created"]
+NO_SUBJECT = "(none)"
+
+
+def _png(image: np.ndarray, kind: str) -> str:
+    from PIL import Image
+
+    digest = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
+    path = _subdir("subject-photos") / f"{digest}-{kind}.png"
+    if not path.exists():
+        Image.fromarray(image).save(path)
+    return str(path)
+
+
+def gallery(photo_set: list[dict]) -> list[tuple[str, str]]:
+    """(overlay image path, caption) per photo: the subject tinted, the rest dimmed."""
+    from studio.subjects import masks as masklib
+
+    out = []
+    for i, p in enumerate(photo_set):
+        over = masklib.overlay(read_image(p["photo"]), masklib.load_mask(p["mask"]))
+        out.append((_png(over, "overlay"), f"{i + 1}: mask by {p['backend']}"))
+    return out
+
+
+@user_errors
+def photos_event(files: list[str] | None, phrase: str) -> tuple[list[dict], list]:
+    """Uploaded photos -> a photo set with an automatic mask each (of the phrase's class word, its last word)."""
+    from studio.subjects import masks as masklib
+    from studio.subjects.library import import_photos
+
+    if not files:
+        raise UserError("photos: upload 1..10 photos of the subject")
+    words = (phrase or "").split()
+    if not words:
+        raise UserError("phrase: give the subject's words first, e.g. 'sks dog' (the last word is what it is)")
+    photo_set = []
+    for path, photo in zip(files, import_photos([str(f) for f in files])):
+        r = masklib.segment_word(photo, words[-1])
+        logger.info("mask of %s: %s %s", Path(path).name, r.backend, r.note)
+        photo_set.append({"photo": _png(photo, "photo"), "mask": _png(r.mask.astype(np.uint8) * 255, "mask"),
+                          "backend": r.backend})
+    return photo_set, gallery(photo_set)
+
+
+@user_errors
+def replace_mask_event(photo_set: list[dict], number, mask_path: str | None) -> tuple[list[dict], list]:
+    """Replace photo `number`'s mask (1-based) with an uploaded one (white = subject), same size as the photo."""
+    from studio.subjects import masks as masklib
+
+    if not photo_set:
+        raise UserError("photos: upload the subject's photos first")
+    i = int(number or 0) - 1
+    if not 0 <= i < len(photo_set):
+        raise UserError(f"mask for photo: pick 1..{len(photo_set)} (got {i + 1})")
+    if not mask_path:
+        raise UserError("mask: no image given")
+    path = store_image(mask_path, "mask")
+    mask = masklib.load_mask(path)
+    photo = read_image(photo_set[i]["photo"])
+    if mask.shape != photo.shape[:2]:
+        raise UserError(f"mask: is {mask.shape[1]}×{mask.shape[0]}, photo {i + 1} is "
+                        f"{photo.shape[1]}×{photo.shape[0]}; the mask must be the photo's size")
+    new = [dict(p) for p in photo_set]
+    new[i] = {**new[i], "mask": _png(mask.astype(np.uint8) * 255, "mask"), "backend": "your mask"}
+    return new, gallery(new)
+
+
+def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, steps, model: str,
+                  progress=None, cancel: threading.Event | None = None, manager=None, library=None):
+    """Train a subject on the photo set and add it to the library; (Subject, TuneResult).
+
+    progress(step, total, loss, seconds left) after each step; `cancel` stops it and nothing is written.
+    """
+    from studio.subjects import tune
+    from studio.subjects.masks import load_mask
+
+    if not photo_set:
+        raise UserError("photos: upload the subject's photos first")
+    words = (phrase or "").split()
+    if len(words) < 2:
+        raise UserError(f"phrase: needs a trigger word and the class word, e.g. 'sks dog' (got {phrase!r})")
+    photos = [read_image(p["photo"]) for p in photo_set]
+    masks = [load_mask(p["mask"]) for p in photo_set]
+    try:
+        settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]),
+                                     steps=int(steps) if steps else None)
+        return tune.add_subject(name, photos, masks, model, settings, library=library, manager=manager,
+                                progress=progress, cancel=cancel)
+    except tune.TuneCancelled:
+        raise UserError("training cancelled; nothing was saved") from None
+    except (ValueError, shotlib.ShotError) as e:
+        raise UserError(str(e)) from None
+
+
+def library_rows(library=None) -> list[list]:
+    from studio.subjects.library import SubjectLibrary
+
+    return [[s.name, s.base_model, ", ".join(s.methods), f"{s.trigger} {s.class_word}", s.photos, s.created]
+            for s in (library or SubjectLibrary()).list()]
+
+
+def library_names(library=None) -> list[str]:
+    from studio.subjects.library import SubjectLibrary
+
+    return (library or SubjectLibrary()).names()
+
+
+@user_errors
+def delete_subject_event(name: str, manager=None, library=None) -> None:
+    """Remove a subject from the library (and from the loaded pipelines)."""
+    from studio.subjects.library import SubjectLibrary
+
+    if not name or name == NO_SUBJECT:
+        raise UserError("library subject: pick the subject to delete")
+    (library or SubjectLibrary()).delete(name)
+    if manager is not None:
+        manager.forget_subject(name)
+
+
+# --- the shot's subjects --------------------------------------------------------------------------------------
+
+
+def subject_rows(shot_yaml: str) -> list[list]:
+    shot = shotlib.loads(shot_yaml, where="shot file")
+    return [[i + 1, s.phrase, s.subject or "", Path(s.reference).name if s.reference else "",
+             ", ".join(map(str, sorted(s.boxes)))] for i, s in enumerate(shot.subjects)]
+
+
+def slot_values(shot_yaml: str, slot) -> tuple[str, str, str | None, float]:
+    """(phrase, library subject, reference image, reference strength) of subject `slot` (1-based); blanks for a new
+    one."""
+    shot = shotlib.loads(shot_yaml, where="shot file")
+    i = int(slot or 1) - 1
+    if not 0 <= i < len(shot.subjects):
+        return "", NO_SUBJECT, None, 1.0
+    s = shot.subjects[i]
+    return s.phrase, s.subject or NO_SUBJECT, s.reference, s.reference_strength
+
+
+@user_errors
+def set_subject_event(shot_yaml: str, slot, phrase: str, library_subject: str | None, reference: str | None,
+                      strength=1.0, library=None, **form) -> str:
+    """Write subject `slot` (1-based; one past the last adds a subject) into the shot file, keeping its boxes."""
+    base = shotlib.loads(shot_yaml, where="shot file")
+    i = int(slot or 1) - 1
+    if not 0 <= i <= len(base.subjects) or i >= shotlib.MAX_SUBJECTS:
+        raise UserError(f"subjects: pick subject 1..{min(len(base.subjects) + 1, shotlib.MAX_SUBJECTS)} "
+                        f"(got {i + 1})")
+    where = f"subjects[{i}]"
+    phrase = (phrase or "").strip()
+    if not phrase:
+        raise UserError(f"{where}.phrase: give the words of the prompt that name this subject")
+    prompt = form.get("prompt") or base.prompt
+    if not shotlib.phrase_in_prompt(phrase, prompt):
+        raise UserError(f"{where}.phrase: the phrase is not in the prompt {prompt!r} (got {phrase!r})")
+    subject = None if library_subject in (None, "", NO_SUBJECT) else library_subject
+    if subject is not None:
+        from studio.subjects.library import SubjectLibrary, check_base_model
+
+        model = form.get("model") or base.model
+        check_base_model((library or SubjectLibrary()).get(subject, f"{where}.subject"), model, f"{where}.subject")
+    ref = store_image(reference, f"{where}.reference") if reference else None
+    entry = shotlib.Subject(phrase=phrase, subject=subject, reference=ref, reference_strength=float(strength),
+                            boxes=base.subjects[i].boxes if i < len(base.subjects) else {})
+    if i < len(base.subjects):
+        base.subjects[i] = entry
+    else:
+        base.subjects.append(entry)
+    return shotlib.dumps(shotlib.from_container(shotlib.to_dict(base)))
+
+
+@user_errors
+def remove_subject_event(shot_yaml: str, slot) -> str:
+    base = shotlib.loads(shot_yaml, where="shot file")
+    i = int(slot or 1) - 1
+    if not 0 <= i < len(base.subjects):
+        raise UserError(f"subjects: no subject {i + 1} to remove")
+    del base.subjects[i]
+    return shotlib.dumps(base)
+
+
+# --- background ------------------------------------------------------------------------------------------------
+
+
+@user_errors
+def set_background_event(shot_yaml: str, image: str | None, strength=1.0) -> str:
+    """Set (an image) or clear (None) the shot's background reference."""
+    base = shotlib.loads(shot_yaml, where="shot file")
+    base.background.reference = store_image(image, "background.reference") if image else None
+    base.background.strength = float(strength)
+    return shotlib.dumps(shotlib.from_container(shotlib.to_dict(base)))
+
+
+def background_preview_event(shot_yaml: str, **form):
+    """The background reference as the model will see it (cover-cropped to the shot's size, scaled up), with the
+    subjects' first boxes drawn on it; None when the shot has no background reference."""
+    from studio.controls.reference import cover_crop
+    from studio.previews import trajectory
+
+    shot = resolved(shot_yaml, **form)
+    if not shot.background.reference:
+        return None
+    crop = cover_crop(read_image(shot.background.reference), shot.width, shot.height)
+    return trajectory(shot, crop, long_side=256)[0]
