@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from studio import shot as shotlib
+from studio import refine, shot as shotlib
 from studio.controls import compose, noise_prior
 from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
@@ -72,7 +72,9 @@ class RenderResult:
 def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
     """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad)."""
     preset = load_model_preset(shot.model)
-    return shotlib.resolve(shot, preset), preset
+    shot = shotlib.resolve(shot, preset)
+    refine.check(shot)
+    return shot, preset
 
 
 def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress: Progress | None = None,
@@ -132,13 +134,27 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
     # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    timings["total"] = time.perf_counter() - t0
     info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
             "controls": [c.name for c in controls]}
+    # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
+    #    prompt and subjects (box/camera/reference controls are not applied to these passes).
+    if refine.enabled(shot):
+        t3 = time.perf_counter()
+        model_size = min(preset.defaults.width, preset.defaults.height)
+        try:
+            with subjects.activated(pipe, plan.adapters, False):
+                refined = refine.run(frames, plan.shot, plan.shot.prompt, pipe, model_size, preset.size_multiple,
+                                     progress, cancel)
+        except refine.RefineCancelled:
+            raise RenderCancelled("render cancelled") from None
+        frames = refined.frames
+        info["refine"] = refined.info
+        timings["refine"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
-    logger.info("rendered %d frames %dx%d in %.2f s", shot.frames, shot.width, shot.height, timings["total"])
+    logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
     return RenderResult(frames, shot, preset, timings, info)
 
 

@@ -84,6 +84,45 @@ class ReferenceControl:
 
 
 @dataclass
+class FaceRefine:
+    """Face VCD (Magic-Me, METHODS.md §2.3): each face track's crop re-denoised over all frames, pasted back."""
+
+    enabled: bool = False
+    strength: float = 0.8  # share of the schedule re-run on the crop (Magic-Me's workflow: denoise 0.8); 0 = off
+    # Where the faces are: auto (OpenCV's Haar cascade, else YuNet when detector_model is given), haar, yunet
+    # (cv2.FaceDetectorYN with its .onnx in detector_model), or boxes (the subjects' box tracks: refine a subject
+    # region, on any model).
+    detector: str = "auto"
+    detector_model: Optional[str] = None  # a Haar cascade .xml or a YuNet .onnx file; None: OpenCV's bundled cascade
+    crop_factor: float = 2.0  # the crop is the face track's box grown by this factor (the workflow's crop_factor: 3)
+    size: Optional[int] = None  # side of the square a crop is upscaled to; None: the model's default frame size
+    feather: int = 5  # pixels of the paste mask's soft edge (the workflow's 5-px feather)
+    steps: Optional[int] = None  # schedule length the strength is a share of; None: the shot's steps
+    prompt: Optional[str] = None  # None: the shot's prompt (with its subjects' trigger words)
+
+
+@dataclass
+class TiledRefine:
+    """Tiled VCD (Magic-Me, METHODS.md §2.3): upscale, re-denoise overlapping tiles at low strength, blend."""
+
+    enabled: bool = False
+    strength: float = 0.2  # share of the schedule re-run on each tile (the workflow's denoise 0.2); 0 = upscale only
+    scale: int = 2  # output size = render size × scale
+    upscaler: str = "cubic"  # OpenCV resampler for the upscale: cubic | lanczos | linear | nearest
+    tile: Optional[int] = None  # tile side in output pixels; None: the model's default frame size
+    overlap: Optional[int] = None  # pixels shared by neighbouring tiles, blended by ramps; None: a quarter tile
+    steps: Optional[int] = None  # None: the shot's steps
+
+
+@dataclass
+class Refine:
+    """Video-to-video passes after the render, in this order: face, then tiled."""
+
+    face: FaceRefine = field(default_factory=FaceRefine)
+    tiled: TiledRefine = field(default_factory=TiledRefine)
+
+
+@dataclass
 class Shot:
     model: str = DEFAULT_MODEL  # a model preset: presets/models/<name>.yaml, or a path to such a file
     prompt: str = ""
@@ -101,6 +140,7 @@ class Shot:
     background: Background = field(default_factory=Background)
     box_control: BoxControl = field(default_factory=BoxControl)
     reference_control: ReferenceControl = field(default_factory=ReferenceControl)
+    refine: Refine = field(default_factory=Refine)  # Face VCD / Tiled VCD after the render; off by default
 
 
 PRESET_DEFAULTED = ("frames", "width", "height", "fps", "steps", "guidance_scale")
@@ -110,6 +150,9 @@ MAX_REFERENCE_SIDE = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
+FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
+UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
+MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
 
 
 # --- load / save -----------------------------------------------------------------------------------------
@@ -290,6 +333,7 @@ def validate(shot: Shot, preset) -> None:
         validate_image_file(shot.background.reference, "background.reference")
     if not 0.0 <= shot.background.strength <= 10.0:
         raise ShotError("background.strength", shot.background.strength, "must be in 0..10")
+    _validate_refine(shot, preset)
 
 
 def find_phrase(phrase: str, prompt: str) -> re.Match | None:
@@ -354,3 +398,40 @@ def validate_image_file(path: str, where: str) -> None:
         raise ShotError(where, path, f"not a readable image ({type(e).__name__})") from None
     if max(w, h) > MAX_REFERENCE_SIDE:
         raise ShotError(where, path, f"image is {w}x{h}; at most {MAX_REFERENCE_SIDE} pixels a side")
+
+
+def _validate_refine(shot: Shot, preset) -> None:
+    """refine.face / refine.tiled settings (checked whether or not enabled, so a saved shot stays valid)."""
+    f, t = shot.refine.face, shot.refine.tiled
+    for where, r in (("refine.face", f), ("refine.tiled", t)):
+        if not 0.0 <= r.strength <= 1.0:
+            raise ShotError(f"{where}.strength", r.strength, "must be in 0..1 (share of the schedule re-run)")
+        if r.steps is not None and not 1 <= r.steps <= 1000:
+            raise ShotError(f"{where}.steps", r.steps, "must be in 1..1000 or null (the shot's steps)")
+    if f.detector not in FACE_DETECTORS:
+        raise ShotError("refine.face.detector", f.detector, f"must be one of {', '.join(FACE_DETECTORS)}")
+    if f.detector_model is not None and not Path(f.detector_model).is_file():
+        raise ShotError("refine.face.detector_model", f.detector_model, "file not found")
+    if not 1.0 <= f.crop_factor <= 8.0:
+        raise ShotError("refine.face.crop_factor", f.crop_factor, "must be in 1..8")
+    if not 0 <= f.feather <= 64:
+        raise ShotError("refine.face.feather", f.feather, "must be in 0..64 pixels")
+    m = preset.size_multiple
+    if f.size is not None and (f.size <= 0 or f.size % m or f.size > preset.max_size):
+        raise ShotError("refine.face.size", f.size,
+                        f"must be a positive multiple of {m}, at most {preset.max_size}, for model '{preset.name}'")
+    if f.prompt is not None and not f.prompt.strip():
+        raise ShotError("refine.face.prompt", f.prompt, "must be null (the shot's prompt) or non-empty")
+    if not 1 <= t.scale <= 4:
+        raise ShotError("refine.tiled.scale", t.scale, "must be in 1..4")
+    if max(shot.width, shot.height) * t.scale > MAX_REFINED_SIDE:
+        raise ShotError("refine.tiled.scale", t.scale,
+                        f"{shot.width}x{shot.height} x {t.scale} exceeds {MAX_REFINED_SIDE} pixels a side")
+    if t.upscaler not in UPSCALERS:
+        raise ShotError("refine.tiled.upscaler", t.upscaler, f"must be one of {', '.join(UPSCALERS)}")
+    if t.tile is not None and (t.tile <= 0 or t.tile % m or t.tile > preset.max_size):
+        raise ShotError("refine.tiled.tile", t.tile,
+                        f"must be a positive multiple of {m}, at most {preset.max_size}, for model '{preset.name}'")
+    tile = t.tile or min(preset.defaults.width, preset.defaults.height)
+    if t.overlap is not None and not 0 <= t.overlap <= tile // 2:
+        raise ShotError("refine.tiled.overlap", t.overlap, f"must be in 0..{tile // 2} (half the tile of {tile})")

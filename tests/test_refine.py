@@ -1,0 +1,239 @@
+"""Face VCD / Tiled VCD: the pure parts (tiles, blending, feathered paste, tracks) on constructed inputs, the shot
+fields, and the engine's refinement step on the tiny random model (frame count, size, identity when off)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from studio import engine, refine, shot as shotlib
+
+
+def _frames(F=4, H=32, W=48, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (F, H, W, 3), dtype=np.uint8)  # (F, H, W, 3)
+
+
+# --- tiles and blending ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("H,W,tile,overlap", [(64, 64, 32, 8), (96, 64, 32, 16), (40, 72, 32, 8), (32, 32, 32, 8),
+                                             (64, 64, 32, 0), (100, 60, 24, 12)])
+def test_tile_weights_cover_and_sum_to_one(H, W, tile, overlap):
+    acc = np.zeros((H, W))
+    for top, left, w in refine.tile_weights(H, W, tile, overlap):
+        assert w.shape == (min(tile, H), min(tile, W))
+        assert top + w.shape[0] <= H and left + w.shape[1] <= W
+        acc[top:top + w.shape[0], left:left + w.shape[1]] += w
+    np.testing.assert_allclose(acc, 1.0, atol=1e-12)
+
+
+def test_tile_starts_overlap_and_flush_end():
+    s = refine.tile_starts(64, 32, 8)
+    assert s[0] == 0 and s[-1] == 32 and all(b - a <= 24 for a, b in zip(s, s[1:]))
+    assert refine.tile_starts(20, 32, 8) == [0]
+
+
+def _fake_v2v(offset):
+    """A stand-in re-denoiser: adds `offset` to every pixel and counts its calls."""
+    calls = []
+
+    def v2v(frames, strength, p):
+        calls.append(frames.shape)
+        return np.clip(frames.astype(np.int16) + offset, 0, 255).astype(np.uint8)
+
+    return v2v, calls
+
+
+def test_tiled_blend_has_no_seam(monkeypatch):
+    """Every tile shifted by the same +20: the blend must be the upscaled video + 20 everywhere (a seam would show
+    as pixels off by the blend weights), and the output is ×scale."""
+    v2v, calls = _fake_v2v(20)
+    monkeypatch.setattr(refine, "video_to_video", v2v)
+    frames = np.full((3, 32, 48, 3), 100, np.uint8)
+    frames[:, :, 24:] = 150
+    cfg = shotlib.TiledRefine(enabled=True, strength=0.2, scale=2)
+    out = refine.tiled_vcd(frames, cfg, None, model_size=32).frames
+    assert out.shape == (3, 64, 96, 3)
+    big = refine.resize(frames, 96, 64, "cubic").astype(np.int16)
+    assert np.abs(out.astype(np.int16) - (big + 20)).max() <= 1
+    assert len(calls) == len(refine.tile_weights(64, 96, 32, 8)) > 1 and all(c[1:3] == (32, 32) for c in calls)
+
+
+def test_tiled_strength_zero_is_plain_upscale_and_scale_one_is_identity(monkeypatch):
+    monkeypatch.setattr(refine, "video_to_video", lambda *a: pytest.fail("no re-denoise at strength 0"))
+    frames = _frames()
+    out = refine.tiled_vcd(frames, shotlib.TiledRefine(enabled=True, strength=0.0, scale=2), None, 32).frames
+    np.testing.assert_array_equal(out, refine.resize(frames, 96, 64, "cubic"))
+    same = refine.tiled_vcd(frames, shotlib.TiledRefine(enabled=True, strength=0.0, scale=1), None, 32).frames
+    np.testing.assert_array_equal(same, frames)
+
+
+# --- face tracks, crop, paste ----------------------------------------------------------------------------------
+
+
+def test_link_tracks_follows_a_moving_face_and_drops_strays():
+    det = [[(10 + 2 * f, 10, 26 + 2 * f, 26)] for f in range(8)]
+    det[3].append((40, 40, 50, 50))  # a stray hit in one frame of eight
+    tracks = refine.link_tracks(det)
+    assert len(tracks) == 1 and sorted(tracks[0]) == list(range(8))
+
+
+def test_crop_box_is_square_stable_and_covers_the_track():
+    track = {f: (10 + 2 * f, 12, 26 + 2 * f, 28) for f in range(8)}
+    x0, y0, x1, y1 = refine.crop_box(track, 2.0, 64, 48)
+    assert x1 - x0 == y1 - y0 and 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 48
+    assert x0 <= 10 and x1 >= 40 and y0 <= 12 and y1 >= 28
+
+
+def test_paste_leaves_outside_unchanged_and_feathers_inside():
+    frames = _frames(F=2, H=32, W=32)
+    patch = np.zeros((2, 16, 16, 3), np.uint8)
+    out = refine.paste(frames, patch, (8, 8, 24, 24), feather=4)
+    outside = np.ones((32, 32), bool)
+    outside[8:24, 8:24] = False
+    np.testing.assert_array_equal(out[:, outside], frames[:, outside])
+    assert (out[:, 12:20, 12:20] == 0).all()  # the interior is the patch
+    edge = out[:, 8, 12:20].astype(int)
+    assert 0 < np.abs(edge - frames[:, 8, 12:20]).mean() < np.abs(frames[:, 8, 12:20].astype(int)).mean()
+
+
+def test_face_vcd_changes_only_the_crop_and_keeps_frames(monkeypatch):
+    v2v, calls = _fake_v2v(-40)
+    monkeypatch.setattr(refine, "video_to_video", v2v)
+    frames = _frames(F=6, H=48, W=64)
+    faces = {f: [(20.0, 14.0, 32.0, 26.0)] for f in range(6)}
+    faces[2] = []  # a frame where the detector misses: the track's crop is still refined there
+
+    class Detector:
+        i = -1
+
+        def __call__(self, frame):
+            self.i += 1
+            return faces[self.i]
+
+    cfg = shotlib.FaceRefine(enabled=True, strength=0.8, crop_factor=2.0, feather=3)
+    r = refine.face_vcd(frames, cfg, None, model_size=32, detector=Detector())
+    assert r.frames.shape == frames.shape and r.info["tracks"] == 1 and len(calls) == 1
+    assert calls[0] == (6, 32, 32, 3)  # the crop, upscaled to the model's size, over all frames
+    x0, y0, x1, y1 = r.info["crop_boxes"][0]
+    outside = np.ones((48, 64), bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(r.frames[:, outside], frames[:, outside])
+    assert not np.array_equal(r.frames[:, y0:y1, x0:x1], frames[:, y0:y1, x0:x1])
+
+
+def test_face_vcd_without_faces_or_at_strength_zero_is_identity(monkeypatch):
+    monkeypatch.setattr(refine, "video_to_video", lambda *a: pytest.fail("nothing to re-denoise"))
+    frames = _frames()
+    cfg = shotlib.FaceRefine(enabled=True)
+    np.testing.assert_array_equal(refine.face_vcd(frames, cfg, None, 32, detector=lambda f: []).frames, frames)
+    cfg0 = shotlib.FaceRefine(enabled=True, strength=0.0)
+    np.testing.assert_array_equal(refine.face_vcd(frames, cfg0, None, 32, detector=lambda f: [(0, 0, 9, 9)]).frames,
+                                  frames)
+
+
+def test_schedule_runs_at_least_one_step():
+    assert refine.schedule_steps(20, 0.2) == (20, 4)
+    assert refine.schedule_steps(4, 0.2) == (5, 1)
+    assert refine.schedule_steps(4, 1.0) == (4, 4)
+
+
+# --- shot fields ------------------------------------------------------------------------------------------------
+
+
+def test_shot_without_refine_loads_with_refine_off():
+    s = shotlib.from_container({"prompt": "a red circle on grass"})
+    assert not s.refine.face.enabled and not s.refine.tiled.enabled
+    assert s.refine.face.strength == 0.8 and s.refine.tiled.strength == 0.2 and s.refine.tiled.scale == 2
+    back = shotlib.from_container(shotlib.to_dict(s))
+    assert back == s
+
+
+@pytest.mark.parametrize("override,field", [
+    ("refine.face.strength=1.5", "refine.face.strength"), ("refine.tiled.strength=-0.1", "refine.tiled.strength"),
+    ("refine.tiled.scale=5", "refine.tiled.scale"), ("refine.face.detector=dlib", "refine.face.detector"),
+    ("refine.tiled.upscaler=magic", "refine.tiled.upscaler"), ("refine.tiled.tile=30", "refine.tiled.tile"),
+    ("refine.tiled.overlap=40", "refine.tiled.overlap"), ("refine.face.feather=100", "refine.face.feather"),
+    ("refine.face.detector_model=/no/such.onnx", "refine.face.detector_model"),
+])
+def test_bad_refine_settings_name_the_field(override, field):
+    s = shotlib.from_container({"model": "tiny", "prompt": "a cat"}, [override])
+    with pytest.raises(shotlib.ShotError) as e:
+        engine.prepare(s)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_unknown_refine_key_names_the_field():
+    with pytest.raises(shotlib.ShotError, match=r"refine\.tiled\.sclae"):
+        shotlib.from_container({"refine": {"tiled": {"sclae": 2}}})
+
+
+@pytest.mark.skipif(refine.haar_cascade_path() is not None, reason="this OpenCV ships Haar cascades")
+def test_face_refine_without_a_detector_is_a_clear_error():
+    s = shotlib.from_container({"model": "tiny", "prompt": "a cat", "refine": {"face": {"enabled": True}}})
+    with pytest.raises(shotlib.ShotError, match=r"refine\.face\.detector.*no face detector"):
+        engine.prepare(s)
+
+
+# --- through the engine on the tiny model -----------------------------------------------------------------------
+
+
+def _shot(**refine_cfg):
+    return shotlib.from_container({
+        "model": "tiny", "prompt": "a red circle on grass", "seed": 3, "frames": 4, "width": 32, "height": 32,
+        "steps": 3, "subjects": [{"phrase": "red circle", "boxes": {0: [0.0, 0.0, 0.4, 0.4], 3: [0.1, 0.0, 0.5, 0.4]}}],
+        "refine": refine_cfg})
+
+
+def test_engine_refine_off_is_the_plain_render(manager):
+    plain = engine.render(_shot(), manager)
+    off = engine.render(_shot(face={"enabled": False}, tiled={"enabled": False, "scale": 3}), manager)
+    np.testing.assert_array_equal(plain.frames, off.frames)
+    assert "refine" not in off.info and "refine" not in off.timings
+    zero = engine.render(_shot(tiled={"enabled": True, "strength": 0.0, "scale": 1}), manager)
+    np.testing.assert_array_equal(plain.frames, zero.frames)
+
+
+def test_engine_face_and_tiled_refine_on_tiny(manager, tmp_path):
+    plain = engine.render(_shot(), manager)
+    steps = []
+    files = engine.render_to_files(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0,
+                                              "size": 32},
+                                        tiled={"enabled": True, "scale": 2, "tile": 32}),
+                                  tmp_path / "r.mp4", manager=manager, progress=lambda i, n: steps.append((i, n)))
+    r = files.result
+    assert r.frames.shape == (4, 64, 64, 3)
+    info = r.info["refine"]
+    assert info["output_size"] == [64, 64] and info["tiled"]["tiles"] == 9 and info["face"]["tracks"] == 1
+    assert steps[-1][0] == steps[-1][1] > 0 and "refine" in r.timings
+    import json
+
+    from studio import export
+
+    side = json.loads(files.sidecar.read_text())
+    assert side["shot"]["refine"]["tiled"]["enabled"] is True and side["render"]["refine"]["output_size"] == [64, 64]
+    assert (export.probe_video(files.video)["width"], export.probe_video(files.video)["height"]) == (64, 64)
+    # face only: pixels outside the crop box are the plain render's
+    face = engine.render(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0, "size": 32}),
+                         manager)
+    x0, y0, x1, y1 = face.info["refine"]["face"]["crop_boxes"][0]
+    outside = np.ones((32, 32), bool)
+    outside[y0:y1, x0:x1] = False
+    assert outside.any()
+    np.testing.assert_array_equal(face.frames[:, outside], plain.frames[:, outside])
+    assert not np.array_equal(face.frames, plain.frames)
+    again = engine.render(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0, "size": 32}),
+                          manager)
+    np.testing.assert_array_equal(face.frames, again.frames)  # seeded: reproducible
+
+
+def test_engine_refine_cancel(manager):
+    cancel = threading.Event()
+
+    def progress(i, n):
+        if n == 1 and i == 1:  # the refine pass's first step (the render has 3)
+            cancel.set()
+
+    with pytest.raises(engine.RenderCancelled):
+        engine.render(_shot(tiled={"enabled": True, "scale": 1, "strength": 0.2, "tile": 32}), manager,
+                      progress=progress, cancel=cancel)
