@@ -343,6 +343,13 @@ def test_zero_gpu_decorator_is_used_when_spaces_imports_and_a_no_op_otherwise(mo
     assert gpu.gpu(60)(work) is work and calls == [60]
 
 
+def test_space_requirements_are_the_package_dependencies():
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+    lines = [x.strip() for x in open("requirements.txt") if x.strip() and not x.startswith("#")]
+    assert lines == deps
+
+
 def test_readme_has_the_space_header():
     text = open("README.md").read()
     head = text.split("---\n")[1]

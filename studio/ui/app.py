@@ -232,7 +232,7 @@ def build_app(manager=None):
                             render_btn = gr.Button("Render", variant="primary", elem_id="render")
                             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
                         status = gr.Markdown(elem_id="status")
-                        video = gr.Video(label="video", autoplay=True, loop=True, interactive=False,
+                        video = gr.Video(label="video", autoplay=True, loop=True, interactive=False, height=320,
                                          elem_id="video")
                         downloads = gr.File(label="downloads: MP4, GIF, PNG frames (zip), shot file, sidecar",
                                             file_count="multiple", interactive=False)
@@ -421,7 +421,8 @@ def build_app(manager=None):
         render_btn.click(guarded(do_render), [shot_yaml] + form_in + [history],
                          [video, downloads, shot_yaml, status, history, history_table, first_frame],
                          api_name="render", concurrency_limit=1, concurrency_id="gpu").success(
-            guarded(canvas_for), canvas_in, canvas, **quiet)
+            guarded(canvas_for), canvas_in, canvas, **quiet).success(guarded(refresh_views), views_in, views,
+                                                                     **quiet)
 
         def do_cancel(request: gr.Request):
             return "cancelling…" if jobs.cancel(request.session_hash) else "nothing to cancel"

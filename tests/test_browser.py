@@ -1,0 +1,123 @@
+"""The studio in a real browser: headless Chromium (Debian's `chromium` package) driven by Playwright.
+
+It draws a box on the trajectory canvas, moves the γ slider and sees the preview change, renders on the embedded
+toy-world model and finds the <video> element playing. A screenshot of the page is kept as a test artifact
+(pytest's tmp dir, and out/studio-browser.png); SHOT_STUDIO_SCREENSHOT=path also copies it there (the README's
+docs/studio.png is made that way). `.ci/browser-deps.sh` installs Chromium; without it this test is skipped.
+"""
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from studio import ui
+
+CHROMIUM = os.environ.get("SHOT_STUDIO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/browser-deps.sh (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage",
+                                                               "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def studio_url(manager):
+    demo = ui.build_app(manager)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(ui.output_dir())])
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _set_number(page, label: str, value):
+    box = page.locator(f"input[type=number][aria-label='number input for {label}']")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1150})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(studio_url)
+    page.wait_for_selector("#canvas canvas", timeout=60_000)
+    keyframes = page.get_by_text("1: yellow star:", exact=False)
+    _wait(lambda: "keyframes 0, 7" in keyframes.inner_text(), 30, "the opening shot's keyframes")
+
+    # 1. a box dragged on keyframe 3 of the trajectory canvas becomes the subject's keyframe 3
+    _set_number(page, "keyframe", 3)
+    time.sleep(1.0)  # the canvas reloads for frame 3
+    page.get_by_title("Create box (C)").click()
+    c = page.locator("#canvas canvas").bounding_box()
+    x0, y0 = c["x"] + 0.45 * c["width"], c["y"] + 0.3 * c["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for k in range(1, 13):
+        page.mouse.move(x0 + k * 0.025 * c["width"], y0 + k * 0.03 * c["height"])
+    page.mouse.up()
+    _wait(lambda: "keyframes 0, 3, 7" in keyframes.inner_text(), 30, "keyframe 3 from the drawn box")
+
+    # 2. the γ slider moves and the covariance heat map changes
+    page.get_by_role("tab", name="Noise").click()
+    heat = page.locator("#gamma-heat img")
+    _wait(lambda: heat.count() and heat.get_attribute("src"), 30, "the γ heat map")
+    before = heat.get_attribute("src")
+    track = page.locator("#gamma input[type=range]")
+    r = track.bounding_box()
+    page.mouse.click(r["x"] + 0.85 * r["width"], r["y"] + r["height"] / 2)
+    _wait(lambda: heat.get_attribute("src") != before, 30, "the heat map to follow the slider")
+    gamma = float(page.locator("input[type=number][aria-label='number input for noise correlation γ']")
+                  .input_value())
+    assert gamma > 0.6
+
+    # 3. render on the embedded model (few steps) and find the video playing
+    page.get_by_role("tab", name="Trajectory").click()
+    _set_number(page, "steps", 4)
+    page.locator("#render").click()
+    video = page.locator("#video video")
+    _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
+    assert "frames 32×32 on toyworld" in page.locator("#status").inner_text()
+    state = _wait(lambda: video.evaluate("v => v.readyState >= 2 && v.duration > 0 && "
+                                         "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
+    _wait(lambda: video.evaluate("v => v.currentTime") != state["t"], 30, "the video to play")
+    assert state["d"] == pytest.approx(1.0, abs=0.15)  # 8 frames at 8 fps
+    time.sleep(0.5)
+
+    shot = tmp_path / "studio.png"
+    page.screenshot(path=str(shot), full_page=True)
+    (ROOT / "out").mkdir(exist_ok=True)
+    shutil.copyfile(shot, ROOT / "out" / "studio-browser.png")
+    if os.environ.get("SHOT_STUDIO_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["SHOT_STUDIO_SCREENSHOT"])
+    assert not errors, errors
+    page.close()
