@@ -27,7 +27,7 @@ def _quiet_libraries() -> None:
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
-    shot = shotlib.load(args.shot, args.set)
+    shot = shotlib.load(args.shot, args.set + [f"refine.{r}.enabled=true" for r in args.refine])
     last = [-1]
 
     def progress(i: int, n: int) -> None:
@@ -37,8 +37,34 @@ def cmd_render(args) -> int:
 
     files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress)
     r = files.result
-    print(f"{files.video}  ({r.shot.frames} frames {r.shot.width}x{r.shot.height}, model {r.preset.name}, "
+    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from studio import evaluation
+
+    if bool(args.prompt_set) == bool(args.videos):
+        raise ValueError("studio eval: give a prompt set (YAML) or --videos, one of the two")
+    scorer = evaluation.Scorer(clip_model=args.clip_model, dino_model=args.dino_model)
+    if args.videos:
+        res = evaluation.score_videos(args.videos, args.out, scorer)
+    else:
+        ps = evaluation.load_prompt_set(args.prompt_set)
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else ps.configs
+        evaluation.check_configs(configs, ps)
+        if args.seeds:
+            try:
+                ps.seeds = [int(x) for x in args.seeds.split(",")]
+            except ValueError:
+                raise ValueError(f"--seeds: a comma-separated list of integers (got {args.seeds!r})") from None
+        if args.limit:
+            ps.shots = ps.shots[:args.limit]
+        progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.progress else None
+        res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress)
+    print(evaluation.markdown(res))
+    print(f"wrote {res.files['json']}, {res.files['markdown']}, {res.files['plot']}")
     return 0
 
 
@@ -169,8 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gif", help="also write a GIF here")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a shot field, omegaconf dotted style (e.g. noise_prior.gamma=0.3)")
+    r.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
+                   help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
     r.set_defaults(func=cmd_render)
+
+    ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
+                                     "metrics: JSON, markdown table, PNG plot")
+    ev.add_argument("prompt_set", nargs="?", help="prompt set YAML (presets/evals/*.yaml)")
+    ev.add_argument("--videos", nargs="+", help="score these existing renders (.mp4 with .json sidecar, or folders)")
+    ev.add_argument("--out", default="runs/eval", help="output folder (results.json, results.md, results.png, videos/)")
+    ev.add_argument("--configs", help="comma-separated configurations to compare (default: the prompt set's); "
+                                      "built in: no_control, boxes, pan, tuned_subject, reference, full, refine_off, "
+                                      "refine_face, refine_tiled")
+    ev.add_argument("--seeds", help="comma-separated seeds, instead of the prompt set's")
+    ev.add_argument("--limit", type=int, help="only the first N shots of the prompt set")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of every shot (e.g. steps=10)")
+    ev.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP weights (local cache only)")
+    ev.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO weights (local cache only)")
+    ev.add_argument("--no-progress", dest="progress", action="store_false")
+    ev.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("presets", help="list model and shot presets")
     s.set_defaults(func=cmd_presets)

@@ -1,0 +1,471 @@
+"""The evaluation harness behind `studio eval`: render a prompt set under named configurations (or score renders that
+exist) and write per-video and mean metrics as JSON, a markdown table and a PNG plot.
+
+A prompt set (presets/evals/*.yaml) is shots × seeds:
+
+    name: toyworld
+    model: toyworld                 # default model of every shot
+    seeds: [0, 1]
+    defaults: {steps: 20}           # shot fields under every shot
+    configs: [no_control, boxes, pan, full]     # the comparison run by default
+    custom_configs:                 # optional: more configurations, a base plus dotted overrides
+      strong_boxes: {base: boxes, set: [box_control.strength=20]}
+    shots:
+      - id: star-right              # shot fields, plus id and optional subject_images (for CLIP-I / DINO-I)
+        prompt: a yellow star on sky
+        subjects: [{phrase: yellow star, boxes: {0: [0.0, 0.25, 0.45, 0.75], 7: [0.55, 0.25, 1.0, 0.75]}}]
+
+Every video is scored against its shot *as written* (the target): a config that drops the boxes is still
+measured against them, so `no_control` is the baseline row of an ablation table, as in the papers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from studio import metrics, shot as shotlib
+
+logger = logging.getLogger(__name__)
+
+# name: (what it keeps of the shot as written, description)
+CONFIGS = {
+    "no_control": "prompt only: no boxes, no camera pan, no tuned subject, no reference, no refinement",
+    "boxes": "box trajectories only",
+    "pan": "camera pan only",
+    "tuned_subject": "tuned subjects (subjects[i].subject) only",
+    "reference": "zero-shot subject / background references only",
+    "full": "the shot as written",
+    "refine_off": "the shot as written, refinement off",
+    "refine_face": "the shot as written + Face VCD",
+    "refine_tiled": "the shot as written + Tiled VCD",
+}
+
+# key, label, better (+1 higher, -1 lower, 0 neither)
+METRICS = [
+    ("clip_t", "CLIP-T", 1), ("clip_i", "CLIP-I", 1), ("dino_i", "DINO-I", 1), ("r_clip", "R-CLIP", 1),
+    ("r_dino", "R-DINO", 1), ("temporal_consistency_clip", "T-Cons (CLIP)", 1),
+    ("temporal_consistency_pixel", "T-Cons (pixel)", 1), ("dynamic_degree", "Dynamic degree", 0),
+    ("flow", "Flow px", 0), ("box_hit_rate", "Box hit", 1), ("box_iou", "Box IoU", 1),
+    ("camera_error", "Cam err px/f", -1), ("render_s", "Render s", -1),
+]
+META_KEYS = ("id", "subject_images")
+
+
+# --- prompt sets and configurations ---------------------------------------------------------------------------
+
+
+@dataclass
+class PromptShot:
+    id: str
+    fields: dict  # shot fields as written (model and defaults merged in)
+    subject_images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PromptSet:
+    name: str
+    seeds: list[int]
+    shots: list[PromptShot]
+    configs: list[str]
+    custom_configs: dict = field(default_factory=dict)  # name -> {"base": config, "set": [overrides]}
+    path: str | None = None
+
+
+def load_prompt_set(path: str | Path) -> PromptSet:
+    """Read and check a prompt set; ValueError / ShotError naming the field (shots[i].prompt, seeds, ...)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt set: file not found (got {str(path)!r})")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:
+        raise ValueError(f"prompt set: not valid YAML ({str(e).splitlines()[0]}) (got {str(path)!r})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"prompt set: must be a mapping with shots (got {type(data).__name__})")
+    known = {"name", "description", "model", "seeds", "defaults", "configs", "custom_configs", "shots"}
+    for k in data:
+        if k not in known:
+            raise ValueError(f"{k}: unknown prompt-set field (known: {', '.join(sorted(known))})")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds: must be a non-empty list of seeds >= 0 (got {seeds!r})")
+    shots_in = data.get("shots")
+    if not isinstance(shots_in, list) or not shots_in:
+        raise ValueError(f"shots: must be a non-empty list of shots (got {shots_in!r})")
+    defaults = dict(data.get("defaults") or {})
+    if data.get("model"):
+        defaults.setdefault("model", data["model"])
+    custom = data.get("custom_configs") or {}
+    shots, ids = [], set()
+    for i, item in enumerate(shots_in):
+        if not isinstance(item, dict):
+            raise ValueError(f"shots[{i}]: each shot must be a mapping of shot fields (got {item!r})")
+        sid = str(item.get("id") or f"shot{i}")
+        if sid in ids:
+            raise ValueError(f"shots[{i}].id: two shots named {sid!r}")
+        ids.add(sid)
+        fields = _merge(defaults, {k: v for k, v in item.items() if k not in META_KEYS})
+        try:
+            shotlib.from_container(fields)
+        except shotlib.ShotError as e:
+            raise shotlib.ShotError(f"shots[{i}].{e.field}", e.value, e.problem) from None
+        images = [str(p) for p in item.get("subject_images") or []]
+        for p in images:
+            if not Path(p).is_file():
+                raise ValueError(f"shots[{i}].subject_images: image file not found (got {p!r})")
+        shots.append(PromptShot(sid, fields, images))
+    ps = PromptSet(str(data.get("name") or path.stem), list(seeds), shots,
+                   list(data.get("configs") or ["full"]), dict(custom), str(path))
+    check_configs(ps.configs, ps, "configs")
+    return ps
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def known_configs(ps: PromptSet | None = None) -> list[str]:
+    return list(CONFIGS) + list((ps.custom_configs if ps else {}) or {})
+
+
+def check_configs(names: list[str], ps: PromptSet | None, where: str = "--configs") -> None:
+    if not names:
+        raise ValueError(f"{where}: name at least one configuration (known: {', '.join(known_configs(ps))})")
+    for n in names:
+        if n not in known_configs(ps):
+            raise ValueError(f"{where}: unknown configuration {n!r} (known: {', '.join(known_configs(ps))})")
+    for n, spec in ((ps.custom_configs if ps else {}) or {}).items():
+        if not isinstance(spec, dict) or spec.get("base", "full") not in CONFIGS:
+            raise ValueError(f"custom_configs.{n}.base: must be one of {', '.join(CONFIGS)} (got {spec!r})")
+
+
+def apply_config(fields: dict, name: str, ps: PromptSet | None = None) -> tuple[dict, list[str]]:
+    """The shot fields a configuration renders, and its dotted overrides (custom configurations)."""
+    if ps is not None and name in (ps.custom_configs or {}):
+        spec = ps.custom_configs[name]
+        out, _ = apply_config(fields, spec.get("base", "full"))
+        return out, [str(s) for s in spec.get("set") or []]
+    out = copy.deepcopy(fields)
+    keep = {"no_control": set(), "boxes": {"boxes"}, "pan": {"camera"}, "tuned_subject": {"subject"},
+            "reference": {"reference"}}.get(name)
+    if keep is not None:
+        subjects = []
+        for s in out.get("subjects") or []:
+            s = dict(s)
+            for k in ("boxes", "subject", "reference"):
+                if k not in keep:
+                    s.pop(k, None)
+            subjects.append(s)
+        if subjects:
+            out["subjects"] = subjects
+        if "camera" not in keep:
+            out.pop("camera", None)
+        if "reference" not in keep and isinstance(out.get("background"), dict):
+            out["background"] = {k: v for k, v in out["background"].items() if k != "reference"}
+        out.pop("refine", None)
+    elif name == "refine_off":
+        out.pop("refine", None)
+    elif name in ("refine_face", "refine_tiled"):
+        r = out.setdefault("refine", {})
+        r.setdefault(name.removeprefix("refine_"), {})["enabled"] = True
+        if name == "refine_face" and r["face"].get("detector") is None and any(
+                s.get("boxes") for s in out.get("subjects") or []):
+            r["face"]["detector"] = "boxes"  # no face to find on a subject-box shot: refine the subject region
+    return out, []
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """Holds the feature models (loaded once, or the reasons they are not there)."""
+
+    clip_model: str = metrics.CLIP_MODEL
+    dino_model: str = metrics.DINO_MODEL
+    notes: dict = field(default_factory=dict)  # metric -> why it was skipped
+    _enc: dict = field(default_factory=dict)
+
+    def encoder(self, kind: str):
+        if kind not in self._enc:
+            try:
+                self._enc[kind] = metrics.encoder(kind, self.clip_model if kind == "clip" else self.dino_model)
+            except metrics.MetricUnavailable as e:
+                self._enc[kind] = e
+        enc = self._enc[kind]
+        if isinstance(enc, Exception):
+            raise enc
+        return enc
+
+    def _try(self, out: dict, key: str, fn: Callable):
+        try:
+            v = fn()
+            out.update(v) if isinstance(v, dict) else out.__setitem__(key, v)
+        except metrics.MetricUnavailable as e:
+            out[key] = None
+            self.notes.setdefault(key, str(e))
+
+    def score(self, frames: np.ndarray, target: shotlib.Shot, fps: float | None, images: list[np.ndarray]) -> dict:
+        """Every metric of one video (F, H, W, 3) against the shot as written; None where skipped (see notes)."""
+        out: dict = {}
+        boxed = [s for s in target.subjects if s.boxes]
+        region = _boxes(target, boxed[0]) if boxed else None
+        self._try(out, "clip_t", lambda: metrics.clip_t(frames, target.prompt, self.encoder("clip")))
+        self._try(out, "clip_i", lambda: metrics.image_similarity(frames, images, self.encoder("clip")))
+        self._try(out, "dino_i", lambda: metrics.image_similarity(frames, images, self.encoder("dino")))
+        for key, kind in (("r_clip", "clip"), ("r_dino", "dino")):
+            self._try(out, key, lambda kind=kind: _region(frames, region, images, self.encoder(kind)))
+        self._try(out, "temporal_consistency_clip",
+                  lambda: metrics.temporal_consistency_clip(frames, self.encoder("clip")))
+        out["temporal_consistency_pixel"] = metrics.temporal_consistency_pixel(frames)
+        dyn = metrics.dynamic_degree(frames, fps)
+        out["dynamic_degree"], out["flow"] = float(dyn["dynamic"]), dyn["flow"]
+        self._try(out, "box_hit_rate", lambda: _box_adherence(frames, target, boxed))
+        out.setdefault("box_iou", None)
+        cam = metrics.camera_error(frames, target.camera.cx, target.camera.cy)
+        out["camera_error"], out["camera_measured"], out["camera_requested"] = (
+            cam["error"], cam["measured"], cam["requested"])
+        return out
+
+
+def _boxes(shot: shotlib.Shot, subject) -> np.ndarray:
+    from studio.controls.boxes import interpolate
+
+    return interpolate(subject.boxes, shot.frames, shot.box_control.interpolation)  # (F, 4) in 0..1
+
+
+def _region(frames, region, images, enc) -> float:
+    if region is None:
+        raise metrics.MetricUnavailable("no subject box in the shot to crop to")
+    return metrics.region_similarity(frames, region, images, enc)
+
+
+def _box_adherence(frames: np.ndarray, shot: shotlib.Shot, boxed: list) -> dict:
+    if not boxed:
+        raise metrics.MetricUnavailable("no subject boxes in the shot")
+    rows = [metrics.box_adherence(frames, s.phrase, _boxes(shot, s)) for s in boxed]
+    return {"box_hit_rate": float(np.mean([r["hit_rate"] for r in rows])),
+            "box_iou": float(np.mean([r["iou"] for r in rows]))}
+
+
+def subject_images(shot: shotlib.Shot, extra: list[str]) -> list[np.ndarray]:
+    """The subject's images for CLIP-I / DINO-I: the prompt set's subject_images, the shot's references, and a tuned
+    subject's photos from the library (when it is there)."""
+    from PIL import Image
+
+    paths = list(extra) + [s.reference for s in shot.subjects if s.reference]
+    for s in shot.subjects:
+        if s.subject:
+            try:
+                from studio.subjects.library import SubjectLibrary
+
+                folder = SubjectLibrary().get(s.subject).path / "photos"
+                paths += sorted(str(p) for p in folder.glob("*") if p.is_file())
+            except Exception as e:  # a missing subject only loses its photos here; the render reports it
+                logger.info("no photos of subject %s: %s", s.subject, e)
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]
+    means: dict  # config -> metric -> mean
+    notes: dict  # metric -> reason skipped
+    info: dict
+    files: dict = field(default_factory=dict)
+
+
+def run_prompt_set(ps: PromptSet, configs: list[str], out_dir: str | Path, scorer: Scorer | None = None,
+                   manager=None, overrides: list[str] | None = None,
+                   progress: Callable[[str], None] | None = None) -> EvalResult:
+    """Render every shot × seed under every configuration into out_dir/videos/<config>/ and score them."""
+    from studio import engine, export
+    from studio.pipelines import PipelineManager
+
+    check_configs(configs, ps)
+    out_dir = Path(out_dir)
+    scorer = scorer or Scorer()
+    manager = manager or PipelineManager(max_pipelines=1)
+    rows, t0 = [], time.perf_counter()
+    jobs = [(c, s, seed) for c in configs for s in ps.shots for seed in ps.seeds]
+    for k, (config, ps_shot, seed) in enumerate(jobs):
+        fields, extra = apply_config(ps_shot.fields, config, ps)
+        shot = shotlib.from_container({**fields, "seed": seed}, list(overrides or []) + extra)
+        target, _ = engine.prepare(shotlib.from_container({**ps_shot.fields, "seed": seed}, overrides))
+        video = out_dir / "videos" / config / f"{ps_shot.id}-s{seed}.mp4"
+        files = engine.render_to_files(shot, video, manager=manager)
+        r = files.result
+        side = json.loads(files.sidecar.read_text())
+        side["eval"] = {"config": config, "shot_id": ps_shot.id, "target": shotlib.to_dict(target),
+                        "subject_images": ps_shot.subject_images, "prompt_set": ps.name}
+        export.write_sidecar(video, side)
+        row = {"config": config, "shot": ps_shot.id, "seed": seed, "video": str(video),
+               "size": [int(r.frames.shape[2]), int(r.frames.shape[1])], "render_s": r.timings["total"]}
+        row.update(scorer.score(r.frames, target, r.shot.fps, subject_images(target, ps_shot.subject_images)))
+        rows.append(row)
+        msg = f"[{k + 1}/{len(jobs)}] {config} {ps_shot.id} seed {seed}: {r.timings['total']:.1f} s"
+        logger.info(msg)
+        if progress is not None:
+            progress(msg)
+    info = {"prompt_set": ps.name, "path": ps.path, "configs": configs, "seeds": ps.seeds,
+            "shots": [s.id for s in ps.shots], "overrides": list(overrides or []),
+            "seconds": time.perf_counter() - t0, "mode": "render"}
+    return _finish(rows, scorer, info, out_dir)
+
+
+def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | None = None) -> EvalResult:
+    """Score existing renders (an .mp4 with its .json sidecar, or folders of them) without rendering."""
+    from studio import export
+
+    scorer = scorer or Scorer()
+    videos: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            videos += sorted(p.rglob("*.mp4"))
+        elif p.is_file():
+            videos.append(p)
+        else:
+            raise ValueError(f"--videos: no such video or folder (got {str(p)!r})")
+    if not videos:
+        raise ValueError(f"--videos: no .mp4 files found in {', '.join(map(str, paths))!r}")
+    rows, t0 = [], time.perf_counter()
+    for v in videos:
+        side_path = export.sidecar_path(v)
+        if not side_path.is_file():
+            raise ValueError(f"--videos: {str(v)!r} has no sidecar {side_path.name} (needed for its shot)")
+        side = json.loads(side_path.read_text())
+        ev = side.get("eval") or {}
+        target = shotlib.from_container(ev.get("target") or side["shot"])
+        frames = export.read_video(v)
+        row = {"config": ev.get("config") or v.parent.name, "shot": ev.get("shot_id") or v.stem,
+               "seed": side.get("seed"), "video": str(v), "size": [int(frames.shape[2]), int(frames.shape[1])],
+               "render_s": (side.get("timings") or {}).get("total")}
+        fps = target.fps or (side.get("shot") or {}).get("fps")
+        row.update(scorer.score(frames, target, fps, subject_images(target, ev.get("subject_images") or [])))
+        rows.append(row)
+    info = {"videos": [str(v) for v in videos], "seconds": time.perf_counter() - t0, "mode": "score",
+            "configs": list(dict.fromkeys(r["config"] for r in rows))}
+    return _finish(rows, scorer, info, Path(out_dir))
+
+
+def means(rows: list[dict]) -> dict:
+    """Per configuration, the mean of every metric over its videos (skipped values left out; None if all are)."""
+    out: dict = {}
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        m = {"n": len(mine)}
+        for key, _, _ in METRICS:
+            vals = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and r.get(key) is not None]
+            m[key] = float(np.mean(vals)) if vals else None
+        out[config] = m
+    return out
+
+
+def _finish(rows: list[dict], scorer: Scorer, info: dict, out_dir: Path) -> EvalResult:
+    res = EvalResult(rows, means(rows), dict(scorer.notes), info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res.files = {"json": str(out_dir / "results.json"), "markdown": str(out_dir / "results.md"),
+                 "plot": str(out_dir / "results.png")}
+    Path(res.files["json"]).write_text(json.dumps({"info": info, "means": res.means, "skipped": res.notes,
+                                                   "definitions": _definitions(), "videos": rows}, indent=2,
+                                                  default=str) + "\n")
+    Path(res.files["markdown"]).write_text(markdown(res))
+    write_plot(res, res.files["plot"])
+    return res
+
+
+def _definitions() -> dict:
+    return {"clip_t": metrics.clip_t.__doc__.split("\n")[0], "clip_i": metrics.image_similarity.__doc__.split("\n")[0],
+            "r_clip": metrics.region_similarity.__doc__.split("\n")[0],
+            "temporal_consistency_clip": metrics.temporal_consistency_clip.__doc__.split("\n")[0],
+            "temporal_consistency_pixel": metrics.temporal_consistency_pixel.__doc__.split("\n")[0],
+            "dynamic_degree": metrics.dynamic_degree.__doc__.split("\n")[0],
+            "box_hit_rate": metrics.box_adherence.__doc__.split("\n")[0],
+            "camera_error": metrics.camera_error.__doc__.split("\n")[0]}
+
+
+def _shown(res: EvalResult) -> list[tuple[str, str, int]]:
+    return [m for m in METRICS if any(v.get(m[0]) is not None for v in res.means.values())]
+
+
+def markdown(res: EvalResult) -> str:
+    """One table, configurations as rows and metrics as columns (↑ higher is better, ↓ lower), like the papers'
+    ablation tables; then the skipped metrics and why."""
+    cols = _shown(res)
+    head = "| config | n | " + " | ".join(f"{label} {'↑' if b > 0 else '↓' if b < 0 else ''}".strip()
+                                         for _, label, b in cols) + " |"
+    lines = [f"# Evaluation: {res.info.get('prompt_set') or 'existing renders'}", "",
+             f"{sum(m['n'] for m in res.means.values())} videos, {res.info['seconds']:.0f} s. Each video is scored "
+             "against its shot as written (boxes and pan included, whatever its configuration renders).", "",
+             head, "|" + "---|" * (len(cols) + 2)]
+    for config, m in res.means.items():
+        cells = ["–" if m[k] is None else f"{m[k]:.3f}" if abs(m[k]) < 100 else f"{m[k]:.0f}" for k, _, _ in cols]
+        lines.append(f"| {config} | {m['n']} | " + " | ".join(cells) + " |")
+    if res.notes:
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in sorted(res.notes.items())]
+    lines += ["", "Dynamic degree: share of videos that are dynamic by VBench's rule (Farnebäck flow, not RAFT). "
+              "T-Cons (pixel) is this project's stand-in when no CLIP weights are cached, not the papers' metric. "
+              "Definitions and sources: results.json `definitions`, studio/metrics.py."]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(res: EvalResult, path: str | Path) -> Path:
+    """A PNG: one bar panel per metric shown in the table, one bar per configuration (OpenCV drawing, no
+    matplotlib needed)."""
+    import cv2
+
+    cols = [m for m in _shown(res) if m[0] != "render_s"] or _shown(res)
+    configs = list(res.means)
+    palette = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193),
+               (255, 112, 67), (158, 157, 36), (92, 107, 192)]
+    pw, ph, per_row = 260, 200, 4
+    rows_n = max(1, -(-len(cols) // per_row))
+    legend_h = 24 + 18 * len(configs)
+    img = np.full((rows_n * ph + legend_h, per_row * pw, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for i, (key, label, better) in enumerate(cols):
+        ox, oy = (i % per_row) * pw, (i // per_row) * ph
+        vals = [res.means[c][key] for c in configs]
+        top = max([abs(v) for v in vals if v is not None] + [1e-9])
+        cv2.putText(img, label + (" (higher better)" if better > 0 else " (lower better)" if better < 0 else ""),
+                    (ox + 8, oy + 18), font, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        base = oy + ph - 30
+        cv2.line(img, (ox + 10, base), (ox + pw - 10, base), (0, 0, 0), 1)
+        bw = max(4, (pw - 30) // max(1, len(configs)) - 6)
+        for j, v in enumerate(vals):
+            x = ox + 16 + j * (bw + 6)
+            colour = palette[j % len(palette)][::-1]  # RGB -> BGR
+            if v is None:
+                cv2.putText(img, "n/a", (x, base - 4), font, 0.3, (120, 120, 120), 1, cv2.LINE_AA)
+                continue
+            h = int((ph - 70) * abs(v) / top)
+            cv2.rectangle(img, (x, base - h), (x + bw, base), colour, -1)
+            cv2.putText(img, f"{v:.2f}", (x, base - h - 4), font, 0.3, (0, 0, 0), 1, cv2.LINE_AA)
+    for j, c in enumerate(configs):
+        y = rows_n * ph + 18 + 18 * j
+        cv2.rectangle(img, (10, y - 10), (24, y + 2), palette[j % len(palette)][::-1], -1)
+        cv2.putText(img, c, (30, y), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    path = Path(path)
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"could not write {path}")
+    return path
