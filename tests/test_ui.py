@@ -103,9 +103,20 @@ def test_cancelled_render_is_a_message_and_writes_nothing(manager):
 
     cancel = threading.Event()
     before = set(ui.output_dir().glob("*.mp4"))
-    with pytest.raises(ui.UserError, match="cancelled"):
+    with pytest.raises(ui.Cancelled, match="cancelled"):
         ui.render_event(**_toy(steps=6), manager=manager, cancel=cancel, progress=lambda i, n: cancel.set())
     assert set(ui.output_dir().glob("*.mp4")) == before
+
+
+def test_cancel_flags_are_per_session():
+    from studio.ui.app import Jobs
+
+    jobs = Jobs()
+    assert not jobs.cancel("a")  # nothing running
+    first = jobs.start("a")
+    other = jobs.start("b")
+    assert jobs.cancel("a") and first.is_set() and not other.is_set()
+    assert not jobs.start("a").is_set()  # the next job starts uncancelled
 
 
 def test_history_rows_newest_first_and_entries_load_back():

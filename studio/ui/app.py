@@ -18,12 +18,6 @@ logger = logging.getLogger(__name__)
 
 MAX_UPLOAD = "20mb"
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]
-CSS = """
-#canvas {max-width: 420px}
-#dice {min-width: 60px; max-width: 80px}
-"""
-
-
 def guarded(fn):
     """fn with UserError shown as a Gradio message (no stack trace in the page)."""
     import gradio as gr
@@ -219,7 +213,7 @@ def build_app(manager=None):
                         with gr.Row():
                             seed = gr.Number(value=start["seed"], precision=0, minimum=0, maximum=ev.MAX_SEED,
                                              label="seed", scale=3)
-                            dice = gr.Button("random", scale=0, elem_id="dice")
+                            dice = gr.Button("random", scale=0, min_width=90, elem_id="dice")
                             steps = gr.Slider(1, 100, value=start["steps"], step=1, label="steps", scale=4)
                         with gr.Row():
                             guidance = gr.Slider(0.0, 20.0, value=start["guidance_scale"], step=0.5,
@@ -414,7 +408,11 @@ def build_app(manager=None):
                       gamma_, cx_, cy_, history_, request: gr.Request, progress=gr.Progress()):
             values = (model_, prompt_, negative_, seed_, steps_, guidance_, frames_, width_, height_, gamma_, cx_, cy_)
             cancel = jobs.start(request.session_hash if request else "local")
-            r = render_on_gpu(shot_yaml_, named(values), lambda i, n: progress((i, n), desc="denoising"), cancel)
+            try:
+                r = render_on_gpu(shot_yaml_, named(values), lambda i, n: progress((i, n), desc="denoising"), cancel)
+            except ev.Cancelled as e:  # not an error: the outputs keep the last render
+                keep = gr.update()
+                return keep, keep, keep, f"{e}.", keep, keep, keep
             history_ = history_ + [r.entry]
             return (r.video, r.downloads, r.shot_yaml, r.status, history_, ev.history_rows(history_), r.first_frame)
 
@@ -439,6 +437,7 @@ def build_app(manager=None):
         # --- first paint ------------------------------------------------------------------------------------------
         demo.load(guarded(ev.gamma_preview_event), gamma, [heat, noise_strip], **quiet)
         demo.load(guarded(refresh_views), views_in, views, **quiet)
+        demo.load(guarded(sj.slot_values), [shot_yaml, slot], [phrase, lib_pick, reference, ref_strength], **quiet)
     return demo
 
 
@@ -449,4 +448,4 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, preve
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ev.output_dir())],
                        max_file_size=MAX_UPLOAD, prevent_thread_lock=prevent_thread_lock, footer_links=["api"],
-                       css=CSS, quiet=quiet)
+                       quiet=quiet)

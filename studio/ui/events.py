@@ -40,6 +40,10 @@ class UserError(Exception):
     """A problem the user can fix; shown as a message in the page."""
 
 
+class Cancelled(UserError):
+    """The user cancelled the render; nothing was written."""
+
+
 def user_errors(fn):
     """Run fn, turning input errors (ShotError, ValueError naming a field, a missing model) into UserError."""
     def run(*args, **kwargs):
@@ -227,7 +231,7 @@ def render_event(shot_yaml: str, model=None, prompt=None, negative_prompt=None, 
     except (shotlib.ShotError, ModelLoadError) as e:
         raise UserError(str(e)) from None
     except engine.RenderCancelled:
-        raise UserError("render cancelled") from None
+        raise Cancelled("render cancelled; nothing was written") from None
     r = files.result
     frames_zip = shutil.make_archive(str(frames_dir), "zip", root_dir=frames_dir)
     first = export.write_png_frames(r.frames[:1], folder / f"{stem}-first")[0]
