@@ -116,7 +116,9 @@ def load_prompt_set(path: str | Path) -> PromptSet:
         ids.add(sid)
         fields = _merge(defaults, {k: v for k, v in item.items() if k not in META_KEYS})
         try:
-            shotlib.from_container(fields)
+            from studio import engine
+
+            engine.prepare(shotlib.from_container(fields))  # the model preset's checks too (no weights loaded)
         except shotlib.ShotError as e:
             raise shotlib.ShotError(f"shots[{i}].{e.field}", e.value, e.problem) from None
         images = [str(p) for p in item.get("subject_images") or []]
@@ -210,19 +212,29 @@ class Scorer:
             raise enc
         return enc
 
-    def _try(self, out: dict, key: str, fn: Callable):
+    def _try(self, out: dict, key: str, fn: Callable, also: tuple[str, ...] = ()):
         try:
             v = fn()
             out.update(v) if isinstance(v, dict) else out.__setitem__(key, v)
         except metrics.MetricUnavailable as e:
-            out[key] = None
-            self.notes.setdefault(key, str(e))
+            for k in (key, *also):
+                out[k] = None
+                note = self.notes.setdefault(k, {})
+                note[str(e)] = note.get(str(e), 0) + 1  # reason -> videos skipped for it
 
     def score(self, frames: np.ndarray, target: shotlib.Shot, fps: float | None, images: list[np.ndarray]) -> dict:
-        """Every metric of one video (F, H, W, 3) against the shot as written; None where skipped (see notes)."""
+        """Every metric of one video (F, H, W, 3) against the shot as written; None where skipped (see notes).
+
+        Motion and box metrics see the frames at the shot's render size (a tiled refine's ×scale output is
+        scaled back), so their pixels compare across configurations.
+        """
+        from studio.refine import resize
+
         out: dict = {}
         boxed = [s for s in target.subjects if s.boxes]
         region = _boxes(target, boxed[0]) if boxed else None
+        small = resize(frames, target.width, target.height) if frames.shape[1:3] != (target.height, target.width) \
+            else frames  # (F, h, w, 3) at the render size
         self._try(out, "clip_t", lambda: metrics.clip_t(frames, target.prompt, self.encoder("clip")))
         self._try(out, "clip_i", lambda: metrics.image_similarity(frames, images, self.encoder("clip")))
         self._try(out, "dino_i", lambda: metrics.image_similarity(frames, images, self.encoder("dino")))
@@ -231,13 +243,10 @@ class Scorer:
         self._try(out, "temporal_consistency_clip",
                   lambda: metrics.temporal_consistency_clip(frames, self.encoder("clip")))
         out["temporal_consistency_pixel"] = metrics.temporal_consistency_pixel(frames)
-        dyn = metrics.dynamic_degree(frames, fps)
+        dyn = metrics.dynamic_degree(small, fps)
         out["dynamic_degree"], out["flow"] = float(dyn["dynamic"]), dyn["flow"]
-        self._try(out, "box_hit_rate", lambda: _box_adherence(frames, target, boxed))
-        out.setdefault("box_iou", None)
-        cam = metrics.camera_error(frames, target.camera.cx, target.camera.cy)
-        out["camera_error"], out["camera_measured"], out["camera_requested"] = (
-            cam["error"], cam["measured"], cam["requested"])
+        self._try(out, "box_hit_rate", lambda: _box_adherence(small, target, boxed), also=("box_iou",))
+        self._try(out, "camera_error", lambda: _camera(small, target))
         return out
 
 
@@ -251,6 +260,13 @@ def _region(frames, region, images, enc) -> float:
     if region is None:
         raise metrics.MetricUnavailable("no subject box in the shot to crop to")
     return metrics.region_similarity(frames, region, images, enc)
+
+
+def _camera(frames: np.ndarray, shot: shotlib.Shot) -> dict:
+    if shot.camera.cx == 0 and shot.camera.cy == 0:
+        raise metrics.MetricUnavailable("no camera pan in the shot")
+    cam = metrics.camera_error(frames, shot.camera.cx, shot.camera.cy)
+    return {"camera_error": cam["error"], "camera_measured": cam["measured"], "camera_requested": cam["requested"]}
 
 
 def _box_adherence(frames: np.ndarray, shot: shotlib.Shot, boxed: list) -> dict:
@@ -355,7 +371,7 @@ def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | 
             raise ValueError(f"--videos: {str(v)!r} has no sidecar {side_path.name} (needed for its shot)")
         side = json.loads(side_path.read_text())
         ev = side.get("eval") or {}
-        target = shotlib.from_container(ev.get("target") or side["shot"])
+        target = _shot_from_json(ev.get("target") or side["shot"])
         frames = export.read_video(v)
         row = {"config": ev.get("config") or v.parent.name, "shot": ev.get("shot_id") or v.stem,
                "seed": side.get("seed"), "video": str(v), "size": [int(frames.shape[2]), int(frames.shape[1])],
@@ -366,6 +382,15 @@ def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | 
     info = {"videos": [str(v) for v in videos], "seconds": time.perf_counter() - t0, "mode": "score",
             "configs": list(dict.fromkeys(r["config"] for r in rows))}
     return _finish(rows, scorer, info, Path(out_dir))
+
+
+def _shot_from_json(data: dict) -> shotlib.Shot:
+    """A shot from a sidecar's JSON (JSON made the keyframe indices strings)."""
+    data = copy.deepcopy(data)
+    for s in data.get("subjects") or []:
+        if isinstance(s.get("boxes"), dict):
+            s["boxes"] = {int(k): v for k, v in s["boxes"].items()}
+    return shotlib.from_container(data)
 
 
 def means(rows: list[dict]) -> dict:
@@ -422,7 +447,12 @@ def markdown(res: EvalResult) -> str:
         cells = ["–" if m[k] is None else f"{m[k]:.3f}" if abs(m[k]) < 100 else f"{m[k]:.0f}" for k, _, _ in cols]
         lines.append(f"| {config} | {m['n']} | " + " | ".join(cells) + " |")
     if res.notes:
-        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in sorted(res.notes.items())]
+        by_reason: dict[str, list[str]] = {}
+        for key, reasons in res.notes.items():
+            for reason, n in reasons.items():
+                by_reason.setdefault(reason, []).append(f"{key} ({n} of {len(res.rows)})")
+        lines += ["", "Skipped (metric, videos):", ""] + [f"- {', '.join(keys)}: {reason}"
+                                                          for reason, keys in by_reason.items()]
     lines += ["", "Dynamic degree: share of videos that are dynamic by VBench's rule (Farnebäck flow, not RAFT). "
               "T-Cons (pixel) is this project's stand-in when no CLIP weights are cached, not the papers' metric. "
               "Definitions and sources: results.json `definitions`, studio/metrics.py."]
