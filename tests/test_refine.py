@@ -237,3 +237,50 @@ def test_engine_refine_cancel(manager):
     with pytest.raises(engine.RenderCancelled):
         engine.render(_shot(tiled={"enabled": True, "scale": 1, "strength": 0.2, "tile": 32}), manager,
                       progress=progress, cancel=cancel)
+
+
+def test_refine_on_the_zeroscope_layout(tmp_path, manager):
+    """VideoToVideoSDPipeline (the legacy step callback) runs both passes on a tiny UNet3D model."""
+    import torch
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from studio.toyworld.model import TINY_ARCH, build_components
+
+    c = build_components(TINY_ARCH, seed=0)
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+    TextToVideoSDPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
+                          scheduler=c["scheduler"]).save_pretrained(tmp_path / "model")
+    preset = tmp_path / "tz.yaml"
+    preset.write_text(f"name: tz\nfamily: zeroscope\nbase: {tmp_path / 'model'}\n"
+                      "defaults: {frames: 4, width: 32, height: 32, fps: 8, steps: 3, guidance_scale: 7.5}\n")
+    s = shotlib.from_container({"model": str(preset), "prompt": "a red circle on grass",
+                                "subjects": [{"phrase": "red circle", "boxes": {0: [0, 0, 0.5, 0.5]}}],
+                                "refine": {"tiled": {"enabled": True, "scale": 1},
+                                           "face": {"enabled": True, "detector": "boxes", "crop_factor": 1.0}}})
+    steps = []
+    r = engine.render(s, manager, progress=lambda i, n: steps.append((i, n)))
+    assert r.info["pipeline"] == "TextToVideoSDPipeline" and r.frames.shape == (4, 32, 32, 3)
+    assert r.info["refine"]["face"]["crop_boxes"] == [[0, 0, 16, 16]] and r.info["refine"]["tiled"]["tiles"] == 1
+    # refinement progress: the face pass runs int(3 · 0.8) = 2 steps, the tile int(5 · 0.2) = 1 (schedule lengthened)
+    assert steps[-3:] == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.skipif(refine.haar_cascade_path() is None, reason="this OpenCV build ships no Haar cascades (OpenCV 5)")
+def test_haar_finds_a_drawn_face():
+    """OpenCV's bundled frontal-face cascade finds a plain drawn face (oval, two eyes, mouth) in every frame."""
+    import cv2
+
+    img = np.full((128, 128, 3), 200, np.uint8)
+    cv2.ellipse(img, (64, 64), (30, 40), 0, 0, 360, (180, 140, 120), -1)
+    for x in (52, 76):
+        cv2.circle(img, (x, 55), 4, (20, 20, 20), -1)
+    cv2.ellipse(img, (64, 82), (10, 4), 0, 0, 360, (90, 30, 30), -1)
+    detect = refine.make_detector("auto", None)
+    tracks = refine.link_tracks([detect(img) for _ in range(4)])
+    assert len(tracks) == 1
+    x0, y0, x1, y1 = tracks[0][0]
+    assert x0 < 64 < x1 and y0 < 64 < y1
