@@ -119,5 +119,14 @@ def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
     shutil.copyfile(shot, ROOT / "out" / "studio-browser.png")
     if os.environ.get("SHOT_STUDIO_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["SHOT_STUDIO_SCREENSHOT"])
+
+    # 4. the render is in this session's history, and loads back into the form
+    _set_number(page, "steps", 9)
+    page.get_by_role("tab", name="History").click()
+    _wait(lambda: "a yellow star moving right on sky" in page.locator("#history-table").inner_text(), 30,
+          "the render in the history")
+    page.get_by_role("button", name="Load this render's shot").click()
+    _wait(lambda: page.locator("input[type=number][aria-label='number input for steps']").input_value() == "4", 30,
+          "the history's steps back in the form")
     assert not errors, errors
     page.close()

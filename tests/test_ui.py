@@ -55,6 +55,10 @@ def test_form_values_override_the_shot_file_and_keep_its_subjects():
     assert (values["model"], values["frames"], values["width"], values["steps"], values["gamma"]) == (
         "toyworld", 8, 32, 20, 0.2)
     assert set(values) == set(ui.FORM)
+    assert ev.preset_defaults_event("tiny") == {"frames": 8, "width": 64, "height": 64, "steps": 20,
+                                                "guidance_scale": 7.5}
+    with pytest.raises(ui.UserError, match="model"):
+        ev.preset_defaults_event("no-such-model")
 
 
 @pytest.mark.parametrize("kw, field", [

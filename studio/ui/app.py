@@ -232,7 +232,7 @@ def build_app(manager=None):
                                             file_count="multiple", interactive=False)
                     with gr.Tab("History", id="history"):
                         history_table = gr.Dataframe([], headers=ev.HISTORY_COLUMNS, interactive=False,
-                                                     label="this session's renders")
+                                                     label="this session's renders", elem_id="history-table")
                         with gr.Row():
                             pick = gr.Number(1, precision=0, minimum=1, label="render #")
                             load_back = gr.Button("Load this render's shot")
@@ -402,6 +402,13 @@ def build_app(manager=None):
                    [shot_yaml, save_name] + form_in, saved, api_name="save_shot")
 
         # --- render -------------------------------------------------------------------------------------------------
+        picked_defaults = ["frames", "width", "height", "steps", "guidance_scale"]
+
+        def on_model(model_):  # a model picked by the user brings its own size, length and steps
+            d = ev.preset_defaults_event(model_)
+            return [d[k] for k in picked_defaults]
+
+        model.input(guarded(on_model), model, [form[k] for k in picked_defaults], **quiet)
         dice.click(lambda: int(time.time_ns() % ev.MAX_SEED), outputs=seed, api_visibility="private")
 
         def do_render(shot_yaml_, model_, prompt_, negative_, seed_, steps_, guidance_, frames_, width_, height_,

@@ -123,6 +123,18 @@ def form_values(shot_yaml: str) -> dict:
             "height": shot.height, "gamma": shot.noise_prior.gamma, "cx": shot.camera.cx, "cy": shot.camera.cy}
 
 
+def preset_defaults_event(model: str) -> dict:
+    """A model preset's frames, width, height, steps and guidance scale: the form's values after picking it."""
+    from studio.presets import load_model_preset
+
+    try:
+        d = load_model_preset(model).defaults
+    except (shotlib.ShotError, ModelLoadError) as e:
+        raise UserError(str(e)) from None
+    return {"frames": d.frames, "width": d.width, "height": d.height, "steps": d.steps,
+            "guidance_scale": d.guidance_scale}
+
+
 def load_shot_event(path: str | None) -> str:
     """An uploaded shot file -> the editor text (validated)."""
     if not path:
