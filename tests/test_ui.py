@@ -410,3 +410,25 @@ def test_app_serves_and_renders_a_directed_shot_through_gradio_client(manager):
         assert heat and strip_
     finally:
         demo.close()
+
+
+def test_launch_refuses_big_uploads_and_serves_only_the_output_folder(tmp_path):
+    import httpx
+
+    port = _free_port()
+    app, url, _ = ui.launch(port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        big = b"\0" * (21 * 2**20)
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+        assert r.status_code == 413, r.text[:200]
+        small = httpx.post(f"{url}gradio_api/upload", files={"files": ("ok.png", b"\0" * 1000, "image/png")},
+                           timeout=60)
+        assert small.status_code == 200
+        inside = ui.output_dir() / "probe.txt"
+        inside.write_text("served")
+        assert httpx.get(f"{url}gradio_api/file={inside}", timeout=30).text == "served"
+        outside = tmp_path / "secret.txt"
+        outside.write_text("not served")
+        assert httpx.get(f"{url}gradio_api/file={outside}", timeout=30).status_code >= 400
+    finally:
+        app.get_blocks().close()
