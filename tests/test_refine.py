@@ -185,8 +185,12 @@ def _shot(**refine_cfg):
         "refine": refine_cfg})
 
 
-def test_engine_refine_off_is_the_plain_render(manager):
-    plain = engine.render(_shot(), manager)
+@pytest.fixture(scope="module")
+def plain(manager):
+    return engine.render(_shot(), manager)
+
+
+def test_engine_refine_off_is_the_plain_render(manager, plain):
     off = engine.render(_shot(face={"enabled": False}, tiled={"enabled": False, "scale": 3}), manager)
     np.testing.assert_array_equal(plain.frames, off.frames)
     assert "refine" not in off.info and "refine" not in off.timings
@@ -194,17 +198,16 @@ def test_engine_refine_off_is_the_plain_render(manager):
     np.testing.assert_array_equal(plain.frames, zero.frames)
 
 
-def test_engine_face_and_tiled_refine_on_tiny(manager, tmp_path):
-    plain = engine.render(_shot(), manager)
+def test_engine_face_and_tiled_refine_on_tiny(manager, plain, tmp_path):
     steps = []
     files = engine.render_to_files(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0,
                                               "size": 32},
-                                        tiled={"enabled": True, "scale": 2, "tile": 32}),
+                                        tiled={"enabled": True, "scale": 2, "tile": 48, "overlap": 16}),
                                   tmp_path / "r.mp4", manager=manager, progress=lambda i, n: steps.append((i, n)))
     r = files.result
     assert r.frames.shape == (4, 64, 64, 3)
     info = r.info["refine"]
-    assert info["output_size"] == [64, 64] and info["tiled"]["tiles"] == 9 and info["face"]["tracks"] == 1
+    assert info["output_size"] == [64, 64] and info["tiled"]["tiles"] == 4 and info["face"]["tracks"] == 1
     assert steps[-1][0] == steps[-1][1] > 0 and "refine" in r.timings
     import json
 
