@@ -9,13 +9,15 @@ model preset's own values (`resolve`), and the resolved shot is what a render's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DEFAULT_MODEL = "toyworld"  # the embedded model shipped in models/toyworld
 
@@ -163,7 +165,7 @@ def _config_error(e: OmegaConfBaseException) -> ShotError:
     key = getattr(e, "full_key", None) or getattr(e, "key", None) or "shot"
     msg = getattr(e, "msg", None) or str(e)
     msg = msg.splitlines()[0]
-    if "not in" in msg and "Key" in msg:
+    if isinstance(e, ConfigKeyError):
         return ShotError(str(key), str(key).rsplit(".", 1)[-1], "unknown field")
     value = getattr(e, "value", None)
     m = re.search(r"Value '(.*?)'", msg)
@@ -173,23 +175,172 @@ def _config_error(e: OmegaConfBaseException) -> ShotError:
 
 
 def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
-    """A Shot from a dict (or DictConfig) plus omegaconf dotted overrides ('noise_prior.gamma=0.3')."""
+    """A Shot from a dict (or DictConfig) plus omegaconf dotted overrides ('noise_prior.gamma=0.3').
+
+    Keyframe indices may be digit strings, as JSON writes them ({"0": [...]}), so a sidecar's shot loads back.
+    Overrides apply to the loaded shot, so they reach list items too: 'subjects.0.phrase=star'.
+    """
     if data is None:
         data = {}
-    if not isinstance(data, (dict, DictConfig)):
+    if isinstance(data, (DictConfig, ListConfig)):
+        data = OmegaConf.to_container(data, resolve=False)
+    if not isinstance(data, Mapping):
         raise ShotError("shot", type(data).__name__, "a shot file must be a mapping of fields")
+    data = _conform(data, Shot, "")
     _check_subject_items(data)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Shot), data)
         for item in overrides or []:
-            if "=" not in item:
-                raise ShotError("--set", item, "an override must look like key=value, e.g. noise_prior.gamma=0.3")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            _apply_override(cfg, item)
         shot = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _config_error(e) from None
     _check_subjects(shot)
     return shot
+
+
+# --- container kinds against the schema (omegaconf reports these without the key) -------------------------
+
+_SCALAR_NAMES = {str: "string", int: "whole number", float: "number", bool: "true or false"}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _join(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _kind(value) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool):
+        return "true/false"
+    return "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else "a value"
+
+
+def _conform(value, tp, where: str):
+    """Check that `value` has the container kind the schema type `tp` asks for, naming the dotted key.
+
+    Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
+    Unknown fields and scalar types are left to omegaconf, which names them itself.
+    """
+    tp = _unwrap_optional(tp)
+    if value is None:
+        return value
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            if tp is Subject:
+                raise ShotError(where, value, "each subject must be a mapping with a phrase")
+            fields = ", ".join(f.name for f in dataclasses.fields(tp))
+            raise ShotError(where, value, f"must be a mapping of fields ({fields}), not {_kind(value)}")
+        hints = _hints(tp)
+        return {k: _conform(v, hints[k], _join(where, k)) if k in hints else v for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ShotError(where, value, f"must be a list, not {_kind(value)}")
+        (item,) = get_args(tp)
+        return [_conform(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ShotError(where, value, f"must be a mapping (frame index -> [x0, y0, x1, y1]), not {_kind(value)}")
+        out: dict = {}
+        for k, v in value.items():
+            key = _dict_key(k, key_type, where)
+            if key in out:
+                raise ShotError(_join(where, key), k, "the same keyframe is given twice")
+            out[key] = _conform(v, value_type, _join(where, key))
+        return out
+    if isinstance(value, (Mapping, list, tuple)):
+        raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
+    return value
+
+
+def _dict_key(key, key_type, where: str):
+    """A mapping key as the schema's key type: JSON's '3' is keyframe 3."""
+    if key_type is int:
+        if isinstance(key, int) and not isinstance(key, bool):
+            return key
+        if isinstance(key, str) and re.fullmatch(r"\s*-?\d+\s*", key):
+            return int(key)
+        raise ShotError(_join(where, key), key, "a keyframe index must be a whole number (a frame index)")
+    return key
+
+
+def _apply_override(cfg: DictConfig, item: str) -> None:
+    """Apply one 'dotted.key=value' to the loaded shot; list items by index ('subjects.0.phrase=star')."""
+    if "=" not in item:
+        raise ShotError("--set", item, "an override must look like key=value, e.g. noise_prior.gamma=0.3")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ShotError("--set", item, "the key must be a dotted field name, e.g. noise_prior.gamma")
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    node, tp, where = cfg, Shot, ""
+    for i, part in enumerate(parts):
+        k, tp, name = _child(node, tp, part, where)
+        if i == len(parts) - 1:
+            break
+        node, where = node[k], name
+        if not isinstance(node, (DictConfig, ListConfig)):
+            raise ShotError(_join(name, parts[i + 1]), parts[i + 1], f"{name} is a single value, it has no fields")
+    value = _conform(value, tp, name)
+    current = node[k] if (isinstance(node, ListConfig) or k in node) else None
+    if isinstance(value, dict) and isinstance(current, DictConfig):
+        value = OmegaConf.merge(current, value)  # a mapping given to a mapping field sets the keys it names
+    elif isinstance(value, list):
+        value = _typed_items(value, _unwrap_optional(tp), name)
+    node[k] = value
+
+
+def _typed_items(value: list, tp, where: str) -> list:
+    """Items of a list given whole by an override (subjects=[{phrase: x}]) as typed configs, errors named."""
+    item = _unwrap_optional(get_args(tp)[0]) if get_origin(tp) is list else None
+    if not dataclasses.is_dataclass(item):
+        return value
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(OmegaConf.merge(OmegaConf.structured(item), v))
+        except OmegaConfBaseException as e:
+            err = _config_error(e)
+            raise ShotError(f"{where}[{i}].{err.field}", err.value, err.problem) from None
+    return out
+
+
+def _child(node, tp, part: str, where: str):
+    """(key into node, schema type, dotted name) of one step of an override's key."""
+    tp = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        if part not in hints:
+            raise ShotError(_join(where, part), part, "unknown field")
+        return part, hints[part], _join(where, part)
+    if origin is list:
+        if not re.fullmatch(r"\d+", part):
+            raise ShotError(_join(where, part), part, f"{where} is a list: give an item's index, e.g. {where}.0")
+        i = int(part)
+        if i >= len(node):
+            raise ShotError(f"{where}[{i}]", i, f"{where} has {len(node)} item(s): --set changes an existing one, "
+                                                f"add new ones in the shot file")
+        return i, get_args(tp)[0], f"{where}[{i}]"
+    if origin is dict:
+        key = _dict_key(part, get_args(tp)[0], where)
+        return key, get_args(tp)[1], _join(where, key)
+    raise ShotError(_join(where, part), part, f"{where} is a single value, it has no fields")
 
 
 def _check_subject_items(data) -> None:

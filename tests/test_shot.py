@@ -1,5 +1,9 @@
 """The shot file contract: fields, defaults from the preset, and validation messages naming field and value."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from studio import presets, shot
@@ -75,22 +79,36 @@ def test_overrides_use_dotted_keys():
     assert s.noise_prior.gamma == 0.3 and s.seed == 5
 
 
-BAD = [
-    ({"noise_prior": {"gamma": 1.0}}, "noise_prior.gamma", "1.0"),
-    ({"noise_prior": {"gamma": -0.2}}, "noise_prior.gamma", "-0.2"),
-    ({"width": 60}, "width", "60"),
-    ({"height": 100}, "height", "100"),
-    ({"frames": 0}, "frames", "0"),
-    ({"frames": 500}, "frames", "500"),
-    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.5, 0.3, 0.4, 0.7]}}]}, "subjects[0].boxes.0", "0.4"),
-    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.7, 0.4, 0.3]}}]}, "subjects[0].boxes.0", "0.7"),
-    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 1.4, 0.7]}}]}, "subjects[0].boxes.0", "1.4"),
-    ({"subjects": [{"phrase": "red circle", "boxes": {9: [0.1, 0.3, 0.4, 0.7]}}]}, "subjects[0].boxes.9", "9"),
-    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 0.4]}}]}, "subjects[0].boxes.0", "0.4"),
+BOX = [0.1, 0.3, 0.4, 0.7]
+
+BAD = [  # (change, field, value): the ShotError's field and value attributes
+    ({"noise_prior": {"gamma": 1.0}}, "noise_prior.gamma", 1.0),
+    ({"noise_prior": {"gamma": -0.2}}, "noise_prior.gamma", -0.2),
+    ({"width": 60}, "width", 60),
+    ({"height": 100}, "height", 100),
+    ({"width": 512}, "width", 512),  # a multiple of 8, but above the tiny preset's max_size 256
+    ({"height": 264}, "height", 264),
+    ({"frames": 0}, "frames", 0),
+    ({"frames": 500}, "frames", 500),
+    ({"seed": -1}, "seed", -1),
+    ({"seed": 2**63}, "seed", 2**63),
+    ({"fps": 0}, "fps", 0),
+    ({"fps": 121}, "fps", 121),
+    ({"guidance_scale": -0.5}, "guidance_scale", -0.5),
+    ({"guidance_scale": 50.5}, "guidance_scale", 50.5),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.5, 0.3, 0.4, 0.7]}}]}, "subjects[0].boxes.0",
+     [0.5, 0.3, 0.4, 0.7]),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.7, 0.4, 0.3]}}]}, "subjects[0].boxes.0",
+     [0.1, 0.7, 0.4, 0.3]),
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 1.4, 0.7]}}]}, "subjects[0].boxes.0",
+     [0.1, 0.3, 1.4, 0.7]),
+    ({"subjects": [{"phrase": "red circle", "boxes": {9: BOX}}]}, "subjects[0].boxes.9", 9),
+    ({"subjects": [{"phrase": "red circle", "boxes": {"9": BOX}}]}, "subjects[0].boxes.9", 9),  # JSON's key
+    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.3, 0.4]}}]}, "subjects[0].boxes.0", [0.1, 0.3, 0.4]),
     ({"subjects": [{"phrase": "blue dog"}]}, "subjects[0].phrase", "blue dog"),
-    ({"camera": {"cx": 3.0}}, "camera.cx", "3.0"),
-    ({"prompt": "  "}, "prompt", "'  '"),
-    ({"steps": 0}, "steps", "0"),
+    ({"camera": {"cx": 3.0}}, "camera.cx", 3.0),
+    ({"prompt": "  "}, "prompt", "  "),
+    ({"steps": 0}, "steps", 0),
 ]
 
 
@@ -99,8 +117,8 @@ def test_bad_values_name_field_and_value(change, field, value):
     data = {"model": "tiny", "prompt": "a red circle on grass", "frames": 8, **change}
     with pytest.raises(ShotError) as e:
         resolved(data)
-    assert e.value.field == field
-    assert field in str(e.value) and value in str(e.value)
+    assert (e.value.field, e.value.value) == (field, value)
+    assert str(e.value).startswith(f"{field}: ") and str(e.value).endswith(f"(got {value!r})")
 
 
 @pytest.mark.parametrize("data,field,value", [
@@ -109,12 +127,72 @@ def test_bad_values_name_field_and_value(change, field, value):
     ({"prompt": "x", "seed": "many"}, "seed", "many"),
     ({"prompt": "x", "frames": "lots"}, "frames", "lots"),
     ({"prompt": "x", "noise_prior": {"gamma": "high"}}, "noise_prior.gamma", "high"),
-    ({"prompt": "x", "subjects": [{"phrase": "x", "boxes": {"first": [0, 0, 1, 1]}}]}, "subjects", "first"),
+    ({"prompt": "x", "subjects": [{"phrase": "x", "boxes": {"first": [0, 0, 1, 1]}}]}, "subjects[0].boxes.first",
+     "first"),
+    # container kinds: a list for a mapping, a value for a mapping, a mapping for a value, ...
+    ({"prompt": "x", "subjects": [{"phrase": "x", "boxes": [[0, 0, 1, 1]]}]}, "subjects[0].boxes", [[0, 0, 1, 1]]),
+    ({"prompt": "x", "subjects": [{"phrase": "x", "boxes": {0: 0.5}}]}, "subjects[0].boxes.0", 0.5),
+    ({"prompt": "x", "noise_prior": 0.5}, "noise_prior", 0.5),
+    ({"prompt": "x", "camera": [0.1, 0.2]}, "camera", [0.1, 0.2]),
+    ({"prompt": "x", "subjects": {"phrase": "x"}}, "subjects", {"phrase": "x"}),
+    ({"prompt": {"text": "x"}}, "prompt", {"text": "x"}),
+    ({"prompt": "x", "refine": {"face": True}}, "refine.face", True),
 ])
 def test_unknown_keys_and_wrong_types_name_the_field(data, field, value):
     with pytest.raises(ShotError) as e:
         shot.from_container(data)
-    assert field in e.value.field and value in str(e.value)
+    assert (e.value.field, e.value.value) == (field, value)
+
+
+def test_json_keyframe_keys_load_back():
+    """JSON makes keyframe indices strings; such a shot (a sidecar's) loads back equal to the original."""
+    s = shot.from_container({"model": "tiny", "prompt": "a red circle", "subjects": [
+        {"phrase": "red circle", "boxes": {0: BOX, 7: [0.6, 0.3, 0.9, 0.7]}}]})
+    text = json.dumps(shot.to_dict(s))
+    assert '"0": [' in text  # the keys really are strings in the JSON
+    again = shot.from_container(json.loads(text))
+    assert again == s and list(again.subjects[0].boxes) == [0, 7]
+    with pytest.raises(ShotError) as e:
+        shot.from_container({"prompt": "x", "subjects": [{"phrase": "x", "boxes": {"0": BOX, 0: BOX}}]})
+    assert e.value.field == "subjects[0].boxes.0"
+
+
+def test_overrides_reach_list_items_and_keyframes():
+    data = {"model": "tiny", "prompt": "a red circle and a star", "subjects": [{"phrase": "red circle",
+                                                                                "boxes": {0: BOX}}]}
+    s = shot.from_container(data, ["subjects.0.phrase=star", "subjects.0.boxes.7=[0.6, 0.3, 0.9, 0.7]",
+                                   "subjects.0.boxes.0.2=0.5"])
+    assert s.subjects[0].phrase == "star"
+    assert s.subjects[0].boxes == {0: [0.1, 0.3, 0.5, 0.7], 7: [0.6, 0.3, 0.9, 0.7]}
+    s = shot.from_container(data, ["subjects=[{phrase: circle}]", "noise_prior={gamma: 0.25}"])
+    assert [x.phrase for x in s.subjects] == ["circle"] and s.noise_prior.gamma == 0.25
+
+
+@pytest.mark.parametrize("override,field,value", [
+    ("subjects.1.phrase=star", "subjects[1]", 1),  # only existing items can be changed
+    ("subjects.x.phrase=star", "subjects.x", "x"),
+    ("subjects.0.colour=red", "subjects[0].colour", "colour"),
+    ("subjects.0.boxes=[[0, 0, 1, 1]]", "subjects[0].boxes", [[0, 0, 1, 1]]),
+    ("subjects.0.boxes.first=[0, 0, 1, 1]", "subjects[0].boxes.first", "first"),
+    ("subjects=[{phrase: x, boxs: {}}]", "subjects[0].boxs", "boxs"),
+    ("noise_prior=3", "noise_prior", 3),
+    ("seed.x=1", "seed.x", "x"),
+    ("seed=abc", "seed", "abc"),
+])
+def test_bad_overrides_name_the_field(override, field, value):
+    data = {"prompt": "a red circle", "subjects": [{"phrase": "red circle"}]}
+    with pytest.raises(ShotError) as e:
+        shot.from_container(data, [override])
+    assert (e.value.field, e.value.value) == (field, value)
+
+
+def test_readme_error_example_is_the_real_message():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## The shot file", 1)[1].split("\n## ", 1)[0]
+    quoted = re.search(r"\(`(noise_prior\.gamma: [^`]*)`\)", section).group(1)
+    with pytest.raises(ShotError) as e:
+        resolved({"model": "tiny", "prompt": "x", "noise_prior": {"gamma": 1.5}})
+    assert str(e.value) == quoted
 
 
 def test_bad_override_and_unknown_model():
