@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.presets import ModelPreset, resolve_local
+from studio.presets import ModelPreset, resolve_local, scheduler_class
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,23 @@ class PipelineKey:
     dtype: str
     device: str
     scheduler: tuple
+    scheduler_class: str | None
 
 
 def key_for(preset: ModelPreset, device: str) -> PipelineKey:
     dtype = str(torch_dtype(preset.dtype, device)).removeprefix("torch.")
     return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
-                       preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())))
+                       preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())),
+                       preset.scheduler_class)
+
+
+def build_scheduler(current, preset: ModelPreset):
+    """The scheduler a preset asks for: its scheduler_class (or the current one's class) from the current config,
+    with the preset's overrides; the current scheduler itself when the preset changes nothing."""
+    cls = scheduler_class(preset) or type(current)
+    if cls is type(current) and not preset.scheduler:
+        return current
+    return cls.from_config(current.config, **preset.scheduler)
 
 
 def builtin_folder(name: str) -> Path:
@@ -85,48 +96,91 @@ def builtin_folder(name: str) -> Path:
     return folder
 
 
+MAX_REASON_CHARS = 200  # of the library's own message quoted in a load error
+
+
+def _is_path(ref: str) -> bool:
+    return Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or Path(ref).exists()
+
+
 def _how_to_provide(ref: str) -> str:
-    if Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or Path(ref).exists():
+    if _is_path(ref):
         return f"the folder {ref} is missing or incomplete; rebuild or restore it"
     return (f"it is fetched from the Hugging Face hub on first use; without network, download it where you have one "
             f"(`hf download {ref}`) and point HF_HOME at that cache, or set the preset's id to a local folder")
 
 
+def trim_words(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """The text cut to at most `limit` characters at a word boundary (mid-word only inside a word longer than half
+    the limit), with '…' when something was cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    if not text[limit - 1].isspace():
+        head = cut.rsplit(" ", 1)[0] if " " in cut else ""
+        if len(head) >= limit // 2:  # else one long word (a path): keep its start rather than lose it
+            cut = head
+    return cut.rstrip(" ,;:(") + "…"
+
+
 def _load_error(preset: ModelPreset, ref: str, err: Exception) -> ModelLoadError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ModelLoadError(f"model '{ref}' of preset '{preset.name}' could not be loaded ({reason[:200]}); "
+    return ModelLoadError(f"model '{ref}' of preset '{preset.name}' could not be loaded ({trim_words(reason)}); "
                           f"{_how_to_provide(ref)}")
+
+
+def _check_reference(preset: ModelPreset, ref: str) -> None:
+    """A weight reference must be an existing folder or a well-formed hub id; refused here, before diffusers would
+    raise a bare ValueError that cannot be told apart from a real fault."""
+    if Path(ref).expanduser().is_dir():
+        return
+    if _is_path(ref):
+        raise ModelLoadError(f"model '{ref}' of preset '{preset.name}' could not be loaded (not a folder); "
+                             f"{_how_to_provide(ref)}")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise ModelLoadError(f"model '{ref}' of preset '{preset.name}' is neither a local folder nor a Hugging Face "
+                             f"id (owner/name)") from None
+
+
+def _is_missing_weights(e: Exception) -> bool:
+    """Errors that mean the weights are not there (files, cache, network), as opposed to faults in loading them."""
+    return isinstance(e, OSError) or type(e).__module__.startswith(("huggingface_hub", "requests", "httpx"))
 
 
 def load_pipeline(preset: ModelPreset, device: str):
     """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager)."""
     import diffusers
 
+    scheduler_class(preset)  # a bad class name fails before any weights load
     dtype = torch_dtype(preset.dtype, device)
     base = resolve_local(preset.base)
     if base.startswith("builtin:"):
         base = str(builtin_folder(base.removeprefix("builtin:")))
     kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
+    adapter = resolve_local(preset.motion_adapter) if preset.family == "animatediff" and preset.motion_adapter else None
+    for r in filter(None, (adapter, base)):
+        _check_reference(preset, r)
     ref = base
     try:
         if preset.family == "animatediff":
             extra = {}
-            if preset.motion_adapter:
+            if adapter:
                 ref = preset.motion_adapter
-                extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(
-                    resolve_local(preset.motion_adapter), dtype=dtype)
+                extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(adapter, dtype=dtype)
             ref = base
             pipe = diffusers.AnimateDiffPipeline.from_pretrained(base, **kw, **extra)
         else:
             pipe = diffusers.TextToVideoSDPipeline.from_pretrained(base, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise _load_error(preset, ref, e) from None
-    except Exception as e:  # huggingface_hub's HTTP and offline errors have their own hierarchy
-        if type(e).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+    except Exception as e:  # only missing weights become a ModelLoadError; any other fault keeps its traceback
+        if _is_missing_weights(e):
             raise _load_error(preset, ref, e) from None
         raise
-    if preset.scheduler:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **preset.scheduler)
+    pipe.scheduler = build_scheduler(pipe.scheduler, preset)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

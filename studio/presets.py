@@ -8,6 +8,7 @@ these dataclasses with omegaconf, so unknown keys and wrong types are errors.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -52,7 +53,10 @@ class ModelPreset:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 weights files on the hub
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
-    scheduler: dict = field(default_factory=dict)  # DDIMScheduler config overrides from the model card
+    # The diffusers scheduler class to run, by name (e.g. DDIMScheduler), built from the base repo's scheduler
+    # config; None keeps the class the base repo ships (SD 1.5 ships PNDMScheduler).
+    scheduler_class: Optional[str] = None
+    scheduler: dict = field(default_factory=dict)  # config overrides for that scheduler, from the model card
     defaults: ShotDefaults = field(default_factory=ShotDefaults)
     size_multiple: int = 8
     max_size: int = 1024
@@ -85,7 +89,28 @@ def load_model_preset(model: str) -> ModelPreset:
     preset = _load_yaml(path, ModelPreset, "model")
     if preset.family not in FAMILIES:
         raise ShotError("model", model, f"preset family must be one of {FAMILIES}, not {preset.family!r}")
+    if preset.scheduler_class is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", preset.scheduler_class):
+        raise ShotError("model", model, f"scheduler_class must be a diffusers class name such as DDIMScheduler, "
+                                        f"not {preset.scheduler_class!r}")
     return preset
+
+
+def scheduler_class(preset: ModelPreset):
+    """The diffusers scheduler class a preset names (None: keep the base repo's). ShotError if it names none.
+
+    Imports diffusers (and torch), so it is checked when a pipeline is built, before any weights load.
+    """
+    if preset.scheduler_class is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, preset.scheduler_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        known = ", ".join(n for n in ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                                      "PNDMScheduler") if hasattr(diffusers, n))
+        raise ShotError("model", preset.name, f"scheduler_class {preset.scheduler_class!r} is not a diffusers "
+                                              f"scheduler (e.g. {known})")
+    return cls
 
 
 def list_model_presets() -> list[str]:
