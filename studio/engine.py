@@ -3,6 +3,7 @@
     render(shot)          resolve the preset, fetch the cached pipeline, build the initial noise, denoise,
                           return uint8 frames (F, H, W, 3) and what the sidecar needs
     render_to_files(...)  the same, then MP4 (+ GIF, PNG frames) and the JSON sidecar, all or nothing
+                          (output paths checked before rendering; previous files intact on failure)
 
 Shapes: B=1 video, C latent channels, F frames, h×w latent size, H×W pixels.
 """
@@ -10,6 +11,7 @@ Shapes: B=1 video, C latent channels, F frames, h×w latent size, H×W pixels.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,32 +188,70 @@ def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path 
                     progress: Progress | None = None, cancel: threading.Event | None = None) -> RenderFiles:
     """Render and write the MP4 with its JSON sidecar (and optional GIF / PNG frames).
 
-    All or nothing: if any write fails, what this call already wrote is removed.
+    The output paths are checked before rendering (ShotError naming --out, --gif or --frames-dir). All or
+    nothing: every output is written under a temporary name and they replace their targets together at the
+    end; if any write fails, the previous files stay as they were and the error is a ShotError naming the output.
     """
     from studio import export
 
     out = Path(out)
+    gif = Path(gif) if gif is not None else None
+    frames_dir = Path(frames_dir) if frames_dir is not None else None
+    check_outputs(out, gif, frames_dir)
+    result = render(shot, manager, progress, cancel)
+    t0 = time.perf_counter()
+    files = RenderFiles(video=out, sidecar=export.sidecar_path(out), gif=gif, frames_dir=frames_dir, result=result)
+    outputs = export.OutputSet()
+    step = ("--out", out)  # the output being written, for the error
+    try:
+        try:
+            export.write_mp4(result.frames, outputs.file(out), result.shot.fps)
+            if gif is not None:
+                step = ("--gif", gif)
+                export.write_gif(result.frames, outputs.file(gif), result.shot.fps)
+            if frames_dir is not None:
+                step = ("--frames-dir", frames_dir)
+                export.write_png_frames(result.frames, outputs.folder(frames_dir))
+            result.timings["export"] = time.perf_counter() - t0
+            data = result.sidecar()
+            data["files"] = {"video": out.name, "gif": str(gif) if gif else None,
+                             "frames_dir": str(frames_dir) if frames_dir else None}
+            step = ("--out", files.sidecar)
+            export.write_json(outputs.file(files.sidecar), data)
+            step = ("--out", out)
+            outputs.commit()
+        except BaseException:
+            outputs.discard()
+            raise
+    except OSError as e:
+        reason = (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
+        raise shotlib.ShotError(step[0], str(step[1]), f"could not write it: {reason}") from None
+    return files
+
+
+_OUTPUT_FLAGS = {"--out": "video", "--gif": "GIF", "--frames-dir": "frames folder"}
+
+
+def check_outputs(out: Path, gif: Path | None = None, frames_dir: Path | None = None) -> None:
+    """Refuse output paths that cannot be written, before any rendering (ShotError naming the flag)."""
+    from studio.export import sidecar_path
+
     if out.suffix.lower() != ".mp4":
         raise shotlib.ShotError("--out", str(out), "the video file must end in .mp4")
-    result = render(shot, manager, progress, cancel)
-    written: list[Path] = []
-    t0 = time.perf_counter()
-    try:
-        written.append(export.write_mp4(result.frames, out, result.shot.fps))
-        files = RenderFiles(video=out, sidecar=out.with_suffix(".json"), result=result)
-        if gif is not None:
-            files.gif = export.write_gif(result.frames, gif, result.shot.fps)
-            written.append(files.gif)
-        if frames_dir is not None:
-            export.write_png_frames(result.frames, frames_dir)
-            files.frames_dir = Path(frames_dir)
-        result.timings["export"] = time.perf_counter() - t0
-        data = result.sidecar()
-        data["files"] = {"video": out.name, "gif": str(files.gif) if files.gif else None,
-                         "frames_dir": str(files.frames_dir) if files.frames_dir else None}
-        files.sidecar = export.write_sidecar(out, data)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
-    return files
+    targets = [("--out", out, False), ("--out", sidecar_path(out), False)]
+    targets += [("--gif", gif, False)] if gif is not None else []
+    targets += [("--frames-dir", frames_dir, True)] if frames_dir is not None else []
+    seen: dict[Path, str] = {}
+    for flag, path, is_folder in targets:
+        if path.exists() and path.is_dir() != is_folder:
+            kind = "a folder, not a file" if path.is_dir() else "a file, not a folder"
+            raise shotlib.ShotError(flag, str(path), f"the {_OUTPUT_FLAGS[flag]} path is {kind}")
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise shotlib.ShotError(flag, str(path), f"{parent} is a file, so no folder can be made there")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise shotlib.ShotError(flag, str(path), f"no permission to write in {parent}")
+        key = path.absolute()
+        if key in seen and seen[key] != flag:
+            raise shotlib.ShotError(flag, str(path), f"the same path as {seen[key]} (or its .json sidecar)")
+        seen[key] = flag

@@ -2,6 +2,7 @@
 
 Frames are uint8 (F, H, W, 3). Every write goes to a temporary name beside the target and is renamed over
 it at the end, so a failed or cancelled export never leaves a half-written file where the user looks.
+`OutputSet` does the same for several outputs together: all of them replace their targets, or none does.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -109,12 +111,102 @@ def sidecar_path(video: str | Path) -> Path:
     return Path(video).with_suffix(".json")
 
 
-def write_sidecar(video: str | Path, data: dict) -> Path:
-    """The JSON beside the video (same name, .json)."""
-    path = sidecar_path(video)
+def write_json(path: str | Path, data: dict) -> Path:
+    """Indented JSON, written atomically."""
+    path = Path(path)
     with _atomic(path, ".json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+def write_sidecar(video: str | Path, data: dict) -> Path:
+    """The JSON beside the video (same name, .json)."""
+    return write_json(sidecar_path(video), data)
+
+
+class OutputSet:
+    """Several outputs written under temporary names beside their targets, then moved into place together.
+
+        outputs = OutputSet()
+        write_mp4(frames, outputs.file("out/x.mp4"), fps)       # writes a hidden temporary file in out/
+        write_png_frames(frames, outputs.folder("out/frames"))  # a hidden temporary folder beside out/frames
+        outputs.commit()                                        # or outputs.discard() after a failure
+
+    Nothing where the user looks changes before commit(). commit() moves each previous target aside, moves the
+    new file in, and deletes the previous ones only when every move succeeded; if one fails, the previous files
+    are put back. A folder's previous frame files (`replace` glob) are replaced as a whole, other files kept.
+    """
+
+    def __init__(self):
+        self._files: list[tuple[Path, Path]] = []  # (temporary file, target)
+        self._folders: list[tuple[Path, Path, str]] = []  # (temporary folder, target folder, glob it replaces)
+
+    def file(self, target: str | Path) -> Path:
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".new{target.suffix}", dir=target.parent)
+        os.close(fd)
+        self._files.append((Path(tmp), target))
+        return Path(tmp)
+
+    def folder(self, target: str | Path, replace: str = "frame_*.png") -> Path:
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent))
+        self._folders.append((tmp, target, replace))
+        return tmp
+
+    def _moves(self) -> list[tuple[Path, Path]]:
+        """(new, target) file moves, and the folders to create, in commit order."""
+        moves = list(self._files)
+        for tmp, target, _ in self._folders:
+            moves += [(f, target / f.name) for f in sorted(tmp.iterdir())]
+        return moves
+
+    def commit(self) -> None:
+        created: list[Path] = []  # target folders made here
+        aside: list[tuple[Path, Path]] = []  # (previous file, where it was)
+        placed: list[Path] = []
+        try:
+            for _, target, replace in self._folders:
+                if not target.is_dir():
+                    target.mkdir(parents=True)
+                    created.append(target)
+                for old in sorted(target.glob(replace)):  # previous frames go, even those with no new namesake
+                    aside.append((self._aside(old), old))
+            for new, target in self._moves():
+                if target.exists():
+                    aside.append((self._aside(target), target))
+                os.replace(new, target)
+                placed.append(target)
+        except BaseException:
+            for target in reversed(placed):
+                target.unlink(missing_ok=True)
+            for old, target in reversed(aside):
+                os.replace(old, target)
+            for folder in reversed(created):
+                shutil.rmtree(folder, ignore_errors=True)
+            self.discard()
+            raise
+        for old, _ in aside:
+            old.unlink(missing_ok=True)
+        self.discard()
+
+    @staticmethod
+    def _aside(path: Path) -> Path:
+        """Move a previous output to a hidden name beside it; returns that name."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".old{path.suffix}", dir=path.parent)
+        os.close(fd)
+        os.replace(path, tmp)
+        return Path(tmp)
+
+    def discard(self) -> None:
+        """Remove whatever is still staged (after commit, only the emptied temporary folders)."""
+        for tmp, _ in self._files:
+            tmp.unlink(missing_ok=True)
+        for tmp, _, _ in self._folders:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._files, self._folders = [], []
 
 
 def package_versions() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The engine end to end on the tiny random model: shapes, determinism, the noise prior's visible effect,
 the pipeline cache, progress and cancellation, and the load errors a user without weights sees."""
 
+import json
 import threading
 
 import numpy as np
@@ -121,3 +122,157 @@ def test_animatediff_sd15_real_weights_render(manager):
                                 "width": 256, "height": 256, "steps": 4})
     r = engine.render(s, manager)
     assert r.frames.shape == (8, 256, 256, 3)
+
+
+def test_a_written_sidecar_loads_back_as_the_shot(tiny_shot, manager, tmp_path):
+    """JSON turns keyframe indices into strings; the sidecar's shot still loads back and renders the same video."""
+    files = engine.render_to_files(tiny_shot, tmp_path / "shot.mp4", manager=manager)
+    side = json.loads(json.dumps(json.loads(files.sidecar.read_text())))
+    assert set(side["shot"]["subjects"][0]["boxes"]) == {"0", "7"}
+    again = shotlib.from_container(side["shot"])
+    assert again == files.result.shot
+    assert np.array_equal(engine.render(again, manager).frames, files.result.frames)
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_export_keeps_the_previous_outputs(tiny_shot, manager, tmp_path, monkeypatch):
+    import dataclasses
+
+    from studio import export
+
+    kw = dict(frames_dir=tmp_path / "frames", gif=tmp_path / "shot.gif", manager=manager)
+    first = engine.render_to_files(tiny_shot, tmp_path / "shot.mp4", **kw).result
+    before = _snapshot(tmp_path)
+    assert {"shot.mp4", "shot.json", "shot.gif", "frames/frame_0007.png"} <= set(before)
+    other = dataclasses.replace(first, frames=255 - first.frames)  # another video, so a partial replacement shows
+    monkeypatch.setattr(engine, "render", lambda *a, **k: other)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    for failing, flag in (("write_gif", "--gif"), ("write_png_frames", "--frames-dir"), ("write_json", "--out")):
+        with monkeypatch.context() as m:
+            m.setattr(export, failing, boom)
+            with pytest.raises(shotlib.ShotError) as e:
+                engine.render_to_files(tiny_shot, tmp_path / "shot.mp4", **kw)
+        assert e.value.field == flag and "No space left on device" in str(e.value)
+        assert _snapshot(tmp_path) == before, f"{failing}: the previous render's files must be left as they were"
+    engine.render_to_files(tiny_shot, tmp_path / "shot.mp4", **kw)  # and with nothing failing, all are replaced
+    after = _snapshot(tmp_path)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in after)
+
+
+def test_output_paths_are_checked_before_rendering(tiny_shot, manager, tmp_path, monkeypatch):
+    def no_render(*a, **k):
+        raise AssertionError("rendered before the output paths were checked")
+
+    monkeypatch.setattr(engine, "render", no_render)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder.mp4").mkdir()
+    cases = [
+        (dict(out=tmp_path / "x.mp4", frames_dir=tmp_path / "a-file"), "--frames-dir"),
+        (dict(out=tmp_path / "x.mp4", gif=tmp_path / "a-file" / "x.gif"), "--gif"),
+        (dict(out=tmp_path / "a-folder.mp4"), "--out"),
+        (dict(out=tmp_path / "a-file" / "x.mp4"), "--out"),
+        (dict(out=tmp_path / "x.mp4", gif=tmp_path / "x.json"), "--gif"),  # would overwrite the sidecar
+        (dict(out=tmp_path / "x.avi"), "--out"),
+    ]
+    for kw, flag in cases:
+        with pytest.raises(shotlib.ShotError) as e:
+            engine.render_to_files(tiny_shot, manager=manager, **kw)
+        assert e.value.field == flag, (kw, e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder.mp4"]
+
+
+def _preset_file(tmp_path, **fields):
+    text = "name: tiny-sched\nfamily: animatediff\nbase: builtin:tiny\n" \
+           "defaults: {frames: 8, width: 64, height: 64, fps: 8, steps: 2, guidance_scale: 7.5}\nmax_size: 256\n"
+    text += "".join(f"{k}: {v}\n" for k, v in fields.items())
+    path = tmp_path / "tiny-sched.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_scheduler_class_replaces_the_shipped_scheduler(tmp_path):
+    import diffusers
+
+    from studio.pipelines import PipelineManager, key_for
+    from studio.presets import load_model_preset
+
+    manager = PipelineManager(max_pipelines=2, device="cpu")
+    plain = load_model_preset(_preset_file(tmp_path))
+    assert type(manager.get(plain).scheduler) is diffusers.DDIMScheduler  # what the tiny folder ships
+    euler = load_model_preset(_preset_file(tmp_path, scheduler_class="EulerDiscreteScheduler",
+                                           scheduler="{timestep_spacing: trailing}"))
+    pipe = manager.get(euler)
+    assert type(pipe.scheduler) is diffusers.EulerDiscreteScheduler
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.beta_end == 0.012  # the rest of the shipped config is kept
+    assert key_for(euler, "cpu") != key_for(plain, "cpu") and manager.loads == 2
+    r = engine.render(shotlib.from_container({"model": _preset_file(tmp_path, scheduler_class="EulerDiscreteScheduler",
+                                                                    scheduler="{timestep_spacing: trailing}"),
+                                              "prompt": "a red circle"}), manager)
+    assert r.frames.shape == (8, 64, 64, 3) and manager.loads == 2  # same key: the cached pipeline
+
+
+def test_animatediff_sd15_preset_runs_ddim_from_sd15s_pndm_config():
+    """Without weights: SD 1.5 ships PNDMScheduler; the preset turns its config into the card's DDIM."""
+    import diffusers
+
+    from studio.pipelines import build_scheduler
+    from studio.presets import load_model_preset
+
+    preset = load_model_preset("animatediff-sd15")
+    shipped = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    s = build_scheduler(shipped, preset)
+    assert type(s) is diffusers.DDIMScheduler
+    assert (s.config.beta_schedule, s.config.clip_sample, s.config.timestep_spacing, s.config.steps_offset) == (
+        "linear", False, "linspace", 1)
+    assert load_model_preset("zeroscope").scheduler_class is None  # keeps what the repo ships
+
+
+@pytest.mark.parametrize("name", ["NoSuchScheduler", "AutoencoderKL"])
+def test_bad_scheduler_class_is_refused_before_loading(tmp_path, name):
+    from studio.pipelines import PipelineManager
+    from studio.presets import load_model_preset
+
+    manager = PipelineManager(device="cpu")
+    with pytest.raises(shotlib.ShotError) as e:
+        manager.get(load_model_preset(_preset_file(tmp_path, scheduler_class=name)))
+    assert e.value.field == "model" and name in str(e.value) and "scheduler_class" in str(e.value)
+    assert manager.loads == 0
+    with pytest.raises(shotlib.ShotError, match="scheduler_class"):
+        load_model_preset(_preset_file(tmp_path, scheduler_class="'DDIM Scheduler'"))
+
+
+def test_only_missing_weights_are_load_errors(tmp_path, manager, monkeypatch):
+    import diffusers
+
+    bad_id = tmp_path / "bad-id.yaml"
+    bad_id.write_text("name: bad\nfamily: animatediff\nbase: 'not a valid id!!'\n")
+    with pytest.raises(ModelLoadError, match="neither a local folder nor a Hugging Face id"):
+        engine.render(shotlib.from_container({"model": str(bad_id), "prompt": "x"}), manager)
+
+    def fault(*a, **k):
+        raise ValueError("a fault inside diffusers, not a missing model")
+
+    monkeypatch.setattr(diffusers.AnimateDiffPipeline, "from_pretrained", fault)
+    local = tmp_path / "local.yaml"
+    local.write_text(f"name: local\nfamily: animatediff\nbase: {tmp_path}\n")
+    with pytest.raises(ValueError, match="a fault inside diffusers"):
+        engine.render(shotlib.from_container({"model": str(local), "prompt": "x"}), manager)
+
+
+def test_load_error_reason_is_trimmed_at_a_word():
+    from studio.pipelines import trim_words
+
+    text = " ".join(f"word{i}" for i in range(60))
+    cut = trim_words(text, 200)
+    assert len(cut) <= 200 and cut.endswith("…") and text.startswith(cut[:-1]) and text[len(cut) - 1] == " "
+    assert trim_words("short reason") == "short reason"
+    path = "/a/very/long/path/" + "x" * 300
+    assert trim_words(f"no file {path}", 200).startswith(f"no file {path[:100]}")  # a long word is cut inside

@@ -79,3 +79,63 @@ def test_sidecar_beside_video_and_versions(tmp_path):
     assert json.loads(path.read_text())["seed"] == 3
     versions = export.package_versions()
     assert {"torch", "diffusers", "transformers", "moviepy", "python"} <= set(versions)
+
+
+def _hidden(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+
+
+def test_output_set_replaces_all_targets_together(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"old video")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"frame_{i:04d}.png").write_bytes(b"old frame")
+    (frames / "notes.txt").write_text("the user's")
+    outputs = export.OutputSet()
+    outputs.file(tmp_path / "v.mp4").write_bytes(b"new video")
+    outputs.file(tmp_path / "v.json").write_text("{}")
+    staged = outputs.folder(frames)
+    for i in range(2):
+        (staged / f"frame_{i:04d}.png").write_bytes(b"new frame")
+    assert (tmp_path / "v.mp4").read_bytes() == b"old video" and not (tmp_path / "v.json").exists()
+    outputs.commit()
+    assert (tmp_path / "v.mp4").read_bytes() == b"new video" and (tmp_path / "v.json").read_text() == "{}"
+    assert sorted(p.name for p in frames.iterdir()) == ["frame_0000.png", "frame_0001.png", "notes.txt"]
+    assert (frames / "frame_0001.png").read_bytes() == b"new frame"
+    assert _hidden(tmp_path) == []
+
+
+def test_output_set_failed_commit_puts_the_previous_files_back(tmp_path, monkeypatch):
+    (tmp_path / "v.mp4").write_bytes(b"old video")
+    (tmp_path / "v.json").write_text("old sidecar")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_0000.png").write_bytes(b"old frame")
+    outputs = export.OutputSet()
+    outputs.file(tmp_path / "v.mp4").write_bytes(b"new video")
+    outputs.file(tmp_path / "v.json").write_text("new sidecar")
+    (outputs.folder(tmp_path / "frames") / "frame_0000.png").write_bytes(b"new frame")
+    real_replace, moves = export.os.replace, []
+
+    def replace(src, dst):
+        moves.append(dst)
+        if str(dst).endswith("frame_0000.png") and ".new" in str(src):  # the last move into place fails
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        outputs.commit()
+    monkeypatch.undo()
+    assert len(moves) > 4, "the video and sidecar were already in place when the frame failed"
+    assert (tmp_path / "v.mp4").read_bytes() == b"old video" and (tmp_path / "v.json").read_text() == "old sidecar"
+    assert (tmp_path / "frames" / "frame_0000.png").read_bytes() == b"old frame"
+    assert _hidden(tmp_path) == []
+
+
+def test_output_set_discard_leaves_nothing(tmp_path):
+    outputs = export.OutputSet()
+    outputs.file(tmp_path / "v.mp4").write_bytes(b"x")
+    (outputs.folder(tmp_path / "frames") / "frame_0000.png").write_bytes(b"x")
+    outputs.discard()
+    assert list(tmp_path.iterdir()) == []
