@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated studio home (the tiny random model is built there once per session), offline hub."""
 
 import os
+import socket
 
 import pytest
 
@@ -40,3 +41,14 @@ def tiny_shot():
         "steps": 4, "subjects": [{"phrase": "red circle", "boxes": {0: [0.05, 0.3, 0.35, 0.7],
                                                                    7: [0.65, 0.3, 0.95, 0.7]}}],
     })
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts)."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

@@ -1,7 +1,10 @@
 """The studio's event functions as plain Python (values in -> shot -> result), and the app served on a local port
 and driven through gradio_client."""
 
-import socket
+import asyncio
+import inspect
+import logging
+import pickle
 import sys
 import types
 import zipfile
@@ -54,7 +57,9 @@ def test_form_values_override_the_shot_file_and_keep_its_subjects():
     values = ui.form_values(STAR)
     assert (values["model"], values["frames"], values["width"], values["steps"], values["gamma"]) == (
         "toyworld", 8, 32, 20, 0.2)
-    assert set(values) == set(ui.FORM)
+    assert tuple(values) == ui.FORM
+    assert (values["refine_face"], values["refine_face_detector"], values["refine_tiled"],
+            values["refine_tiled_scale"]) == (False, "auto", False, 2)
     assert ev.preset_defaults_event("tiny") == {"frames": 8, "width": 64, "height": 64, "steps": 20,
                                                 "guidance_scale": 7.5}
     with pytest.raises(ui.UserError, match="model"):
@@ -70,6 +75,11 @@ def test_form_values_override_the_shot_file_and_keep_its_subjects():
     ({"shot_yaml": "prompt: [oops"}, "shot file"),
     ({"shot_yaml": "colour: red"}, "colour"),
     ({"model": "no-such-model"}, "model"),
+    ({"refine_face_strength": 1.5}, "refine.face.strength"),
+    ({"refine_tiled_scale": 5.0}, "refine.tiled.scale"),
+    ({"refine_face_detector": "dlib"}, "refine.face.detector"),
+    ({"refine_face": True, "refine_face_detector": "boxes", "shot_yaml": "prompt: a red circle on grass"},
+     "refine.face.detector"),  # boxes, but no subject has any
 ])
 def test_bad_form_values_are_user_errors_naming_the_field(kw, field):
     with pytest.raises(ui.UserError) as e:
@@ -77,12 +87,44 @@ def test_bad_form_values_are_user_errors_naming_the_field(kw, field):
     assert field in str(e.value)
 
 
+def test_refine_toggles_are_the_shot_refine_settings_and_load_back():
+    shot = ui.shot_from_form(**_form(refine_face=True, refine_face_strength=0.6, refine_face_detector="boxes",
+                                     refine_tiled=True, refine_tiled_strength=0.3, refine_tiled_scale=3.0))
+    assert (shot.refine.face.enabled, shot.refine.face.strength, shot.refine.face.detector) == (True, 0.6, "boxes")
+    assert (shot.refine.tiled.enabled, shot.refine.tiled.strength, shot.refine.tiled.scale) == (True, 0.3, 3)
+    assert isinstance(shot.refine.tiled.scale, int)
+    # the shot file keeps them, and loading it fills the form's toggles
+    values = ui.form_values(shotlib.dumps(shot))
+    assert {k: values[k] for k in values if k.startswith("refine_")} == {
+        "refine_face": True, "refine_face_strength": 0.6, "refine_face_detector": "boxes", "refine_tiled": True,
+        "refine_tiled_strength": 0.3, "refine_tiled_scale": 3}
+    # a toggle left None keeps the shot file's setting; False turns it off
+    assert ui.shot_from_form(shotlib.dumps(shot), refine_face=None).refine.face.enabled
+    assert not ui.shot_from_form(shotlib.dumps(shot), refine_face=False).refine.face.enabled
+    with pytest.raises(TypeError, match="not form fields: refine_scale"):  # a wiring mistake is loud
+        ui.shot_from_form(EXAMPLE, refine_scale=2)
+
+
+def test_progress_labels_denoising_then_refinement():
+    seen = []
+    shot = ev.resolved(STAR, **_kw(steps=4, refine_face=True, refine_face_detector="boxes", refine_tiled=True))
+    staged = ev.StageProgress(lambda i, n, stage: seen.append((i, n, stage)), shot)
+    for i, n in [(1, 4), (2, 4), (3, 4), (4, 4), (1, 4), (2, 4), (3, 9), (9, 9)]:  # refine's own count after
+        staged(i, n)
+    assert [x[2] for x in seen] == ["denoising"] * 4 + ["refining: Face VCD then Tiled VCD"] * 4
+    assert seen[4][:2] == (1, 4)  # the refinement's own count, even when its total equals the steps
+    plain = ev.StageProgress(lambda i, n, stage: seen.append(stage), ev.resolved(STAR, **_kw(steps=2)))
+    plain(1, 2)
+    plain(2, 2)
+    assert seen[-2:] == ["denoising", "denoising"]
+
+
 def test_render_writes_every_download_and_a_shot_file_that_reproduces_it(manager):
     from studio import engine
 
     steps = []
-    r = ui.render_event(**_toy(), manager=manager, progress=lambda i, n: steps.append((i, n)))
-    assert steps[-1] == (4, 4)
+    r = ui.render_event(**_toy(), manager=manager, progress=lambda i, n, stage: steps.append((i, n, stage)))
+    assert steps == [(i, 4, "denoising") for i in range(1, 5)]
     assert export.probe_video(r.video)["frames"] == 8 and r.video.startswith(str(ui.output_dir()))
     assert all(p.startswith(str(ui.output_dir())) for p in r.downloads)
     assert [p.rsplit(".", 1)[1] for p in r.downloads] == ["mp4", "gif", "zip", "yaml", "json"]
@@ -98,7 +140,8 @@ def test_render_writes_every_download_and_a_shot_file_that_reproduces_it(manager
     # the saved shot file renders headless to exactly the frames the page rendered (frame 0 of the zip)
     replay = engine.render(again, manager)
     assert np.array_equal(replay.frames[0], first)
-    assert replay.timings["load"] < 1.0  # an unchanged model: set-up from the pipeline cache, well under a second
+    # a second render of an unchanged subject and model starts denoising in well under a second of set-up
+    assert replay.timings["load"] + replay.timings["prepare"] < 1.0
     assert "toyworld" in r.status and "set-up" in r.status
 
 
@@ -108,19 +151,42 @@ def test_cancelled_render_is_a_message_and_writes_nothing(manager):
     cancel = threading.Event()
     before = set(ui.output_dir().glob("*.mp4"))
     with pytest.raises(ui.Cancelled, match="cancelled"):
-        ui.render_event(**_toy(steps=6), manager=manager, cancel=cancel, progress=lambda i, n: cancel.set())
+        ui.render_event(**_toy(steps=6), manager=manager, cancel=cancel, progress=lambda i, n, s: cancel.set())
     assert set(ui.output_dir().glob("*.mp4")) == before
 
 
-def test_cancel_flags_are_per_session():
+def test_cancel_stops_only_the_running_job_of_its_session_and_kind():
     from studio.ui.app import Jobs
 
     jobs = Jobs()
-    assert not jobs.cancel("a")  # nothing running
-    first = jobs.start("a")
-    other = jobs.start("b")
-    assert jobs.cancel("a") and first.is_set() and not other.is_set()
-    assert not jobs.start("a").is_set()  # the next job starts uncancelled
+    assert not jobs.cancel("a", "render")  # nothing running
+    with jobs.running("a", "render") as render, jobs.running("a", "train") as train, \
+            jobs.running("b", "render") as other:
+        assert jobs.find(render.key) is render
+        assert jobs.cancel("a", "render") and render.cancel.is_set()
+        assert not train.cancel.is_set() and not other.cancel.is_set()  # training and other sessions go on
+    assert not jobs.cancel("a", "render") and not jobs.cancel("a", "train")  # finished: nothing to cancel
+    with pytest.raises(RuntimeError):
+        with jobs.running("a", "render"):
+            raise RuntimeError("the render failed")
+    assert not jobs.cancel("a", "render")  # cleared after a failure too
+    with jobs.running("a", "render") as again:
+        assert not again.cancel.is_set()  # the next job starts uncancelled
+    lost = jobs.find("render-elsewhere")  # a worker process without the job: no progress, no cancel, default manager
+    assert lost.progress is None and lost.manager is None and not lost.cancel.is_set()
+
+
+def test_cancel_buttons_say_what_they_did(manager):
+    from studio.ui.app import Page
+
+    page = Page(manager)
+    request = types.SimpleNamespace(session_hash="cancel-buttons")
+    cancel_render, cancel_train = page.canceller("render"), page.canceller("train")
+    assert cancel_render(request) == "nothing to cancel"
+    with page.jobs.running("cancel-buttons", "render"):
+        assert cancel_train(request) == "nothing to cancel"  # a training's Cancel leaves the render alone
+        assert cancel_render(request) == "cancelling…"
+    assert cancel_render(request) == "nothing to cancel"  # after the render finished
 
 
 def test_history_rows_newest_first_and_entries_load_back():
@@ -159,13 +225,19 @@ def test_gamma_preview_shows_covariance_and_noise_strip():
     heat0, strip0 = ui.gamma_preview_event(0.0)
     heat9, strip9 = ui.gamma_preview_event(0.9)
     assert heat0.dtype == np.uint8 and heat0.ndim == 3 and strip0.dtype == np.uint8
+    assert strip0.shape == (64, 8 * 64 + 7 * 4, 3)  # eight 32 px noise frames, 2 px gaps, shown twice as large
     assert heat9.mean() > heat0.mean()  # more off-diagonal covariance is brighter
-    with pytest.raises(ui.UserError, match="gamma"):
-        ui.gamma_preview_event(1.0)
+    for bad in (1.0, -0.1, None):  # the shot's own check of noise_prior.gamma
+        with pytest.raises(ui.UserError, match="noise_prior.gamma"):
+            ui.gamma_preview_event(bad)
 
 
 def test_previews_show_the_track_and_the_pan():
-    track, pan = ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 0.5, 0.0)
+    def previews(cx):
+        kw = dict(model="tiny", prompt="a red circle on grass", frames=8, cx=cx, cy=0.0)
+        return tj.trajectory_preview_event(EXAMPLE, **kw)[1], ui.camera_preview_event(EXAMPLE, **kw)[1]
+
+    track, pan = previews(0.5)
     assert track.dtype == np.uint8 and track.shape[1] > 8 * 90  # eight frames side by side
     # the red box of subject 0 moves right across the track strip: its leftmost red column per frame grows
     w = (track.shape[1] + 2) // 8 - 2
@@ -173,7 +245,7 @@ def test_previews_show_the_track_and_the_pan():
     lefts = [np.nonzero(red[:, f * (w + 2):f * (w + 2) + w].any(0))[0].min() for f in (0, 7)]
     assert lefts[1] > lefts[0] + w // 3
     # with cx > 0 the scene's landmark moves left by half the width over the clip; cx = 0 keeps it still
-    _, still = ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 0.0, 0.0)
+    _, still = previews(0.0)
 
     def landmark_x(img, f):
         ys, xs = np.nonzero((img[:, f * (w + 2):f * (w + 2) + w] == 40).all(-1))
@@ -182,8 +254,8 @@ def test_previews_show_the_track_and_the_pan():
     assert landmark_x(pan, 7) == pytest.approx(landmark_x(pan, 0) - w / 2, abs=2)
     assert landmark_x(still, 7) == pytest.approx(landmark_x(still, 0), abs=0.5)
     with pytest.raises(ui.UserError, match="camera.cx"):
-        ui.preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 1.5, 0.0)
-    gif, strip_ = ui.camera_preview_event(EXAMPLE, "tiny", "a red circle on grass", 8, 0.5, 0.0)
+        previews(1.5)
+    gif, strip_ = ui.camera_preview_event(EXAMPLE, model="tiny", prompt="a red circle on grass", frames=8, cx=0.5)
     assert export.read_video(gif).shape[0] == 8 and gif.startswith(str(ui.output_dir()))
 
 
@@ -195,7 +267,9 @@ def _kw(**kw):
 
 
 def test_canvas_boxes_become_normalized_keyframes_and_showing_them_changes_nothing():
-    value = tj.canvas_event(STAR, 0, **_kw())
+    canvas = tj.canvas_event(STAR, 0, 1, **_kw())
+    value = canvas["value"]
+    assert canvas["label_list"] == ["1: yellow star"] and canvas["label_colors"] == [(255, 80, 80)]
     assert value["image"].shape == (384, 384, 3)
     assert value["boxes"] == [{"xmin": 19, "ymin": 115, "xmax": 154, "ymax": 269, "label": "1: yellow star",
                                "color": (255, 80, 80)}]
@@ -216,7 +290,12 @@ def test_canvas_boxes_become_normalized_keyframes_and_showing_them_changes_nothi
 
 def test_labels_route_boxes_to_their_subjects_and_a_shot_without_subjects_says_so():
     two = sj.set_subject_event(STAR, 2, "sky", None, None, **_kw())
-    value = tj.canvas_value(ev.resolved(two, **_kw()), 5)
+    canvas = tj.canvas_event(two, 5, 2, **_kw())  # subject 2 picked: its label first, so a new box takes it
+    assert canvas["label_list"] == ["2: sky", "1: yellow star"]
+    assert canvas["label_colors"] == [(80, 200, 255), (255, 80, 80)]
+    assert tj.canvas_event(two, 99, 1, **_kw())["value"]["boxes"] == tj.canvas_value(ev.resolved(two, **_kw()), 7)[
+        "boxes"]  # a keyframe past the end (slider not yet shortened) shows the last frame
+    value = canvas["value"]
     assert value["boxes"] == []
     value["boxes"] = [{"xmin": 0, "ymin": 0, "xmax": 384, "ymax": 192, "label": "2: sky"},
                       {"xmin": 10, "ymin": 10, "xmax": 100, "ymax": 100, "label": "1: yellow star"}]
@@ -261,6 +340,98 @@ def test_trajectory_preview_is_an_animation_over_the_background(tmp_path):
     assert tj.backdrop(ev.resolved(STAR, **_kw()))[0, 0].tolist() == [232, 232, 232]  # the grid
 
 
+# --- errors: a message naming the field, never a stack trace ----------------------------------------------------
+
+BROKEN = "prompt: [oops"  # not YAML
+
+
+@pytest.mark.parametrize("event", [
+    lambda: tj.boxes_event(BROKEN, {"boxes": []}, 0, 1),
+    lambda: tj.canvas_event(BROKEN, 0, 1),
+    lambda: tj.clear_keyframe_event(BROKEN, 0, 1),
+    lambda: tj.duplicate_keyframe_event(BROKEN, 0, 1, 1),
+    lambda: tj.path_preset_event(BROKEN, "circle", 1),
+    lambda: tj.keyframes_text(BROKEN),
+    lambda: tj.trajectory_preview_event(BROKEN),
+    lambda: sj.slot_values(BROKEN, 1),
+    lambda: sj.subject_rows(BROKEN),
+    lambda: sj.set_subject_event(BROKEN, 1, "star", None, None),
+    lambda: sj.remove_subject_event(BROKEN, 1),
+    lambda: sj.set_background_event(BROKEN, None),
+    lambda: sj.background_preview_event(BROKEN),
+    lambda: ui.camera_preview_event(BROKEN),
+    lambda: ui.form_values(BROKEN),
+    lambda: ui.save_shot_event(BROKEN),
+    lambda: ev.apply_form_event(BROKEN),
+], ids=lambda f: f.__code__.co_names[-1])
+def test_every_event_names_the_shot_file_when_it_is_broken(event):
+    with pytest.raises(ui.UserError, match="shot file"):
+        event()
+
+
+def test_a_control_value_error_during_the_render_is_a_user_error(monkeypatch):
+    from studio import engine
+
+    def refuse(*args, **kwargs):
+        raise ValueError("the phrase 'yellow star' is not among the prompt's first 77 tokens")
+
+    monkeypatch.setattr(engine, "render_to_files", refuse)
+    with pytest.raises(ui.UserError, match="first 77 tokens"):
+        ui.render_event(**_toy())
+
+
+def test_user_errors_keeps_the_signature_and_wraps_generators():
+    def phrase_event(shot_yaml: str, phrase: str = "x"):
+        """Doc."""
+        raise shotlib.ShotError("subjects[0].phrase", phrase, "not in the prompt")
+
+    def frames_event(n):
+        yield 1
+        raise ValueError(f"frames: too many (got {n})")
+
+    wrapped = ui.user_errors(phrase_event)
+    assert wrapped.__name__ == "phrase_event" and wrapped.__doc__ == "Doc."
+    assert list(inspect.signature(wrapped).parameters) == ["shot_yaml", "phrase"]
+    with pytest.raises(ui.UserError, match=r"subjects\[0\]\.phrase"):
+        wrapped("")
+    gen = ui.user_errors(frames_event)(9)
+    assert next(gen) == 1
+    with pytest.raises(ui.UserError, match="frames: too many"):
+        next(gen)
+    with pytest.raises(KeyError):  # a bug is not an input error: it passes through
+        ui.user_errors(lambda: {}["x"])()
+
+
+def test_guarded_shows_one_line_and_logs_unexpected_errors(caplog):
+    import gradio as gr
+
+    from studio.ui.app import guarded
+
+    def boxes_event(shot_yaml):
+        raise shotlib.ShotError("shot file", shot_yaml, "not valid YAML")
+
+    def preview_event():
+        raise RuntimeError("CUDA out of memory\n  at line 3 of something deep")
+
+    def training():
+        yield "step 1"
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(gr.Error) as e:
+        guarded(boxes_event)(BROKEN)
+    assert e.value.message == "shot file: not valid YAML (got 'prompt: [oops')"
+    with caplog.at_level(logging.ERROR, logger="studio.ui.app"), pytest.raises(gr.Error) as e:
+        guarded(preview_event)()
+    assert e.value.message == "preview failed: RuntimeError: CUDA out of memory"  # one line; the trace is logged
+    assert caplog.records[-1].exc_info and "preview failed" in caplog.records[-1].getMessage()
+    run = guarded(training, "training")
+    assert inspect.isgeneratorfunction(run)  # Gradio streams it
+    gen = run()
+    assert next(gen) == "step 1"
+    with pytest.raises(gr.Error, match="training failed: ZeroDivisionError: division by zero"):
+        next(gen)
+
+
 # --- subjects and background ---------------------------------------------------------------------------------------
 
 
@@ -270,8 +441,11 @@ def test_subjects_are_bound_to_phrases_with_references(tmp_path):
     shot = shotlib.loads(y)
     assert shot.subjects[1].phrase == "sky" and shot.subjects[1].reference_strength == 0.8
     assert shot.subjects[1].reference.startswith(str(ui.output_dir()))  # a copy the app serves and keeps
-    assert sj.slot_values(y, 2) == ("sky", sj.NO_SUBJECT, shot.subjects[1].reference, 0.8)
-    assert sj.slot_values(y, 3) == ("", sj.NO_SUBJECT, None, 1.0)
+    assert sj.slot_values(y, 2) == {"phrase": "sky", "library_subject": sj.NO_SUBJECT,
+                                    "reference": shot.subjects[1].reference, "strength": 0.8}
+    assert sj.slot_values(y, 3) == {"phrase": "", "library_subject": sj.NO_SUBJECT, "reference": None,
+                                    "strength": 1.0}
+    assert sj.set_subject_event(y, 2, **sj.slot_values(y, 2), **_kw()) == y  # the names set_subject_event takes
     assert sj.subject_rows(y)[1][:4] == [2, "sky", "", shot.subjects[1].reference.rsplit("/", 1)[1]]
     # editing subject 1 keeps its boxes
     y2 = sj.set_subject_event(y, 1, "star", None, None, **_kw())
@@ -305,8 +479,7 @@ def test_background_reference_and_its_preview(tmp_path):
         sj.set_background_event(STAR, str(big))
 
 
-def test_photos_get_masks_and_a_trained_subject_enters_the_library(tmp_path, manager):
-    from studio.subjects.library import SubjectLibrary
+def test_photos_get_masks_and_a_trained_subject_enters_the_library(tmp_path, manager, page):
 
     photos = [_image(tmp_path, f"p{i}.png", (64, 64), (220, 30 + 40 * i, 30)) for i in range(2)]
     photo_set, shown = sj.photos_event(photos, "sks circle")
@@ -324,19 +497,28 @@ def test_photos_get_masks_and_a_trained_subject_enters_the_library(tmp_path, man
     with pytest.raises(ui.UserError, match="phrase"):
         sj.train_subject(photo_set, "dot", "circle", "tokens", 2, "tiny")
 
-    lib = SubjectLibrary(tmp_path / "lib")
+    # the Train button's event: named settings through the GPU-side function, the loss as it goes, the library
     seen = []
-    subject, result = sj.train_subject(replaced, "dot", "sks circle", "tokens", 2, "tiny", manager=manager,
-                                       library=lib, progress=lambda i, n, loss, left: seen.append((i, n, loss)))
-    assert [s[:2] for s in seen] == [(1, 2), (2, 2)] and all(np.isfinite(s[2]) for s in seen)
-    assert sj.library_rows(lib)[0][:3] == ["dot", "tiny", "tokens"]
-    y = sj.set_subject_event(EXAMPLE, 1, "red circle", "dot", None, library=lib,
+    settings = dict(photo_set=replaced, name="dot", phrase="sks circle", method="tokens", steps=2, model="tiny")
+    updates = list(page.train_progress(settings, "s1", lambda value, desc=None: seen.append((value, desc))))
+    assert [value for value, _ in seen] == [(1, 2), (2, 2)] and all("loss" in desc for _, desc in seen)
+    losses = updates[-1][page.loss_plot]
+    assert list(losses["step"]) == [1, 2] and np.isfinite(losses["loss"]).all()
+    assert "**dot** trained (tokens)" in updates[-1][page.train_status]
+    assert all(page.library not in u for u in updates[:-1])  # the library is read once, at the end
+    assert updates[-1][page.library][0][:3] == ["dot", "tiny", "tokens"]
+    assert not page.jobs.cancel("s1", "train")  # finished: nothing left to cancel
+    y = sj.set_subject_event(EXAMPLE, 1, "red circle", "dot", None,
                              **{**_kw(), "model": "tiny", "prompt": "a red circle on grass"})
     assert shotlib.loads(y).subjects[0].subject == "dot"
-    sj.delete_subject_event("dot", manager=manager, library=lib)
-    assert sj.library_rows(lib) == []
+    sj.delete_subject_event("dot", manager=manager)
+    assert sj.library_rows() == []
     with pytest.raises(ui.UserError, match="library subject"):
-        sj.delete_subject_event(sj.NO_SUBJECT, library=lib)
+        sj.delete_subject_event(sj.NO_SUBJECT)
+    with pytest.raises(ui.UserError, match="phrase"):  # a failure in the worker thread reaches the event
+        list(page.train_progress({**settings, "phrase": "circle"}, "s1", lambda value, desc=None: None))
+
+
 
 
 # --- Spaces --------------------------------------------------------------------------------------------------------
@@ -373,51 +555,124 @@ def test_readme_has_the_space_header():
         assert line in head
 
 
+# --- the page ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page(manager):
+    from studio.ui.app import Page
+
+    p = Page(manager)
+    p.demo = p.build()
+    return p
+
+
+def _event(demo, api_name):
+    return next(fn for fn in demo.fns.values() if fn.api_name == api_name)
+
+
+def test_the_render_button_passes_the_form_by_name(page):
+    render = _event(page.demo, "render")
+    inputs = dict(zip(render.input_parameter_names, render.inputs))  # what Gradio passes under each name
+    assert set(ui.FORM) <= set(inputs) and tuple(page.form) == ui.FORM
+    assert all(inputs[name] is page.form[name] for name in ui.FORM)
+    assert inputs["shot_yaml"] is page.shot_yaml
+    # each component shows the shot field of its name: the opening shot's values are where their names say
+    start = ui.form_values(page.default_yaml)
+    assert {name: page.form[name].value for name in ui.FORM} == start
+    save = _event(page.demo, "save_shot")
+    assert [n for n in save.input_parameter_names if n in ui.FORM] == list(ui.FORM)  # named, not a lambda's *v
+
+
+def test_a_render_redraws_the_canvas_and_refreshes_the_previews_once(page):
+    fns = page.demo.fns.values()
+    render = _event(page.demo, "render")
+    assert [fn.name for fn in fns if fn.trigger_after == render._id] == ["canvas_for"]
+    # the previews follow the shot file the render writes, through its change event alone
+    assert [fn.name for fn in fns if (page.shot_yaml._id, "change") in fn.targets] == ["refresh_views"]
+    train = next(fn for fn in fns if fn.name == "train")
+    assert render.concurrency_id == train.concurrency_id == "gpu"  # one GPU job at a time
+
+
+def test_loading_a_shot_fills_the_form_and_the_subject_fields_by_name(page):
+    refined = STAR.replace("seed: 7", "seed: 11") + "refine:\n  tiled: {enabled: true, scale: 3}\n"
+    values = page.to_form(refined)
+    assert values[page.seed] == 11 and values[page.refine_tiled] is True and values[page.refine_tiled_scale] == 3
+    assert values[page.frames] == 8 and values[page.steps] == 20
+    fields = page.slot_view(STAR, 1)
+    assert fields[page.phrase] == "yellow star" and fields[page.lib_pick] == sj.NO_SUBJECT
+    assert fields[page.ref_strength] == 1.0
+
+
 # --- the served app ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _progress(job) -> list[tuple[int, int, str]]:
+    """Every progress update a submitted job streamed: (index, length, desc)."""
+    async def collect():
+        return [(p.index, p.length, p.desc) async for u in job if getattr(u, "progress_data", None)
+                for p in u.progress_data]
+
+    return asyncio.run(collect())
 
 
-def test_app_serves_and_renders_a_directed_shot_through_gradio_client(manager):
+def test_app_serves_and_renders_a_directed_shot_through_gradio_client(manager, free_port, monkeypatch):
     from gradio_client import Client
 
+    from studio.ui import app
+
+    crossed = []
+
+    def through_a_pickle(key, shot_yaml, form):  # what ZeroGPU does to the arguments and the result
+        crossed.append(pickle.loads(pickle.dumps((key, shot_yaml, form))))
+        return pickle.loads(pickle.dumps(app._render_job(key, shot_yaml, form)))
+
+    monkeypatch.setattr(app, "render_job", through_a_pickle)
     demo = ui.build_app(manager)
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(ui.output_dir())])
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        # inputs: shot file, then the form in ui.FORM order: model, prompt, negative, seed, steps, guidance, frames,
-        # width, height, gamma, cx, cy. The shot file carries the yellow star's box track; cx pans the camera.
-        video, downloads, resolved, status, table = client.predict(
-            STAR, "toyworld", "a yellow star moving right on sky", "", 1, 3, 7.5, 8, 32, 32, 0.5, 0.25, 0.0,
-            api_name="/render")
+        # the shot file carries the yellow star's box track; cx pans the camera; Tiled VCD doubles the size
+        form = dict(model="toyworld", prompt="a yellow star moving right on sky", negative_prompt="", seed=1,
+                    steps=3, guidance_scale=7.5, frames=8, width=32, height=32, gamma=0.5, cx=0.25, cy=0.0,
+                    refine_tiled=True, refine_tiled_scale=2)
+        job = client.submit(shot_yaml=STAR, **form, api_name="/render")
+        video, downloads, resolved, status, table = job.result()
         path = video["video"] if isinstance(video, dict) else video
-        info = export.probe_video(path)
-        assert (info["frames"], info["width"], info["height"]) == (8, 32, 32)
-        assert export.read_video(path).shape == (8, 32, 32, 3)
+        assert export.read_video(path).shape == (8, 64, 64, 3)
         assert "gamma: 0.5" in resolved and "cx: 0.25" in resolved and "0.95" in resolved  # the track is there
+        assert shotlib.loads(resolved).refine.tiled.enabled and "refining" in status and "to 64×64" in status
         assert len(downloads) == 5 and table["data"][0][2] == "a yellow star moving right on sky"
+        steps = _progress(job)
+        assert [s for s in steps if s[2] == "denoising"][-1] == (3, 3, "denoising")
+        refining = [s for s in steps if s[2].startswith("refining")]
+        assert refining and refining[-1][2] == "refining: Tiled VCD" and refining[-1][0] == refining[-1][1]
+        assert steps.index(refining[0]) > max(i for i, s in enumerate(steps) if s[2] == "denoising")
+        assert len(crossed) == 1 and crossed[0][2]["refine_tiled"] is True  # only picklable values crossed
         with pytest.raises(Exception, match=r"subjects\[0\]\.phrase"):  # a gr.Error naming the field
-            client.predict(STAR, "toyworld", "a red square on sand", "", 1, 3, 7.5, 8, 32, 32, 0.5, 0.0, 0.0,
-                           api_name="/render")
-        heat, strip_ = client.predict(0.9, api_name="/gamma_preview")
+            client.predict(shot_yaml=STAR, **{**form, "prompt": "a red square on sand"}, api_name="/render")
+        with pytest.raises(Exception, match="shot file"):  # the form's fields left out take the page's values
+            client.predict(shot_yaml=BROKEN, api_name="/render")
+        heat, strip_ = client.predict(gamma=0.9, api_name="/gamma_preview")
         assert heat and strip_
+        saved = client.predict(shot_yaml=STAR, name="from-the-api", **form, api_name="/save_shot")
+        assert shotlib.load(saved["path"] if isinstance(saved, dict) else saved).refine.tiled.enabled
     finally:
         demo.close()
 
 
-def test_launch_refuses_big_uploads_and_serves_only_the_output_folder(tmp_path):
+def test_launch_refuses_big_uploads_and_serves_only_the_output_folder(tmp_path, free_port):
     import httpx
 
-    port = _free_port()
+    from studio.ui.app import CACHE_CLEANUP
+
+    port = free_port()
     app, url, _ = ui.launch(port=port, prevent_thread_lock=True, quiet=True)
     try:
+        assert app.get_blocks().delete_cache == CACHE_CLEANUP  # Gradio's cache is cleaned
         big = b"\0" * (21 * 2**20)
         r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
         assert r.status_code == 413, r.text[:200]

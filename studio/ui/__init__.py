@@ -10,9 +10,9 @@ Importing this package imports neither Gradio nor a model.
 """
 
 from studio.ui.events import (  # noqa: F401  (the package's public names)
-    Cancelled, DEFAULT_SHOT, FORM, GAMMA_HELP, MAX_SEED, Rendered, UserError, camera_preview_event, form_values,
-    gamma_preview_event, history_entry, history_rows, load_shot_event, output_dir, preview_event, render_event,
-    save_shot_event, shot_from_form,
+    Cancelled, DEFAULT_SHOT, FORM, FORM_FIELDS, GAMMA_HELP, MAX_SEED, Rendered, UserError, camera_preview_event,
+    form_values, gamma_preview_event, history_entry, history_rows, load_shot_event, output_dir, render_event,
+    save_shot_event, shot_from_form, user_errors,
 )
 
 

@@ -2,18 +2,29 @@
 
 Left, the tabs that direct the shot (Trajectory, Subjects, Background, Camera, Noise, Shot file); right, the
 Render and History tabs. One pipeline manager serves every event; renders and subject training share one queue
-slot ("gpu"), so one GPU job runs at a time. Input problems become Gradio messages naming the field.
+slot ("gpu"), so one GPU job runs at a time. Every failure shows as one line in the page, naming the field when
+the input was at fault (`guarded`); never a stack trace.
 
-The form's components travel as named values: `Page.form` maps the names of events.FORM to components, and each
-handler turns the values back into that mapping (`named`) before calling an event function.
+Values travel by name: each event passes its components as keyword arguments (Gradio's `inputs_kwargs`), the form
+as `Page.form` (the names of events.FORM -> components), and handlers with several outputs return them as a
+mapping of components, so no list order has to match anything.
+
+Only picklable values cross into the GPU-side functions (`render_job`, `train_job`; on ZeroGPU `spaces.GPU`
+runs them in a forked worker): the shot text, the form's values and a job key. The job's progress callback, cancel
+flag and pipeline manager are looked up by that key in this process (`JOBS`).
 """
 
 import functools
+import inspect
 import logging
 import threading
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
 
-from studio import engine
+from studio import engine, shot as shotlib
 from studio.ui import events as ev, subjects as sj, trajectory as tj
 from studio.ui.gpu import RENDER_SECONDS, TRAIN_SECONDS, gpu
 
@@ -23,50 +34,140 @@ MAX_UPLOAD = "20mb"
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]
 QUIET = dict(show_progress="hidden", api_visibility="private")  # internal events: no spinner, not in the API
 TRAIN_POLL_S = 0.5  # how often the training event reports the loss
+# Gradio's own cache (its copies of uploads and outputs): checked hourly, files older than a day removed. The
+# studio keeps what a shot file names (uploads, renders) in its output folder, which this does not touch.
+CACHE_CLEANUP = (3600, 24 * 3600)
 
 
-def guarded(fn):
-    """fn with UserError shown as a Gradio message (no stack trace in the page)."""
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def guarded(fn, what: str | None = None):
+    """fn (a function or generator function) with every failure shown as a Gradio message, never a stack trace.
+
+    Input problems (events.user_errors: UserError, ShotError, a ValueError naming the field) show as they are;
+    anything else as one line, "<what> failed: Type: message", with the trace in the log.
+    """
     import gradio as gr
 
-    @functools.wraps(fn)  # keeps the signature: Gradio still sees gr.Request / gr.Progress parameters
+    checked = ev.user_errors(fn)
+    what = what or fn.__name__.removesuffix("_event").strip("_").replace("_", " ")
+
+    def shown(e: Exception) -> Exception:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, ev.UserError):
+            return gr.Error(str(e), print_exception=False)
+        logger.exception("%s failed", what)  # called inside the except block: the log has the trace
+        return gr.Error(f"{what} failed: {_one_line(e)}", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)  # keeps the signature: Gradio still sees gr.Request / gr.Progress / keyword parameters
+        def run_generator(*args, **kwargs):
+            try:
+                return (yield from checked(*args, **kwargs))
+            except Exception as e:
+                raise shown(e) from None
+
+        return run_generator
+
+    @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except ev.UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            return checked(*args, **kwargs)
+        except Exception as e:
+            raise shown(e) from None
 
     return run
 
 
-def named(values) -> dict:
-    """The form's values (in events.FORM order) as a mapping of names."""
-    return dict(zip(ev.FORM, values))
+# --- jobs: what Cancel stops, and what the GPU side finds by key ---------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One running render or training: what its GPU-side function needs besides its (picklable) arguments."""
+
+    key: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: Callable | None = None
+    manager: object = None  # the pipeline manager; None: the engine's default
 
 
 class Jobs:
-    """Per-session cancel flags for the running render or training."""
+    """The running job of each (session, kind), kind "render" or "train". A job is registered only while it runs,
+    so Cancel after it finished finds nothing, and a render's Cancel never stops a training or the other way."""
 
     def __init__(self):
-        self._events: dict[str, threading.Event] = {}
+        self._running: dict[tuple[str, str], Job] = {}
+        self._by_key: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str) -> threading.Event:
+    @contextmanager
+    def running(self, session: str, kind: str, progress: Callable | None = None, manager=None):
+        job = Job(f"{kind}-{uuid.uuid4().hex}", progress=progress, manager=manager)
         with self._lock:
-            self._events[session] = threading.Event()
-            return self._events[session]
+            self._running[(session, kind)] = job
+            self._by_key[job.key] = job
+        try:
+            yield job
+        finally:
+            with self._lock:
+                if self._running.get((session, kind)) is job:
+                    del self._running[(session, kind)]
+                self._by_key.pop(job.key, None)
 
-    def cancel(self, session: str) -> bool:
+    def find(self, key: str) -> Job:
+        """The running job of that key; in another process (a ZeroGPU worker forked before it started), a job
+        without progress or cancel on the default pipeline manager."""
         with self._lock:
-            e = self._events.get(session)
-        if e is None:
+            job = self._by_key.get(key)
+        if job is None:
+            logger.info("job %s is not registered in this process: no progress, no cancel, default pipelines", key)
+            job = Job(key)
+        return job
+
+    def cancel(self, session: str, kind: str) -> bool:
+        """Ask the session's running job of that kind to stop; False when none runs."""
+        with self._lock:
+            job = self._running.get((session, kind))
+        if job is None:
             return False
-        e.set()
+        job.cancel.set()
         return True
+
+
+JOBS = Jobs()
+
+
+def _render_job(key: str, shot_yaml: str, form: dict) -> ev.Rendered:
+    """Render the form's shot (the GPU side: picklable arguments and result)."""
+    job = JOBS.find(key)
+    return ev.render_event(shot_yaml, progress=job.progress, manager=job.manager, cancel=job.cancel, **form)
+
+
+def _train_job(key: str, settings: dict):
+    """Train a subject (the GPU side): settings are train_subject's photo_set, name, phrase, method, steps, model."""
+    job = JOBS.find(key)
+    return sj.train_subject(**settings, progress=job.progress, cancel=job.cancel, manager=job.manager)
+
+
+render_job = gpu(RENDER_SECONDS)(_render_job)
+train_job = gpu(TRAIN_SECONDS)(_train_job)
 
 
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "local"
+
+
+def _library_choices(rows: list[list]) -> list[str]:
+    return [sj.NO_SUBJECT] + [r[0] for r in rows]
+
+
+def random_seed() -> int:
+    return int(time.time_ns() % ev.MAX_SEED)
 
 
 class Page:
@@ -74,26 +175,21 @@ class Page:
 
     def __init__(self, manager):
         self.manager = manager
-        self.jobs = Jobs()
+        self.jobs = JOBS  # the GPU-side functions find the page's jobs there
         self.default_yaml = ev.default_shot_yaml()
         self.start = ev.form_values(self.default_yaml)
         self.start_shot = ev.resolved(self.default_yaml)
-        self.render_on_gpu = gpu(RENDER_SECONDS)(self._render)
-        self.train_on_gpu = gpu(TRAIN_SECONDS)(self._train)
 
-    def _render(self, shot_yaml, form, progress, cancel):
-        return ev.render_event(shot_yaml, **form, progress=progress, manager=self.manager, cancel=cancel)
-
-    def _train(self, photo_set, name, phrase, method, steps, model, progress, cancel):
-        return sj.train_subject(photo_set, name, phrase, method, steps, model, progress=progress, cancel=cancel,
-                                manager=self.manager)
+    def with_form(self, **named) -> dict:
+        """Keyword inputs of an event: the named components and the form's."""
+        return {**named, **self.form}
 
     # --- layout ---------------------------------------------------------------------------------------------------
 
     def build(self):
         import gradio as gr
 
-        with gr.Blocks(title="Shot Studio", fill_width=True) as demo:
+        with gr.Blocks(title="Shot Studio", fill_width=True, delete_cache=CACHE_CLEANUP) as demo:
             gr.Markdown("# Shot Studio\nDirect a short video: where each subject goes (Trajectory), who they are "
                         "(Subjects), the background, the camera pan and the noise correlation γ; then **Render**. "
                         "The page opens on a ready shot on the embedded toy-world model: press Render.")
@@ -116,8 +212,13 @@ class Page:
             self.form = {"model": self.model, "prompt": self.prompt, "negative_prompt": self.negative,
                          "seed": self.seed, "steps": self.steps, "guidance_scale": self.guidance,
                          "frames": self.frames, "width": self.width, "height": self.height, "gamma": self.gamma,
-                         "cx": self.cx, "cy": self.cy}
-            self.form_list = [self.form[k] for k in ev.FORM]
+                         "cx": self.cx, "cy": self.cy, "refine_face": self.refine_face,
+                         "refine_face_strength": self.refine_face_strength,
+                         "refine_face_detector": self.refine_face_detector, "refine_tiled": self.refine_tiled,
+                         "refine_tiled_strength": self.refine_tiled_strength,
+                         "refine_tiled_scale": self.refine_tiled_scale}
+            if tuple(self.form) != ev.FORM:
+                raise RuntimeError(f"Page.form must name the fields of events.FORM in order, not {tuple(self.form)}")
             self.wire_views()
             self.wire_trajectory()
             self.wire_subjects()
@@ -125,9 +226,12 @@ class Page:
             self.wire_background()
             self.wire_shot_file()
             self.wire_render()
-            demo.load(guarded(ev.gamma_preview_event), self.gamma, [self.heat, self.noise_strip], **QUIET)
-            demo.load(guarded(self.refresh_views), self.views_in, self.views, **QUIET)
-            demo.load(guarded(sj.slot_values), [self.shot_yaml, self.slot], self.slot_fields, **QUIET)
+            demo.load(guarded(ev.gamma_preview_event), inputs_kwargs={"gamma": self.gamma},
+                      outputs=[self.heat, self.noise_strip], **QUIET)
+            demo.load(guarded(self.refresh_views, "preview"), inputs_kwargs=self.views_in, outputs=self.views,
+                      **QUIET)
+            demo.load(guarded(self.slot_view), inputs_kwargs={"shot_yaml": self.shot_yaml, "slot": self.slot},
+                      outputs=list(self.slot_fields.values()), **QUIET)
         return demo
 
     def trajectory_tab(self):
@@ -147,7 +251,7 @@ class Page:
                 with gr.Column(scale=3):
                     self.canvas = image_annotator(
                         tj.canvas_value(self.start_shot, 0), label="canvas (boxes of this keyframe)",
-                        label_list=labels or ["subject"], label_colors=_colours(range(max(1, len(labels)))),
+                        label_list=labels or ["subject"], label_colors=tj.colours(range(max(1, len(labels)))),
                         use_default_label=True, image_type="numpy", sources=[], box_min_size=6,
                         show_download_button=False, show_clear_button=False, elem_id="canvas")
                 with gr.Column(scale=2):
@@ -176,13 +280,15 @@ class Page:
             with gr.Row():
                 self.slot = gr.Dropdown(list(range(1, 5)), value=1, label="subject #", scale=1)
                 self.phrase = gr.Textbox(label="phrase (words of the prompt)", scale=3)
-                self.lib_pick = gr.Dropdown([sj.NO_SUBJECT] + sj.library_names(), value=sj.NO_SUBJECT,
+                self.lib_pick = gr.Dropdown(_library_choices(sj.library_rows()), value=sj.NO_SUBJECT,
                                             label="library subject", scale=2)
             with gr.Row():
                 self.reference = gr.Image(label="or a reference image (zero-shot)", type="filepath",
                                           sources=["upload"], height=160)
                 self.ref_strength = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="reference strength")
-            self.slot_fields = [self.phrase, self.lib_pick, self.reference, self.ref_strength]
+            # the subject's fields, by the names set_subject_event takes and slot_values gives
+            self.slot_fields = {"phrase": self.phrase, "library_subject": self.lib_pick,
+                                "reference": self.reference, "strength": self.ref_strength}
             with gr.Row():
                 self.set_subject = gr.Button("Set subject")
                 self.remove_subject = gr.Button("Remove subject")
@@ -283,6 +389,7 @@ class Page:
             with gr.Row():
                 self.width = gr.Number(s["width"], precision=0, minimum=8, step=8, label="width")
                 self.height = gr.Number(s["height"], precision=0, minimum=8, step=8, label="height")
+            self.refine_panel()
             with gr.Row():
                 self.render_btn = gr.Button("Render", variant="primary", elem_id="render")
                 self.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -291,6 +398,30 @@ class Page:
                                   elem_id="video")
             self.downloads = gr.File(label="downloads: MP4, GIF, PNG frames (zip), shot file, sidecar",
                                      file_count="multiple", interactive=False)
+
+    def refine_panel(self):
+        import gradio as gr
+
+        s = self.start
+        with gr.Group():
+            gr.Markdown("**Refinement** after the render: video-to-video passes with the same model and prompt "
+                        "(Magic-Me's Face VCD and Tiled VCD; `refine.face`, `refine.tiled` in the shot file).",
+                        padding=True)
+            with gr.Row():
+                self.refine_face = gr.Checkbox(s["refine_face"], label="Face VCD", scale=1, elem_id="refine-face",
+                                               info="re-denoise each face's crop over all frames")
+                self.refine_face_strength = gr.Slider(0.0, 1.0, value=s["refine_face_strength"], step=0.05,
+                                                      label="face strength", scale=2)
+                self.refine_face_detector = gr.Dropdown(
+                    list(shotlib.FACE_DETECTORS), value=s["refine_face_detector"], label="face detector", scale=2,
+                    info="boxes: the subjects' box tracks (any model, and OpenCV builds without face cascades)")
+            with gr.Row():
+                self.refine_tiled = gr.Checkbox(s["refine_tiled"], label="Tiled VCD", scale=1,
+                                                elem_id="refine-tiled", info="upscale, then re-denoise in tiles")
+                self.refine_tiled_strength = gr.Slider(0.0, 1.0, value=s["refine_tiled_strength"], step=0.05,
+                                                       label="tiled strength", scale=2)
+                self.refine_tiled_scale = gr.Slider(1, 4, value=s["refine_tiled_scale"], step=1,
+                                                    label="tiled scale (video size ×)", scale=2)
 
     def history_tab(self):
         import gradio as gr
@@ -310,184 +441,206 @@ class Page:
                 self.subject_pick, self.frame, self.bg_preview]
 
     @property
-    def views_in(self):
-        return [self.shot_yaml, self.first_frame] + self.form_list
+    def views_in(self) -> dict:
+        return self.with_form(shot_yaml=self.shot_yaml, first_frame=self.first_frame)
 
     @property
-    def canvas_in(self):
-        return [self.shot_yaml, self.frame, self.subject_pick, self.first_frame] + self.form_list
+    def canvas_in(self) -> dict:
+        return self.with_form(shot_yaml=self.shot_yaml, frame=self.frame, subject=self.subject_pick,
+                              first_frame=self.first_frame)
 
-    def refresh_views(self, shot_yaml, first_frame, *values):
+    def refresh_views(self, shot_yaml, first_frame, **form) -> dict:
         """Every preview, the subject lists and the keyframe slider's range, for the shot as it is now."""
         import gradio as gr
 
-        f = named(values)
-        gif, strip = tj.trajectory_preview_event(shot_yaml, first_frame, **f)
-        pan_gif, pan = ev.camera_preview_event(shot_yaml, f["model"], f["prompt"], f["frames"], f["cx"], f["cy"],
-                                               f["width"], f["height"])
-        shot = ev.resolved(shot_yaml, **f)
+        gif, strip = tj.trajectory_preview_event(shot_yaml, first_frame, **form)
+        pan_gif, pan = ev.camera_preview_event(shot_yaml, **form)
+        shot = ev.resolved(shot_yaml, **form)
         labels = tj.subject_labels(shot)
-        return (gif, strip, pan_gif, pan, tj.keyframes_text(shot_yaml, **f), sj.subject_rows(shot_yaml),
-                gr.update(choices=[(lb, i + 1) for i, lb in enumerate(labels)]),
-                gr.update(maximum=max(shot.frames - 1, 1)), sj.background_preview_event(shot_yaml, **f))
+        return {self.track_gif: gif, self.track: strip, self.pan_gif: pan_gif, self.pan: pan,
+                self.keyframes: tj.keyframes_text(shot_yaml, **form), self.subjects_table: sj.subject_rows(shot_yaml),
+                self.subject_pick: gr.update(choices=[(lb, i + 1) for i, lb in enumerate(labels)]),
+                self.frame: gr.update(maximum=max(shot.frames - 1, 1)),
+                self.bg_preview: sj.background_preview_event(shot_yaml, **form)}
 
-    def canvas_for(self, shot_yaml, frame, pick, first_frame, *values):
-        """The canvas for the keyframe; the picked subject's label first, so a new box takes it."""
+    def canvas_for(self, shot_yaml, frame, subject, first_frame, **form):
+        """The canvas for the keyframe, the picked subject's label first."""
         import gradio as gr
 
-        shot = ev.resolved(shot_yaml, **named(values))
-        labels = tj.subject_labels(shot)
-        order = list(range(len(labels)))
-        k = int(pick or 1) - 1
-        if 0 <= k < len(order):
-            order.insert(0, order.pop(k))
-        frame = min(int(frame or 0), shot.frames - 1)
-        return gr.update(value=tj.canvas_value(shot, frame, first_frame),
-                         label_list=[labels[i] for i in order] or ["subject"], label_colors=_colours(order or [0]))
+        return gr.update(**tj.canvas_event(shot_yaml, frame, subject, first_frame, **form))
 
     def then_canvas(self, dependency):
         """After an event that changed the shot file: redraw the canvas."""
-        dependency.success(guarded(self.canvas_for), self.canvas_in, self.canvas, **QUIET)
+        dependency.success(guarded(self.canvas_for, "canvas"), inputs_kwargs=self.canvas_in, outputs=self.canvas,
+                           **QUIET)
 
     def wire_views(self):
-        refresh = guarded(self.refresh_views)
-        self.shot_yaml.change(refresh, self.views_in, self.views, **QUIET, trigger_mode="always_last")
-        for c in (self.frames, self.cx, self.cy, self.model, self.width, self.height):
-            c.change(refresh, self.views_in, self.views, **QUIET, trigger_mode="always_last")
-        self.prompt.blur(refresh, self.views_in, self.views, **QUIET)
-        self.gamma.change(guarded(ev.gamma_preview_event), self.gamma, [self.heat, self.noise_strip],
-                          api_name="gamma_preview", show_progress="hidden", trigger_mode="always_last")
+        """The previews follow the shot file (whatever changed it, a render too) and the form fields they show."""
+        refresh = guarded(self.refresh_views, "preview")
+        for c in (self.shot_yaml, self.frames, self.cx, self.cy, self.model, self.width, self.height):
+            c.change(refresh, inputs_kwargs=self.views_in, outputs=self.views, **QUIET, trigger_mode="always_last")
+        self.prompt.blur(refresh, inputs_kwargs=self.views_in, outputs=self.views, **QUIET)
+        self.gamma.change(guarded(ev.gamma_preview_event), inputs_kwargs={"gamma": self.gamma},
+                          outputs=[self.heat, self.noise_strip], api_name="gamma_preview", show_progress="hidden",
+                          trigger_mode="always_last")
 
     def wire_trajectory(self):
-        def on_boxes(shot_yaml, value, frame, pick, *values):
-            return tj.boxes_event(shot_yaml, value, frame, pick, **named(values))
+        self.canvas.change(guarded(tj.boxes_event), inputs_kwargs=self.with_form(
+            shot_yaml=self.shot_yaml, value=self.canvas, frame=self.frame, subject=self.subject_pick),
+            outputs=self.shot_yaml, **QUIET, trigger_mode="always_last")
+        canvas = guarded(self.canvas_for, "canvas")
+        self.subject_pick.change(canvas, inputs_kwargs=self.canvas_in, outputs=self.canvas, **QUIET)
+        self.frame.change(canvas, inputs_kwargs=self.canvas_in, outputs=self.canvas, **QUIET,
+                          trigger_mode="always_last")
 
-        self.canvas.change(guarded(on_boxes), [self.shot_yaml, self.canvas, self.frame, self.subject_pick]
-                           + self.form_list, self.shot_yaml, **QUIET, trigger_mode="always_last")
-        self.subject_pick.change(guarded(self.canvas_for), self.canvas_in, self.canvas, **QUIET)
-        self.frame.change(guarded(self.canvas_for), self.canvas_in, self.canvas, **QUIET, trigger_mode="always_last")
-        actions = {  # button -> event(shot file, keyframe, subject, copy-to frame, preset, **form)
-            self.clear_key: lambda y, f, p, t, pr, **kw: tj.clear_keyframe_event(y, f, p, **kw),
-            self.clear_all: lambda y, f, p, t, pr, **kw: tj.clear_keyframe_event(y, f, p, every_frame=True, **kw),
-            self.duplicate: lambda y, f, p, t, pr, **kw: tj.duplicate_keyframe_event(y, f, t, p, **kw),
-            self.apply_preset: lambda y, f, p, t, pr, **kw: tj.path_preset_event(y, pr, p, **kw),
-        }
-        inputs = [self.shot_yaml, self.frame, self.subject_pick, self.to_frame, self.preset] + self.form_list
-        for button, fn in actions.items():
-            def run(shot_yaml, frame, pick, to_frame, preset, *values, fn=fn):
-                return fn(shot_yaml, frame, pick, to_frame, preset, **named(values))
+        def clear_all_keyframes(shot_yaml, subject, **form):
+            return tj.clear_keyframe_event(shot_yaml, frame=None, subject=subject, every_frame=True, **form)
 
-            self.then_canvas(button.click(guarded(run), inputs, self.shot_yaml, **QUIET))
+        picked = dict(shot_yaml=self.shot_yaml, subject=self.subject_pick)
+        actions = [  # button, event, its inputs besides the form
+            (self.clear_key, tj.clear_keyframe_event, {**picked, "frame": self.frame}),
+            (self.clear_all, clear_all_keyframes, picked),
+            (self.duplicate, tj.duplicate_keyframe_event, {**picked, "frame": self.frame, "to_frame": self.to_frame}),
+            (self.apply_preset, tj.path_preset_event, {**picked, "preset": self.preset}),
+        ]
+        for button, event, inputs in actions:
+            self.then_canvas(button.click(guarded(event), inputs_kwargs=self.with_form(**inputs),
+                                          outputs=self.shot_yaml, **QUIET))
 
     # --- subjects, training, background ---------------------------------------------------------------------------
 
-    def library_views(self):
+    def slot_view(self, shot_yaml, slot) -> dict:
+        """The subject fields of the picked slot."""
+        return {self.slot_fields[name]: v for name, v in sj.slot_values(shot_yaml, slot).items()}
+
+    def library_views(self) -> dict:
+        """The library table and the library-subject choices, from one read of the library."""
         import gradio as gr
 
-        return sj.library_rows(), gr.update(choices=[sj.NO_SUBJECT] + sj.library_names())
+        rows = sj.library_rows()
+        return {self.library: rows, self.lib_pick: gr.update(choices=_library_choices(rows))}
 
     def wire_subjects(self):
-        self.slot.change(guarded(sj.slot_values), [self.shot_yaml, self.slot], self.slot_fields, **QUIET)
+        slot = {"shot_yaml": self.shot_yaml, "slot": self.slot}
+        self.slot.change(guarded(self.slot_view), inputs_kwargs=slot, outputs=list(self.slot_fields.values()),
+                         **QUIET)
+        self.then_canvas(self.set_subject.click(guarded(sj.set_subject_event),
+                                                inputs_kwargs=self.with_form(**slot, **self.slot_fields),
+                                                outputs=self.shot_yaml, **QUIET))
+        self.then_canvas(self.remove_subject.click(guarded(sj.remove_subject_event), inputs_kwargs=slot,
+                                                   outputs=self.shot_yaml, **QUIET))
+        library = [self.library, self.lib_pick]
+        self.refresh_lib.click(guarded(self.library_views, "library"), outputs=library, **QUIET)
 
-        def on_set(shot_yaml, slot, phrase, library_subject, reference, strength, *values):
-            return sj.set_subject_event(shot_yaml, slot, phrase, library_subject, reference, strength,
-                                        **named(values))
-
-        self.then_canvas(self.set_subject.click(guarded(on_set), [self.shot_yaml, self.slot] + self.slot_fields
-                                                + self.form_list, self.shot_yaml, **QUIET))
-        self.then_canvas(self.remove_subject.click(guarded(sj.remove_subject_event), [self.shot_yaml, self.slot],
-                                                   self.shot_yaml, **QUIET))
-        self.refresh_lib.click(self.library_views, None, [self.library, self.lib_pick], **QUIET)
-
-        def on_delete(name):
+        def delete_library_subject(name):
             sj.delete_subject_event(name, manager=self.manager)
             return self.library_views()
 
-        self.delete_lib.click(guarded(on_delete), self.lib_pick, [self.library, self.lib_pick], **QUIET)
+        self.delete_lib.click(guarded(delete_library_subject), inputs_kwargs={"name": self.lib_pick},
+                              outputs=library, **QUIET)
 
     def wire_training(self):
         import gradio as gr
 
-        self.photos.upload(guarded(sj.photos_event), [self.photos, self.train_phrase],
-                           [self.photo_set, self.masks_view], api_visibility="private")
-        self.replace_mask.click(guarded(sj.replace_mask_event), [self.photo_set, self.mask_for, self.mask_file],
-                                [self.photo_set, self.masks_view], api_visibility="private")
+        self.photos.upload(guarded(sj.photos_event), inputs_kwargs={"files": self.photos, "phrase": self.train_phrase},
+                           outputs=[self.photo_set, self.masks_view], api_visibility="private")
+        self.replace_mask.click(guarded(sj.replace_mask_event), inputs_kwargs={
+            "photo_set": self.photo_set, "number": self.mask_for, "mask_path": self.mask_file},
+            outputs=[self.photo_set, self.masks_view], api_visibility="private")
+        settings = {"photo_set": self.photo_set, "name": self.train_name, "phrase": self.train_phrase,
+                    "method": self.method, "steps": self.train_steps, "model": self.model}
 
-        def do_train(photo_set, name, phrase, method, steps, model, request: gr.Request, progress=gr.Progress()):
-            yield from self.train_progress(photo_set, name, phrase, method, steps, model, request, progress)
+        def train(request: gr.Request, progress=gr.Progress(), **settings):
+            yield from self.train_progress(settings, _session(request), progress)
 
-        self.train.click(do_train, [self.photo_set, self.train_name, self.train_phrase, self.method,
-                                    self.train_steps, self.model],
-                         [self.train_status, self.loss_plot, self.library, self.lib_pick], concurrency_limit=1,
-                         concurrency_id="gpu", api_visibility="private")
+        self.train.click(guarded(train, "training"), inputs_kwargs=settings,
+                         outputs=[self.train_status, self.loss_plot, self.library, self.lib_pick],
+                         concurrency_limit=1, concurrency_id="gpu", api_visibility="private")
+        self.cancel_train.click(self.canceller("train"), outputs=self.train_status, queue=False,
+                                api_visibility="private")
 
-        def do_cancel_train(request: gr.Request):
-            return "cancelling…" if self.jobs.cancel(_session(request)) else "nothing to cancel"
-
-        self.cancel_train.click(do_cancel_train, None, self.train_status, queue=False, api_visibility="private")
-
-    def train_progress(self, photo_set, name, phrase, method, steps, model, request, progress):
-        """Train in a worker thread; yield (status, loss curve, library table, library choices) as it goes."""
+    def canceller(self, kind: str):
+        """The Cancel button's event for jobs of that kind ("render" or "train") in the clicking session."""
         import gradio as gr
+
+        def cancel(request: gr.Request) -> str:
+            return "cancelling…" if self.jobs.cancel(_session(request), kind) else "nothing to cancel"
+
+        return cancel
+
+    def train_progress(self, settings: dict, session: str, progress):
+        """Train in a worker thread; yield the status and loss curve as new losses come, the library at the end."""
         import pandas as pd
 
-        cancel = self.jobs.start(_session(request))
-        losses, out, err = [], {}, []
+        losses, out, failed = [], {}, []
 
         def on_step(i, n, loss, left):
             losses.append((i, float(loss)))
             progress((i, n), desc=f"training: loss {loss:.4f}, {left:.0f} s left")
 
-        def work():
-            try:
-                out["subject"], out["result"] = self.train_on_gpu(photo_set, name, phrase, method, steps, model,
-                                                                  on_step, cancel)
-            except ev.UserError as e:
-                err.append(str(e))
-            except Exception as e:  # one line in the page; the log has the trace
-                logger.exception("training failed")
-                err.append(f"training failed: {type(e).__name__}: {e}")
+        with self.jobs.running(session, "train", on_step, self.manager) as job:
+            def work():
+                try:
+                    out["subject"], out["result"] = train_job(job.key, settings)
+                except Exception as e:  # raised again below, in the event (guarded shows and logs it)
+                    failed.append(e)
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(TRAIN_POLL_S)
-            if losses:
-                i, loss = losses[-1]
-                yield (f"step {i}: loss {loss:.4f}", pd.DataFrame(losses, columns=["step", "loss"]),
-                       *self.library_views())
-        if err:
-            raise gr.Error(err[0], print_exception=False)
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            shown = 0
+            while worker.is_alive():
+                worker.join(TRAIN_POLL_S)
+                if len(losses) > shown:
+                    shown = len(losses)
+                    i, loss = losses[-1]
+                    yield {self.train_status: f"step {i}: loss {loss:.4f}",
+                           self.loss_plot: pd.DataFrame(losses, columns=["step", "loss"])}
+        if failed:
+            raise failed[0]
         subject, result = out["subject"], out["result"]
-        yield (f"**{subject.name}** trained ({', '.join(subject.methods)}) in {result.seconds:.0f} s; put it in a "
-               f"shot with the phrase '{subject.class_word}' and library subject '{subject.name}'.",
-               pd.DataFrame(losses, columns=["step", "loss"]), *self.library_views())
+        yield {self.train_status: f"**{subject.name}** trained ({', '.join(subject.methods)}) in "
+                                  f"{result.seconds:.0f} s; put it in a shot with the phrase '{subject.class_word}' "
+                                  f"and library subject '{subject.name}'.",
+               self.loss_plot: pd.DataFrame(losses, columns=["step", "loss"]), **self.library_views()}
 
     def wire_background(self):
-        inputs = [self.shot_yaml, self.bg_image, self.bg_strength]
-        self.then_canvas(self.bg_image.upload(guarded(sj.set_background_event), inputs, self.shot_yaml, **QUIET))
-        self.bg_strength.release(guarded(lambda y, img, s: sj.set_background_event(y, img, s) if img else y),
-                                 inputs, self.shot_yaml, **QUIET)
-        cleared = self.bg_clear.click(guarded(lambda y, s: sj.set_background_event(y, None, s)),
-                                      [self.shot_yaml, self.bg_strength], self.shot_yaml, **QUIET)
-        self.then_canvas(cleared.success(lambda: None, None, self.bg_image, **QUIET))
+        import gradio as gr
+
+        def set_strength(shot_yaml, image, strength):
+            return sj.set_background_event(shot_yaml, image, strength) if image else shot_yaml
+
+        def remove_background(shot_yaml, strength):
+            return sj.set_background_event(shot_yaml, None, strength)
+
+        inputs = {"shot_yaml": self.shot_yaml, "image": self.bg_image, "strength": self.bg_strength}
+        self.then_canvas(self.bg_image.upload(guarded(sj.set_background_event), inputs_kwargs=inputs,
+                                              outputs=self.shot_yaml, **QUIET))
+        self.bg_strength.release(guarded(set_strength, "background strength"), inputs_kwargs=inputs,
+                                 outputs=self.shot_yaml, **QUIET)
+        cleared = self.bg_clear.click(guarded(remove_background), inputs_kwargs={
+            "shot_yaml": self.shot_yaml, "strength": self.bg_strength}, outputs=self.shot_yaml, **QUIET)
+        self.then_canvas(cleared.success(lambda: gr.update(value=None), outputs=self.bg_image, **QUIET))
 
     # --- shot file and render -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def to_form(shot_yaml):
-        values = ev.form_values(shot_yaml)
-        return [values[k] for k in ev.FORM]
+    def to_form(self, shot_yaml) -> dict:
+        """The form's components, filled from a shot file."""
+        return {self.form[name]: v for name, v in ev.form_values(shot_yaml).items()}
 
     def wire_shot_file(self):
-        to_form = guarded(self.to_form)
-        loaded = self.upload.upload(guarded(ev.load_shot_event), self.upload, self.shot_yaml, api_name="load_shot")
-        self.then_canvas(loaded.success(to_form, self.shot_yaml, self.form_list, **QUIET))
-        self.then_canvas(self.shot_yaml.blur(to_form, self.shot_yaml, self.form_list, **QUIET))
-        self.shot_tab.select(guarded(lambda y, *v: ev.apply_form_event(y, **named(v))),
-                             [self.shot_yaml] + self.form_list, self.shot_yaml, **QUIET)
-        self.save.click(guarded(lambda y, name, *v: ev.save_shot_event(y, name, **named(v))),
-                        [self.shot_yaml, self.save_name] + self.form_list, self.saved, api_name="save_shot")
+        to_form = guarded(self.to_form, "shot file")
+        form = list(self.form.values())
+        loaded = self.upload.upload(guarded(ev.load_shot_event), inputs_kwargs={"path": self.upload},
+                                    outputs=self.shot_yaml, api_name="load_shot")
+        self.then_canvas(loaded.success(to_form, inputs_kwargs={"shot_yaml": self.shot_yaml}, outputs=form,
+                                        **QUIET))
+        self.then_canvas(self.shot_yaml.blur(to_form, inputs_kwargs={"shot_yaml": self.shot_yaml}, outputs=form,
+                                             **QUIET))
+        self.shot_tab.select(guarded(ev.apply_form_event), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml),
+                             outputs=self.shot_yaml, **QUIET)
+        self.save.click(guarded(ev.save_shot_event), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml,
+                                                                                  name=self.save_name),
+                        outputs=self.saved, api_name="save_shot")
 
     def wire_render(self):
         import gradio as gr
@@ -495,56 +648,48 @@ class Page:
         picked = ["frames", "width", "height", "steps", "guidance_scale"]
 
         def on_model(model):  # a model picked by the user brings its own size, length and steps
-            d = ev.preset_defaults_event(model)
-            return [d[k] for k in picked]
+            return {self.form[k]: v for k, v in ev.preset_defaults_event(model).items()}
 
-        self.model.input(guarded(on_model), self.model, [self.form[k] for k in picked], **QUIET)
-        self.dice.click(lambda: int(time.time_ns() % ev.MAX_SEED), outputs=self.seed, api_visibility="private")
-
-        def do_render(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance_scale, frames, width, height,
-                      gamma, cx, cy, history, request: gr.Request, progress=gr.Progress()):
-            form = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                        guidance_scale=guidance_scale, frames=frames, width=width, height=height, gamma=gamma,
-                        cx=cx, cy=cy)
-            cancel = self.jobs.start(_session(request))
-            try:
-                r = self.render_on_gpu(shot_yaml, form, lambda i, n: progress((i, n), desc="denoising"), cancel)
-            except ev.Cancelled as e:  # not an error: the outputs keep the last render
-                keep = gr.update()
-                return keep, keep, keep, f"{e}.", keep, keep, keep
-            history = history + [r.entry]
-            return r.video, r.downloads, r.shot_yaml, r.status, history, ev.history_rows(history), r.first_frame
+        self.model.input(guarded(on_model, "model preset"), inputs_kwargs={"model": self.model},
+                         outputs=[self.form[k] for k in picked], **QUIET)
+        self.dice.click(random_seed, outputs=self.seed, api_visibility="private")
+        def render(shot_yaml, history, request: gr.Request, progress=gr.Progress(), **form):
+            return self.render(shot_yaml, history, _session(request), progress, **form)
 
         rendered = self.render_btn.click(
-            guarded(do_render), [self.shot_yaml] + self.form_list + [self.history],
-            [self.video, self.downloads, self.shot_yaml, self.status, self.history, self.history_table,
-             self.first_frame], api_name="render", concurrency_limit=1, concurrency_id="gpu")
-        self.then_canvas(rendered)
-        rendered.success(guarded(self.refresh_views), self.views_in, self.views, **QUIET)
+            guarded(render), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml, history=self.history),
+            outputs=[self.video, self.downloads, self.shot_yaml, self.status, self.history, self.history_table,
+                     self.first_frame], api_name="render", concurrency_limit=1, concurrency_id="gpu")
+        self.then_canvas(rendered)  # the new first frame behind the boxes; the previews follow the shot file's change
+        self.cancel_btn.click(self.canceller("render"), outputs=self.status, queue=False, api_visibility="private")
 
-        def do_cancel(request: gr.Request):
-            return "cancelling…" if self.jobs.cancel(_session(request)) else "nothing to cancel"
-
-        self.cancel_btn.click(do_cancel, None, self.status, queue=False, api_visibility="private")
-
-        def on_load_back(history, number):
+        def load_back(history, number):
             h = ev.history_entry(history, number)
-            return [h["shot_yaml"], h["video"], *self.to_form(h["shot_yaml"])]
+            return {self.shot_yaml: h["shot_yaml"], self.video: h["video"], **self.to_form(h["shot_yaml"])}
 
-        self.then_canvas(self.load_back.click(guarded(on_load_back), [self.history, self.pick],
-                                              [self.shot_yaml, self.video] + self.form_list, **QUIET))
+        self.then_canvas(self.load_back.click(guarded(load_back, "history"), inputs_kwargs={
+            "history": self.history, "number": self.pick}, outputs=[self.shot_yaml, self.video, *self.form.values()],
+            **QUIET))
+
+    def render(self, shot_yaml, history, session: str, progress, **form) -> dict:
+        """The Render button: the shot on the GPU side, progress per step labelled by stage, Cancel by session."""
+        def report(i, n, stage):
+            progress((i, n), desc=stage)
+
+        with self.jobs.running(session, "render", report, self.manager) as job:
+            try:
+                r = render_job(job.key, shot_yaml, form)
+            except ev.Cancelled as e:  # not an error: the outputs keep the last render
+                return {self.status: f"{e}."}
+        history = history + [r.entry]
+        return {self.video: r.video, self.downloads: r.downloads, self.shot_yaml: r.shot_yaml, self.status: r.status,
+                self.history: history, self.history_table: ev.history_rows(history), self.first_frame: r.first_frame}
 
 
 def _model_choices() -> list[str]:
     from studio.presets import list_model_presets
 
     return list_model_presets()
-
-
-def _colours(indices) -> list[tuple[int, int, int]]:
-    from studio.previews import COLOURS
-
-    return [COLOURS[i % len(COLOURS)] for i in indices]
 
 
 def build_app(manager=None):

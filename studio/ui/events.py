@@ -6,12 +6,15 @@ subjects, their boxes, the background, the control settings. The form's values (
 are laid over it whenever a shot is built; a render returns the resolved shot, so the editor always holds the file
 that reproduces the last video from the command line.
 
-Errors a user can fix are UserError, naming the shot field (`noise_prior.gamma: must be in [0, 1) ...`).
+Errors a user can fix are UserError, naming the shot field (`noise_prior.gamma: must be in [0, 1) ...`); every
+event function turns input errors into it through one decorator, `user_errors`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import shutil
 import threading
@@ -28,11 +31,18 @@ GAMMA_HELP = ("γ correlates the initial noise across frames: Cov(frame i, frame
               "noise per frame (more motion, more flicker); near 1 = shared noise (steadier, less motion).")
 MAX_SEED = 2**31 - 1
 DEFAULT_SHOT = "toyworld-star"  # the shot the page opens with: presets/shots/<name>.yaml, on the embedded model
-# The form's fields, in the order the page passes them; each is the shot field of the same name, except gamma
-# (noise_prior.gamma) and cx, cy (camera.cx, camera.cy).
-FORM = ("model", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "frames", "width", "height",
-        "gamma", "cx", "cy")
-INT_FIELDS = ("seed", "steps", "frames", "width", "height")
+# The form's fields: the name the page passes each by (a keyword) -> the shot field it shows (dotted path).
+FORM_FIELDS = {
+    "model": "model", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+    "guidance_scale": "guidance_scale", "frames": "frames", "width": "width", "height": "height",
+    "gamma": "noise_prior.gamma", "cx": "camera.cx", "cy": "camera.cy",
+    "refine_face": "refine.face.enabled", "refine_face_strength": "refine.face.strength",
+    "refine_face_detector": "refine.face.detector", "refine_tiled": "refine.tiled.enabled",
+    "refine_tiled_strength": "refine.tiled.strength", "refine_tiled_scale": "refine.tiled.scale",
+}
+FORM = tuple(FORM_FIELDS)
+INT_FIELDS = ("seed", "steps", "frames", "width", "height", "refine_tiled_scale")  # sliders, number boxes send floats
+KEEP_EMPTY = ("negative_prompt",)  # fields where "" is a value; elsewhere "" keeps the shot file's value
 HISTORY_COLUMNS = ["#", "time", "prompt", "model", "seed", "frames", "size", "γ", "pan", "seconds"]
 
 
@@ -44,17 +54,37 @@ class Cancelled(UserError):
     """The user cancelled the render; nothing was written."""
 
 
+INPUT_ERRORS = (shotlib.ShotError, ModelLoadError, ValueError)  # problems with what the user gave, naming the field
+
+
 def user_errors(fn):
-    """Run fn, turning input errors (ShotError, ValueError naming a field, a missing model) into UserError."""
+    """fn (a function or a generator function) with input errors (ShotError, ModelLoadError, a ValueError naming a
+    field, e.g. a control's) raised as UserError; anything else passes through unchanged."""
+    def convert(e: Exception) -> UserError:
+        logger.info("%s: %s", fn.__name__, e)
+        return UserError(str(e))
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def run_generator(*args, **kwargs):
+            try:
+                return (yield from fn(*args, **kwargs))
+            except UserError:
+                raise
+            except INPUT_ERRORS as e:
+                raise convert(e) from None
+
+        return run_generator
+
+    @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError:
             raise
-        except (shotlib.ShotError, ModelLoadError, ValueError) as e:
-            raise UserError(str(e)) from None
+        except INPUT_ERRORS as e:
+            raise convert(e) from None
 
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
 
 
@@ -85,70 +115,64 @@ def _as_int(v):
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def shot_from_form(shot_yaml: str, model: str | None = None, prompt: str | None = None,
-                   negative_prompt: str | None = None, seed=None, steps=None, guidance_scale=None, frames=None,
-                   gamma=None, cx=None, cy=None, width=None, height=None) -> shotlib.Shot:
-    """The form's values laid over the shot file in the editor; validated against the model preset.
+def _check_names(form: dict) -> None:
+    unknown = sorted(set(form) - set(FORM_FIELDS))
+    if unknown:  # a wiring mistake, not a user's: fail loudly
+        raise TypeError(f"not form fields: {', '.join(unknown)} (the form is {', '.join(FORM)})")
 
-    A value left None (or "") keeps the shot file's. Raises UserError naming the field.
+
+@user_errors
+def shot_from_form(shot_yaml: str, **form) -> shotlib.Shot:
+    """The form's values (by FORM name) laid over the shot file in the editor; validated against the model preset.
+
+    A value left None (or "", except for the negative prompt) keeps the shot file's. Raises UserError naming the
+    field.
     """
-    try:
-        base = shotlib.loads(shot_yaml, where="shot file")
-        data = shotlib.to_dict(base)
-        values = {"model": model, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-                  "guidance_scale": guidance_scale, "frames": frames, "width": width, "height": height}
-        for k, v in values.items():
-            if v is not None and (v != "" or k == "negative_prompt"):
-                data[k] = _as_int(v) if k in INT_FIELDS else v  # sliders and number boxes send floats
-        if gamma is not None:
-            data["noise_prior"]["gamma"] = gamma
-        for name, v in (("cx", cx), ("cy", cy)):
-            if v is not None:
-                data["camera"][name] = v
-        shot = shotlib.from_container(data)
-        engine.prepare(shot)  # validate against the model preset now, before any work
-    except (shotlib.ShotError, ModelLoadError) as e:
-        raise UserError(str(e)) from None
+    _check_names(form)
+    data = shotlib.to_dict(shotlib.loads(shot_yaml, where="shot file"))
+    for name, v in form.items():
+        if v is None or (v == "" and name not in KEEP_EMPTY):
+            continue
+        *parents, leaf = FORM_FIELDS[name].split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[leaf] = _as_int(v) if name in INT_FIELDS else v
+    shot = shotlib.from_container(data)
+    engine.prepare(shot)  # validate against the model preset now, before any work
     return shot
 
 
+@user_errors
 def form_values(shot_yaml: str) -> dict:
-    """The form's values for a shot file (the model preset's defaults where the file leaves them out)."""
-    try:
-        shot, _ = engine.prepare(shotlib.loads(shot_yaml, where="shot file"))
-    except (shotlib.ShotError, ModelLoadError) as e:
-        raise UserError(str(e)) from None
-    return {"model": shot.model, "prompt": shot.prompt, "negative_prompt": shot.negative_prompt, "seed": shot.seed,
-            "steps": shot.steps, "guidance_scale": shot.guidance_scale, "frames": shot.frames, "width": shot.width,
-            "height": shot.height, "gamma": shot.noise_prior.gamma, "cx": shot.camera.cx, "cy": shot.camera.cy}
+    """The form's values (by FORM name) for a shot file, the model preset's defaults where the file leaves them out."""
+    shot, _ = engine.prepare(shotlib.loads(shot_yaml, where="shot file"))
+    return {name: functools.reduce(getattr, path.split("."), shot) for name, path in FORM_FIELDS.items()}
 
 
+@user_errors
 def preset_defaults_event(model: str) -> dict:
     """A model preset's frames, width, height, steps and guidance scale: the form's values after picking it."""
     from studio.presets import load_model_preset
 
-    try:
-        d = load_model_preset(model).defaults
-    except (shotlib.ShotError, ModelLoadError) as e:
-        raise UserError(str(e)) from None
+    d = load_model_preset(model).defaults
     return {"frames": d.frames, "width": d.width, "height": d.height, "steps": d.steps,
             "guidance_scale": d.guidance_scale}
 
 
+@user_errors
 def load_shot_event(path: str | None) -> str:
     """An uploaded shot file -> the editor text (validated)."""
     if not path:
         raise UserError("shot file: no file given")
     if Path(path).suffix.lower() not in (".yaml", ".yml"):
         raise UserError(f"shot file: must be a .yaml or .yml file (got {Path(path).name!r})")
-    try:
-        shot = shotlib.load(path)
-        engine.prepare(shot)
-    except (shotlib.ShotError, ModelLoadError) as e:
-        raise UserError(str(e)) from None
+    shot = shotlib.load(path)
+    engine.prepare(shot)
     return shotlib.dumps(shot)
 
 
+@user_errors
 def save_shot_event(shot_yaml: str, name: str = "", **form) -> str:
     """The form's shot saved as a YAML file in the output folder (the file `studio render` takes); its path."""
     shot = shot_from_form(shot_yaml, **form)
@@ -157,6 +181,7 @@ def save_shot_event(shot_yaml: str, name: str = "", **form) -> str:
     return str(shotlib.save(shot, _subdir("shots") / f"{stem}.yaml"))
 
 
+@user_errors
 def apply_form_event(shot_yaml: str, **form) -> str:
     """The shot file with the form's values written into it (what Save and Render store)."""
     return shotlib.dumps(shot_from_form(shot_yaml, **form))
@@ -165,6 +190,7 @@ def apply_form_event(shot_yaml: str, **form) -> str:
 # --- uploads -------------------------------------------------------------------------------------------------
 
 
+@user_errors
 def store_image(path: str | None, field: str) -> str:
     """Check an uploaded image (type, size, readable) and keep a copy in the output folder; the copy's path.
 
@@ -173,10 +199,7 @@ def store_image(path: str | None, field: str) -> str:
     """
     if not path:
         raise UserError(f"{field}: no image given")
-    try:
-        shotlib.validate_image_file(str(path), field)
-    except shotlib.ShotError as e:
-        raise UserError(str(e)) from None
+    shotlib.validate_image_file(str(path), field)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     target = _subdir("uploads") / f"{digest}{Path(path).suffix.lower()}"
     if not target.exists():
@@ -222,36 +245,60 @@ def _unique_stem(folder: Path, seed: int) -> str:
     return name
 
 
-def render_event(shot_yaml: str, model=None, prompt=None, negative_prompt=None, seed=None, steps=None,
-                 guidance_scale=None, frames=None, gamma=None, cx=None, cy=None, width=None, height=None,
-                 progress=None, manager=None, cancel: threading.Event | None = None) -> Rendered:
-    """Render the form's shot to MP4, GIF, PNG frames (zip), the shot file and its sidecar, all in the output folder.
+class StageProgress:
+    """The engine's progress calls (i, n) labelled by stage for the page: `report(i, n, stage)`.
 
-    progress(i, total) is called after each denoising step; setting `cancel` stops the render between steps.
+    The engine reports denoising steps (1..steps of steps), then, when the shot refines, the refinement passes'
+    own count from 1 again (Face VCD then Tiled VCD, one total over both): a call is refinement once the
+    denoising count has reached its end and the count starts over or its total changes.
+    """
+
+    DENOISING = "denoising"
+
+    def __init__(self, report, shot: shotlib.Shot):
+        self.report, self.steps = report, shot.steps
+        passes = [name for name, r in (("Face VCD", shot.refine.face), ("Tiled VCD", shot.refine.tiled))
+                  if r.enabled]
+        self.refining = f"refining: {' then '.join(passes)}"
+        self.last: int | None = None
+        self.in_refine = False
+
+    def __call__(self, i: int, n: int) -> None:
+        if not self.in_refine and self.last is not None and self.last >= self.steps and (i <= self.last or
+                                                                                          n != self.steps):
+            self.in_refine = True
+        self.last = i
+        self.report(i, n, self.refining if self.in_refine else self.DENOISING)
+
+
+@user_errors
+def render_event(shot_yaml: str, progress=None, manager=None, cancel: threading.Event | None = None,
+                 **form) -> Rendered:
+    """Render the form's shot (FORM names) to MP4, GIF, PNG frames (zip), the shot file and its sidecar, all in the
+    output folder.
+
+    progress(i, total, stage) is called after each denoising step (stage "denoising") and, when the shot refines,
+    after each refinement step (stage "refining: ..."); setting `cancel` stops the render between steps.
     """
     from studio import export
 
-    shot = shot_from_form(shot_yaml, model, prompt, negative_prompt, seed, steps, guidance_scale, frames, gamma,
-                          cx, cy, width, height)
+    shot = shot_from_form(shot_yaml, **form)
     folder = output_dir()
     stem = _unique_stem(folder, shot.seed)
     out = folder / f"{stem}.mp4"
     frames_dir = folder / f"{stem}-frames"
+    staged = StageProgress(progress, engine.prepare(shot)[0]) if progress is not None else None
     try:
         files = engine.render_to_files(shot, out, frames_dir=frames_dir, gif=folder / f"{stem}.gif",
-                                       manager=manager, cancel=cancel, progress=progress)
-    except (shotlib.ShotError, ModelLoadError) as e:
-        raise UserError(str(e)) from None
+                                       manager=manager, cancel=cancel, progress=staged)
     except engine.RenderCancelled:
         raise Cancelled("render cancelled; nothing was written") from None
     r = files.result
     frames_zip = shutil.make_archive(str(frames_dir), "zip", root_dir=frames_dir)
     first = export.write_png_frames(r.frames[:1], folder / f"{stem}-first")[0]
     shot_file = shotlib.save(r.shot, out.with_suffix(".yaml"))
+    status = _status(r)
     t = r.timings
-    status = (f"{r.shot.frames} frames {r.shot.width}×{r.shot.height} on {r.preset.name}, seed {r.shot.seed}: "
-              f"{t['total']:.2f} s (set-up {t['load'] + t.get('prepare', 0.0):.2f} s, "
-              f"denoising {t.get('denoise', 0.0):.2f} s)")
     entry = {"time": time.strftime("%H:%M:%S"), "prompt": r.shot.prompt, "model": r.preset.name, "seed": r.shot.seed,
              "frames": r.shot.frames, "size": f"{r.shot.width}×{r.shot.height}", "gamma": r.shot.noise_prior.gamma,
              "pan": f"{r.shot.camera.cx:+.2f}, {r.shot.camera.cy:+.2f}", "seconds": round(t["total"], 2),
@@ -260,6 +307,17 @@ def render_event(shot_yaml: str, model=None, prompt=None, negative_prompt=None, 
     return Rendered(video=str(out), gif=str(files.gif), frames_zip=frames_zip, sidecar=str(files.sidecar),
                     shot_file=str(shot_file), shot_yaml=entry["shot_yaml"], status=status, first_frame=str(first),
                     entry=entry, timings=dict(t))
+
+
+def _status(r) -> str:
+    """One line on a finished render: size, model, seed, and where the time went."""
+    t, s = r.timings, r.shot
+    line = (f"{s.frames} frames {s.width}×{s.height} on {r.preset.name}, seed {s.seed}: {t['total']:.2f} s "
+            f"(set-up {t['load'] + t.get('prepare', 0.0):.2f} s, denoising {t.get('denoise', 0.0):.2f} s")
+    if "refine" in t:
+        h, w = r.frames.shape[1:3]
+        line += f", refining {t['refine']:.2f} s to {w}×{h}"
+    return line + ")"
 
 
 def history_rows(history: list[dict]) -> list[list]:
@@ -287,6 +345,7 @@ def history_entry(history: list[dict], number) -> dict:
 # --- previews ------------------------------------------------------------------------------------------------
 
 
+@user_errors
 def gamma_preview_event(gamma: float):
     """The prior's covariance as a heat map and a strip of sampled noise frames (uint8 images)."""
     import cv2
@@ -294,16 +353,17 @@ def gamma_preview_event(gamma: float):
 
     from studio.controls import noise_prior
 
-    if gamma is None or not 0.0 <= float(gamma) < 1.0:
-        raise UserError(f"noise_prior.gamma: must be in [0, 1): gamma = 1 would repeat one noise frame (got {gamma})")
-    cov, frames = noise_prior.preview(float(gamma), frames=8, size=32, seed=0)
+    if gamma is None:
+        raise UserError("noise_prior.gamma: no value given")
+    # the shot's own validation of γ, on the smallest shot that has one
+    engine.prepare(shotlib.Shot(prompt="noise preview", noise_prior=shotlib.NoisePrior(gamma=float(gamma))))
+    cov, frames = noise_prior.preview(float(gamma), frames=8, size=32, seed=0)  # (F, F), (F, size, size) in 0..1
     heat = cv2.applyColorMap((np.asarray(cov) * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1]
     heat = cv2.resize(heat, (160, 160), interpolation=cv2.INTER_NEAREST)
-    gap = np.ones((frames.shape[1], 2))  # white 2 px gap between frames
-    strip = np.concatenate([x for f in frames for x in (f, gap)][:-1], axis=1)  # (size, F·size + gaps)
-    strip = (strip * 255).round().astype(np.uint8)
-    strip = cv2.resize(strip, (strip.shape[1] * 2, strip.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    return heat, strip
+    grey = np.repeat((frames[..., None] * 255).round().astype(np.uint8), 3, axis=-1)  # (F, size, size, 3)
+    noise = strip(grey)
+    noise = cv2.resize(noise, (noise.shape[1] * 2, noise.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    return heat, noise
 
 
 def strip(frames):
@@ -325,22 +385,16 @@ def preview_gif(frames, fps: int = 4) -> str:
     return str(path)
 
 
+@user_errors
 def resolved(shot_yaml: str, **form) -> shotlib.Shot:
     """The form's shot with every default filled in (frames, size, step windows)."""
     return engine.prepare(shot_from_form(shot_yaml, **form))[0]
 
 
-def preview_event(shot_yaml: str, model: str, prompt: str, frames, cx, cy, width=None, height=None):
-    """Strips of the boxes' trajectory and of the camera pan over the shot's frames (no rendering)."""
-    from studio import previews
-
-    shot = resolved(shot_yaml, model=model, prompt=prompt, frames=frames, cx=cx, cy=cy, width=width, height=height)
-    return strip(previews.trajectory(shot, long_side=96)), strip(previews.camera(shot, long_side=96))
-
-
-def camera_preview_event(shot_yaml: str, model: str, prompt: str, frames, cx, cy, width=None, height=None):
+@user_errors
+def camera_preview_event(shot_yaml: str, **form):
     """(animated GIF path, strip): the grid, a landmark and the boxes moving as the pan will move them."""
     from studio import previews
 
-    shot = resolved(shot_yaml, model=model, prompt=prompt, frames=frames, cx=cx, cy=cy, width=width, height=height)
+    shot = resolved(shot_yaml, **form)
     return preview_gif(previews.camera(shot, long_side=192)), strip(previews.camera(shot, long_side=96))

@@ -89,6 +89,7 @@ def replace_mask_event(photo_set: list[dict], number, mask_path: str | None) -> 
     return new, gallery(new)
 
 
+@user_errors
 def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, steps, model: str,
                   progress=None, cancel: threading.Event | None = None, manager=None, library=None):
     """Train a subject on the photo set and add it to the library; (Subject, TuneResult).
@@ -105,28 +106,22 @@ def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, st
         raise UserError(f"phrase: needs a trigger word and the class word, e.g. 'sks dog' (got {phrase!r})")
     photos = [read_image(p["photo"]) for p in photo_set]
     masks = [load_mask(p["mask"]) for p in photo_set]
+    settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]),
+                                 steps=int(steps) if steps else None)
     try:
-        settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]),
-                                     steps=int(steps) if steps else None)
         return tune.add_subject(name, photos, masks, model, settings, library=library, manager=manager,
                                 progress=progress, cancel=cancel)
     except tune.TuneCancelled:
         raise UserError("training cancelled; nothing was saved") from None
-    except (ValueError, shotlib.ShotError) as e:
-        raise UserError(str(e)) from None
 
 
+@user_errors
 def library_rows(library=None) -> list[list]:
+    """The library as table rows (LIBRARY_COLUMNS); the first column is the names a shot can use."""
     from studio.subjects.library import SubjectLibrary
 
     return [[s.name, s.base_model, ", ".join(s.methods), f"{s.trigger} {s.class_word}", s.photos, s.created]
             for s in (library or SubjectLibrary()).list()]
-
-
-def library_names(library=None) -> list[str]:
-    from studio.subjects.library import SubjectLibrary
-
-    return (library or SubjectLibrary()).names()
 
 
 @user_errors
@@ -144,21 +139,24 @@ def delete_subject_event(name: str, manager=None, library=None) -> None:
 # --- the shot's subjects --------------------------------------------------------------------------------------
 
 
+@user_errors
 def subject_rows(shot_yaml: str) -> list[list]:
     shot = shotlib.loads(shot_yaml, where="shot file")
     return [[i + 1, s.phrase, s.subject or "", Path(s.reference).name if s.reference else "",
              ", ".join(map(str, sorted(s.boxes)))] for i, s in enumerate(shot.subjects)]
 
 
-def slot_values(shot_yaml: str, slot) -> tuple[str, str, str | None, float]:
-    """(phrase, library subject, reference image, reference strength) of subject `slot` (1-based); blanks for a new
-    one."""
+@user_errors
+def slot_values(shot_yaml: str, slot) -> dict:
+    """Subject `slot`'s (1-based) fields, named as set_subject_event takes them: phrase, library_subject,
+    reference (image path), strength; blanks for a new one."""
     shot = shotlib.loads(shot_yaml, where="shot file")
     i = int(slot or 1) - 1
     if not 0 <= i < len(shot.subjects):
-        return "", NO_SUBJECT, None, 1.0
+        return {"phrase": "", "library_subject": NO_SUBJECT, "reference": None, "strength": 1.0}
     s = shot.subjects[i]
-    return s.phrase, s.subject or NO_SUBJECT, s.reference, s.reference_strength
+    return {"phrase": s.phrase, "library_subject": s.subject or NO_SUBJECT, "reference": s.reference,
+            "strength": s.reference_strength}
 
 
 @user_errors
@@ -215,6 +213,7 @@ def set_background_event(shot_yaml: str, image: str | None, strength=1.0) -> str
     return shotlib.dumps(shotlib.from_container(shotlib.to_dict(base)))
 
 
+@user_errors
 def background_preview_event(shot_yaml: str, **form):
     """The background reference as the model will see it (cover-cropped to the shot's size, scaled up), with the
     subjects' first boxes drawn on it; None when the shot has no background reference."""

@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from studio import shot as shotlib
-from studio.ui.events import UserError, preview_gif, read_image, resolved, strip
+from studio.ui.events import UserError, preview_gif, read_image, resolved, strip, user_errors
 
 CANVAS_LONG_SIDE = 384  # the canvas's longest side in pixels
 PATH_PRESETS = ("left to right", "right to left", "approach", "circle")
@@ -71,19 +71,20 @@ def backdrop(shot: shotlib.Shot, first_frame: str | None = None) -> np.ndarray:
     return img
 
 
-def _colour(k: int) -> tuple[int, int, int]:
+def colours(indices) -> list[tuple[int, int, int]]:
+    """The box colour (RGB) of each subject index, as the previews draw them."""
     from studio.previews import COLOURS
 
-    return COLOURS[k % len(COLOURS)]
+    return [COLOURS[k % len(COLOURS)] for k in indices]
 
 
 def canvas_value(shot: shotlib.Shot, frame: int, first_frame: str | None = None) -> dict:
     """The canvas for keyframe `frame`: the backdrop and each subject's box keyed at that frame."""
     w, h = canvas_size(shot)
     boxes = []
-    for k, (label, s) in enumerate(zip(subject_labels(shot), shot.subjects)):
+    for label, s, colour in zip(subject_labels(shot), shot.subjects, colours(range(len(shot.subjects)))):
         if frame in s.boxes:
-            boxes.append({**to_pixels(s.boxes[frame], w, h), "label": label, "color": _colour(k)})
+            boxes.append({**to_pixels(s.boxes[frame], w, h), "label": label, "color": colour})
     return {"image": backdrop(shot, first_frame), "boxes": boxes}
 
 
@@ -105,19 +106,26 @@ def _subject(index, shot: shotlib.Shot) -> int:
 
 
 def _dump(shot: shotlib.Shot) -> str:
-    try:
-        shotlib.from_container(shotlib.to_dict(shot))  # re-check the edited shot (types, subjects)
-    except shotlib.ShotError as e:
-        raise UserError(str(e)) from None
+    shotlib.from_container(shotlib.to_dict(shot))  # re-check the edited shot (types, subjects)
     return shotlib.dumps(shot)
 
 
-def canvas_event(shot_yaml: str, frame, first_frame: str | None = None, **form) -> dict:
-    """The canvas value for the frame the slider picks."""
+@user_errors
+def canvas_event(shot_yaml: str, frame, subject, first_frame: str | None = None, **form) -> dict:
+    """The canvas for the keyframe the slider picks: {"value", "label_list", "label_colors"} (the component's
+    properties). The picked subject's label comes first in the list, so a new box drawn takes it."""
     shot = resolved(shot_yaml, **form)
-    return canvas_value(shot, _frame(frame, shot), first_frame)
+    labels = subject_labels(shot)
+    order = list(range(len(labels)))
+    k = int(subject or 1) - 1
+    if 0 <= k < len(order):
+        order.insert(0, order.pop(k))
+    frame = min(max(int(frame or 0), 0), shot.frames - 1)  # the slider may still have the old, longer range
+    return {"value": canvas_value(shot, frame, first_frame), "label_list": [labels[i] for i in order] or ["subject"],
+            "label_colors": colours(order or [0])}
 
 
+@user_errors
 def boxes_event(shot_yaml: str, value: dict | None, frame, subject, **form) -> str:
     """The canvas's boxes become frame `frame`'s keyframes; returns the shot file.
 
@@ -153,6 +161,7 @@ def boxes_event(shot_yaml: str, value: dict | None, frame, subject, **form) -> s
     return _dump(base)
 
 
+@user_errors
 def clear_keyframe_event(shot_yaml: str, frame, subject, every_frame: bool = False, **form) -> str:
     """Remove the picked subject's keyframe at `frame` (or all of its keyframes)."""
     base = shotlib.loads(shot_yaml, where="shot file")
@@ -165,6 +174,7 @@ def clear_keyframe_event(shot_yaml: str, frame, subject, every_frame: bool = Fal
     return _dump(base)
 
 
+@user_errors
 def duplicate_keyframe_event(shot_yaml: str, frame, to_frame, subject, **form) -> str:
     """Copy the picked subject's box at `frame` (interpolated when it is not a keyframe) to keyframe `to_frame`."""
     from studio.controls.boxes import interpolate
@@ -204,6 +214,7 @@ def path_preset(name: str, frames: int, size: float = PRESET_SIZE) -> dict[int, 
     raise UserError(f"path preset: must be one of {', '.join(PATH_PRESETS)} (got {name!r})")
 
 
+@user_errors
 def path_preset_event(shot_yaml: str, preset: str, subject, **form) -> str:
     """Replace the picked subject's keyframes with a preset path."""
     base = shotlib.loads(shot_yaml, where="shot file")
@@ -212,6 +223,7 @@ def path_preset_event(shot_yaml: str, preset: str, subject, **form) -> str:
     return _dump(base)
 
 
+@user_errors
 def keyframes_text(shot_yaml: str, **form) -> str:
     """One line per subject: its phrase and keyframe indices."""
     shot = resolved(shot_yaml, **form)
@@ -221,6 +233,7 @@ def keyframes_text(shot_yaml: str, **form) -> str:
                      for label, s in zip(subject_labels(shot), shot.subjects))
 
 
+@user_errors
 def trajectory_preview_event(shot_yaml: str, first_frame: str | None = None, **form):
     """(animated GIF path, strip): the interpolated boxes over every frame, over the canvas's backdrop."""
     from studio import previews
