@@ -1,14 +1,14 @@
 """The studio in a real browser: headless Chromium (Debian's `chromium` package) driven by Playwright.
 
 It draws a box on the trajectory canvas, moves the γ slider and sees the preview change, renders on the embedded
-toy-world model and finds the <video> element playing. A screenshot of the page is kept as a test artifact
-(pytest's tmp dir, and out/studio-browser.png); SHOT_STUDIO_SCREENSHOT=path also copies it there (the README's
-docs/studio.png is made that way). `.ci/browser-deps.sh` installs Chromium; without it this test is skipped.
+toy-world model, finds the <video> element playing and the trajectory preview redrawn over the render. A
+screenshot of the page is kept as a test artifact (pytest's tmp dir, and out/studio-browser.png);
+SHOT_STUDIO_SCREENSHOT=path also copies it there (the README's docs/studio.png is made that way).
+`.ci/browser-deps.sh` installs Chromium; without it this test is skipped.
 """
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -18,12 +18,6 @@ from studio import ui
 
 CHROMIUM = os.environ.get("SHOT_STUDIO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +33,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def studio_url(manager):
+def studio_url(manager, free_port):
     demo = ui.build_app(manager)
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(ui.output_dir())])
     yield f"http://127.0.0.1:{port}/"
@@ -103,6 +97,8 @@ def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
     # 3. render on the embedded model (few steps) and find the video playing
     page.get_by_role("tab", name="Trajectory").click()
     _set_number(page, "steps", 4)
+    track_gif = page.locator("#track-gif img")
+    before_render = track_gif.get_attribute("src")
     page.locator("#render").click()
     video = page.locator("#video video")
     _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
@@ -111,6 +107,8 @@ def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
                                          "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
     _wait(lambda: video.evaluate("v => v.currentTime") != state["t"], 30, "the video to play")
     assert state["d"] == pytest.approx(1.0, abs=0.15)  # 8 frames at 8 fps
+    # the previews follow the render (once): the interpolated boxes now over the rendered first frame
+    _wait(lambda: track_gif.get_attribute("src") != before_render, 30, "the trajectory preview after the render")
     time.sleep(0.5)
 
     shot = tmp_path / "studio.png"
