@@ -7,8 +7,8 @@ frames with the VAE, noise them to `strength` of the schedule, denoise the remai
   the clip, so the crop does not jitter), the crop upscaled to the model's size, re-denoised over all frames at
   strength ~0.8, scaled back and pasted with a feathered mask. Pixels outside every crop box stay unchanged.
 - Tiled VCD: the video upscaled ×scale with a plain resampler, re-denoised in overlapping tiles of the model's
-  size at strength ~0.2, the overlaps blended by weights that ramp linearly across them (they sum to one
-  everywhere, so no seam).
+  size at strength ~0.2 (neighbours share at least 32 px at a 512 tile, the workflow's padding), the overlaps
+  blended by weights that ramp linearly across them (they sum to one everywhere, so no seam).
 
 Every random draw comes from the torch.Generator passed in. Shapes: F frames, H×W pixels, uint8 (F, H, W, 3).
 """
@@ -242,7 +242,12 @@ def link_tracks(detections: list[list], min_share: float = _MIN_TRACK_SHARE) -> 
 
 def crop_box(track: dict[int, tuple], crop_factor: float, width: int, height: int) -> tuple[int, int, int, int]:
     """One square crop (x0, y0, x1, y1) in pixels for a whole track: the union of its boxes, grown on each side by
-    (crop_factor − 1)/2 of the median face side, kept inside the frame (a side longer than the frame is cut)."""
+    (crop_factor − 1)/2 of the median face side, kept inside the frame (a side longer than the frame is cut).
+
+    The shot's default crop_factor, 2.0, is below the workflow's 3 (METHODS.md §2.3) on purpose: at 3 the crop of
+    a face a third of the frame wide (a close-up) already spans the whole frame, and Face VCD at strength 0.8 then
+    re-renders the whole shot instead of the face; at 2 that happens only for faces half the frame wide. Set
+    `refine.face.crop_factor: 3` to match the workflow."""
     b = np.array(list(track.values()), np.float64)  # (n, 4)
     face = float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
     x0, y0, x1, y1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
@@ -254,17 +259,18 @@ def crop_box(track: dict[int, tuple], crop_factor: float, width: int, height: in
     return left, top, left + side, top + side
 
 
-def subject_box_tracks(shot: shotlib.Shot) -> list[dict[int, tuple]]:
-    """detector 'boxes': one track per subject with boxes, its per-frame box in pixels."""
+def subject_boxes(shot: shotlib.Shot, subject: shotlib.Subject) -> np.ndarray:
+    """(F, 4) normalised boxes of a subject in every frame of the shot, as the box control interpolates them."""
     from studio.controls.boxes import interpolate
 
-    tracks = []
-    for s in shot.subjects:
-        if s.boxes:
-            boxes = interpolate(s.boxes, shot.frames, shot.box_control.interpolation)  # (F, 4) in 0..1
-            scale = np.array([shot.width, shot.height, shot.width, shot.height], np.float32)
-            tracks.append({f: tuple(float(v) for v in b * scale) for f, b in enumerate(boxes)})
-    return tracks
+    return interpolate(subject.boxes, shot.frames, shot.box_control.interpolation)
+
+
+def subject_box_tracks(shot: shotlib.Shot) -> list[dict[int, tuple]]:
+    """detector 'boxes': one track per subject with boxes, its per-frame box in pixels."""
+    scale = np.array([shot.width, shot.height, shot.width, shot.height], np.float32)
+    return [{f: tuple(float(v) for v in b * scale) for f, b in enumerate(subject_boxes(shot, s))}
+            for s in shot.subjects if s.boxes]
 
 
 def feather_mask(height: int, width: int, feather: int, open_sides: tuple[bool, bool, bool, bool]) -> np.ndarray:
@@ -299,13 +305,20 @@ def paste(frames: np.ndarray, patch: np.ndarray, box: tuple[int, int, int, int],
 # --- tiles ------------------------------------------------------------------------------------------------------
 
 
+def default_overlap(tile: int) -> int:
+    """The overlap of neighbouring tiles when `refine.tiled.overlap` is null: the workflow's 32 px padding at a 512-px
+    tile (METHODS.md §2.3), scaled with the tile, never under its 8-px mask blur and at most half the tile."""
+    return min(tile // 2, max(8, round(tile * 32 / 512)))
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` px covering `length` px with at least `overlap` px shared; last one flush."""
+    """Start offsets of the fewest tiles of `tile` px covering `length` px with at least `overlap` px shared by
+    neighbours, spread evenly (first at 0, last flush with the end), so every overlap is about the same width."""
     if length <= tile:
         return [0]
     stride = max(1, tile - overlap)
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+    n = math.ceil((length - overlap) / stride)  # ≥ 2 tiles; their n - 1 gaps are at most `stride` each
+    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
 
 
 def _axis_weights(starts: list[int], tile: int, length: int) -> list[np.ndarray]:
@@ -343,20 +356,24 @@ class Refined:
     info: dict = field(default_factory=dict)  # what the sidecar records
 
 
-def face_vcd(frames: np.ndarray, cfg: shotlib.FaceRefine, p: Pass, model_size: int,
-             tracks: list[dict[int, tuple]] | None = None, detector: Detector | None = None) -> Refined:
-    """Face VCD: per track, the stable crop upscaled to model_size², re-denoised over all frames, pasted back.
+def face_tracks(frames: np.ndarray, shot: shotlib.Shot, detector: Detector | None = None) -> list[dict[int, tuple]]:
+    """The tracks Face VCD refines: the subjects' box tracks (detector 'boxes'), else faces found on every frame by
+    `detector` (default: the one `refine.face.detector` names) and linked into tracks."""
+    face = shot.refine.face
+    if face.detector == "boxes":
+        return subject_box_tracks(shot)
+    detect = detector or make_detector(face.detector, face.detector_model)
+    return link_tracks([detect(f) for f in frames])
 
-    `tracks` (per-frame pixel boxes) skips detection; otherwise `detector` (default: from cfg) runs on each frame.
-    """
+
+def face_vcd(frames: np.ndarray, cfg: shotlib.FaceRefine, p: Pass, model_size: int,
+             tracks: list[dict[int, tuple]]) -> Refined:
+    """Face VCD: per track (per-frame pixel boxes, from `face_tracks`), the stable crop upscaled to model_size²,
+    re-denoised over all frames, pasted back."""
     F, H, W, _ = frames.shape
     t0 = time.perf_counter()
     if cfg.strength <= 0.0:  # nothing re-denoised: the frames as they were (no resampling round trip)
         return Refined(frames.copy(), {"tracks": 0, "crop_boxes": [], "strength": 0.0, "seconds": 0.0})
-    if tracks is None:
-        detector = detector or make_detector(cfg.detector, cfg.detector_model)
-        detections = [detector(f) for f in frames]
-        tracks = link_tracks(detections)
     size = cfg.size or model_size
     out, boxes = frames, []
     for track in tracks:
@@ -384,7 +401,7 @@ def tiled_vcd(frames: np.ndarray, cfg: shotlib.TiledRefine, p: Pass, model_size:
                              "strength": 0.0, "seconds": time.perf_counter() - t0})
     sH, sW = big.shape[1:3]
     tile = cfg.tile or model_size
-    overlap = cfg.overlap if cfg.overlap is not None else tile // 4
+    overlap = cfg.overlap if cfg.overlap is not None else default_overlap(tile)
     grid = tile_weights(sH, sW, tile, overlap)
     acc = np.zeros(big.shape, np.float64)  # (F, sH, sW, 3) weighted sum of refined tiles
     for top, left, w in grid:
@@ -459,15 +476,12 @@ def run(frames: np.ndarray, shot: shotlib.Shot, prompt: str, pipe, model_size: i
     if tiled.enabled and tiled.strength > 0:
         tile = tiled.tile or model_size
         n_tiles = len(tile_weights(shot.height * tiled.scale, shot.width * tiled.scale, tile,
-                                   tiled.overlap if tiled.overlap is not None else tile // 4))
+                                   tiled.overlap if tiled.overlap is not None else default_overlap(tile)))
         tiled_steps = n_tiles * planned_steps(shot, tiled, tiled.strength)
     if face.enabled:
-        tracks = subject_box_tracks(shot) if face.detector == "boxes" else None
-        if tracks is None and face.strength > 0:
-            det = detector or make_detector(face.detector, face.detector_model)
-            tracks = link_tracks([det(f) for f in frames])
-        total[0] = len(tracks or []) * planned_steps(shot, face, face.strength) + tiled_steps
-        r = face_vcd(frames, face, make_pass(face, 1), model_size, tracks=tracks or [])
+        tracks = face_tracks(frames, shot, detector) if face.strength > 0 else []
+        total[0] = len(tracks) * planned_steps(shot, face, face.strength) + tiled_steps
+        r = face_vcd(frames, face, make_pass(face, 1), model_size, tracks)
         frames, info["face"] = r.frames, {**r.info, "detector": face.detector}
     else:
         total[0] = tiled_steps

@@ -29,8 +29,23 @@ def test_tile_weights_cover_and_sum_to_one(H, W, tile, overlap):
 
 def test_tile_starts_overlap_and_flush_end():
     s = refine.tile_starts(64, 32, 8)
-    assert s[0] == 0 and s[-1] == 32 and all(b - a <= 24 for a, b in zip(s, s[1:]))
+    assert s == [0, 16, 32]  # the fewest tiles (3) with ≥ 8 px shared, spread evenly: every overlap 16 px
+    s = refine.tile_starts(1024, 512, 32)
+    assert s == [0, 256, 512]  # ×2 of a 512 render: 3 tiles a side, not [0, 480, 512]
+    for length, tile, overlap in ((96, 32, 8), (100, 24, 12), (1000, 512, 32), (33, 32, 8)):
+        s = refine.tile_starts(length, tile, overlap)
+        assert s[0] == 0 and s[-1] == length - tile
+        assert all(tile - (b - a) >= overlap for a, b in zip(s, s[1:]))  # neighbours share at least `overlap`
+        fewer = len(s) - 1  # one tile less cannot cover the length with that overlap
+        assert fewer * tile - (fewer - 1) * overlap < length
     assert refine.tile_starts(20, 32, 8) == [0]
+
+
+def test_default_overlap_is_the_workflows_padding():
+    assert refine.default_overlap(512) == 32  # METHODS.md §2.3: 512-px tiles, padding 32
+    assert refine.default_overlap(1024) == 64 and refine.default_overlap(256) == 16
+    assert refine.default_overlap(32) == 8  # never under the workflow's 8-px mask blur
+    assert refine.default_overlap(8) == 4  # at most half a tile
 
 
 def _fake_v2v(offset):
@@ -44,19 +59,38 @@ def _fake_v2v(offset):
     return v2v, calls
 
 
-def test_tiled_blend_has_no_seam(monkeypatch):
-    """Every tile shifted by the same +20: the blend must be the upscaled video + 20 everywhere (a seam would show
-    as pixels off by the blend weights), and the output is ×scale."""
-    v2v, calls = _fake_v2v(20)
+def test_tiled_blend_ramps_linearly_between_tiles(monkeypatch):
+    """Each tile shifted by its own constant: across every overlap the blend must ramp from one constant to the
+    next (steps between neighbouring pixels of at most about diff / overlap; a hard cut would step by the whole
+    diff), it must equal the weighted sum of the tiles, and the weights must sum to one (a flat video stays flat
+    where one tile covers it)."""
+    offsets = [-40, 30, -10, 40, -30, 10, 0, 20, -20, 35, -35, 5]  # tile k: +offsets[k]
+    calls = []
+
+    def v2v(frames, strength, p):
+        calls.append(frames.shape)
+        return (frames.astype(np.int16) + offsets[len(calls) - 1]).astype(np.uint8)
+
     monkeypatch.setattr(refine, "video_to_video", v2v)
-    frames = np.full((3, 32, 48, 3), 100, np.uint8)
-    frames[:, :, 24:] = 150
-    cfg = shotlib.TiledRefine(enabled=True, strength=0.2, scale=2)
-    out = refine.tiled_vcd(frames, cfg, None, model_size=32).frames
+    frames = np.full((3, 32, 48, 3), 100, np.uint8)  # flat: the ×2 upscale is flat 100 too
+    cfg = shotlib.TiledRefine(enabled=True, strength=0.2, scale=2, overlap=8)
+    out = refine.tiled_vcd(frames, cfg, None, model_size=32).frames.astype(np.float64)
     assert out.shape == (3, 64, 96, 3)
-    big = refine.resize(frames, 96, 64, "cubic").astype(np.int16)
-    assert np.abs(out.astype(np.int16) - (big + 20)).max() <= 1
-    assert len(calls) == len(refine.tile_weights(64, 96, 32, 8)) > 1 and all(c[1:3] == (32, 32) for c in calls)
+    grid = refine.tile_weights(64, 96, 32, 8)
+    assert len(calls) == len(grid) == 12 and all(c == (3, 32, 32, 3) for c in calls)
+    total, expected = np.zeros((64, 96)), np.zeros((64, 96))
+    for k, (top, left, w) in enumerate(grid):
+        total[top:top + 32, left:left + 32] += w
+        expected[top:top + 32, left:left + 32] += w * (100 + offsets[k])
+    np.testing.assert_allclose(total, 1.0, atol=1e-12)
+    assert np.abs(out - expected[None, :, :, None]).max() <= 0.5 + 1e-9  # the blend, rounded
+    np.testing.assert_array_equal(out[:, :8, :8], 100 + offsets[0])  # only tile 0 covers this corner
+    diff = max(offsets) - min(offsets)
+    for axis, length in ((1, 64), (2, 96)):
+        starts = refine.tile_starts(length, 32, 8)
+        overlap = min(32 - (b - a) for a, b in zip(starts, starts[1:]))
+        step = np.abs(np.diff(out, axis=axis)).max()
+        assert 0 < step <= diff / overlap + 1, (axis, step, diff / overlap)
 
 
 def test_tiled_strength_zero_is_plain_upscale_and_scale_one_is_identity(monkeypatch):
@@ -97,22 +131,27 @@ def test_paste_leaves_outside_unchanged_and_feathers_inside():
     assert 0 < np.abs(edge - frames[:, 8, 12:20]).mean() < np.abs(frames[:, 8, 12:20].astype(int)).mean()
 
 
+class _ListDetector:
+    """A stand-in face detector: frame i -> faces[i], counting its calls."""
+
+    def __init__(self, faces):
+        self.faces, self.i = faces, -1
+
+    def __call__(self, frame):
+        self.i += 1
+        return self.faces[self.i]
+
+
 def test_face_vcd_changes_only_the_crop_and_keeps_frames(monkeypatch):
     v2v, calls = _fake_v2v(-40)
     monkeypatch.setattr(refine, "video_to_video", v2v)
     frames = _frames(F=6, H=48, W=64)
     faces = {f: [(20.0, 14.0, 32.0, 26.0)] for f in range(6)}
     faces[2] = []  # a frame where the detector misses: the track's crop is still refined there
-
-    class Detector:
-        i = -1
-
-        def __call__(self, frame):
-            self.i += 1
-            return faces[self.i]
-
-    cfg = shotlib.FaceRefine(enabled=True, strength=0.8, crop_factor=2.0, feather=3)
-    r = refine.face_vcd(frames, cfg, None, model_size=32, detector=Detector())
+    shot = shotlib.from_container({"prompt": "a face", "refine": {"face": {"enabled": True, "crop_factor": 2.0,
+                                                                          "feather": 3}}})
+    tracks = refine.face_tracks(frames, shot, _ListDetector(faces))
+    r = refine.face_vcd(frames, shot.refine.face, None, model_size=32, tracks=tracks)
     assert r.frames.shape == frames.shape and r.info["tracks"] == 1 and len(calls) == 1
     assert calls[0] == (6, 32, 32, 3)  # the crop, upscaled to the model's size, over all frames
     x0, y0, x1, y1 = r.info["crop_boxes"][0]
@@ -125,11 +164,28 @@ def test_face_vcd_changes_only_the_crop_and_keeps_frames(monkeypatch):
 def test_face_vcd_without_faces_or_at_strength_zero_is_identity(monkeypatch):
     monkeypatch.setattr(refine, "video_to_video", lambda *a: pytest.fail("nothing to re-denoise"))
     frames = _frames()
-    cfg = shotlib.FaceRefine(enabled=True)
-    np.testing.assert_array_equal(refine.face_vcd(frames, cfg, None, 32, detector=lambda f: []).frames, frames)
-    cfg0 = shotlib.FaceRefine(enabled=True, strength=0.0)
-    np.testing.assert_array_equal(refine.face_vcd(frames, cfg0, None, 32, detector=lambda f: [(0, 0, 9, 9)]).frames,
+    np.testing.assert_array_equal(refine.face_vcd(frames, shotlib.FaceRefine(enabled=True), None, 32, []).frames,
                                   frames)
+    cfg0 = shotlib.FaceRefine(enabled=True, strength=0.0)
+    np.testing.assert_array_equal(refine.face_vcd(frames, cfg0, None, 32, [{0: (0, 0, 9, 9)}]).frames, frames)
+
+
+def test_run_finds_faces_with_the_detector_and_counts_their_steps(monkeypatch):
+    """refine.run on a face shot: the detector sees every frame, its track is refined, progress counts its steps."""
+    v2v, calls = _fake_v2v(-40)
+    monkeypatch.setattr(refine, "video_to_video", v2v)
+    frames = _frames(F=5, H=48, W=64)
+    det = _ListDetector([[(20.0, 14.0, 32.0, 26.0)]] * 5)
+    shot = shotlib.from_container({"prompt": "a face", "steps": 5, "width": 64, "height": 48,
+                                   "refine": {"face": {"enabled": True}}})
+    r = refine.run(frames, shot, shot.prompt, None, model_size=32, multiple=8, detector=det)
+    assert det.i == 4 and len(calls) == 1 and r.info["face"]["tracks"] == 1 and r.info["face"]["detector"] == "auto"
+    assert refine.planned_steps(shot, shot.refine.face, 0.8) == 4 and r.info["output_size"] == [64, 48]
+    boxes = shotlib.from_container({"prompt": "a red circle", "frames": 5, "width": 64, "height": 48, "subjects": [
+        {"phrase": "red circle", "boxes": {0: [0.0, 0.0, 0.5, 0.5], 4: [0.5, 0.5, 1.0, 1.0]}}],
+        "refine": {"face": {"enabled": True, "detector": "boxes"}}})
+    tracks = refine.face_tracks(frames, boxes, detector=lambda f: pytest.fail("boxes need no detector"))
+    assert len(tracks) == 1 and tracks[0][0] == (0.0, 0.0, 32.0, 24.0) and tracks[0][4] == (32.0, 24.0, 64.0, 48.0)
 
 
 def test_schedule_runs_at_least_one_step():
@@ -168,10 +224,11 @@ def test_unknown_refine_key_names_the_field():
         shotlib.from_container({"refine": {"tiled": {"sclae": 2}}})
 
 
-@pytest.mark.skipif(refine.haar_cascade_path() is not None, reason="this OpenCV ships Haar cascades")
-def test_face_refine_without_a_detector_is_a_clear_error():
+def test_face_refine_without_a_detector_is_a_clear_error(monkeypatch):
+    """An OpenCV without Haar cascades (OpenCV 5 wheels): `detector: auto` is refused with the remedy."""
+    monkeypatch.setattr(refine, "haar_cascade_path", lambda: None)
     s = shotlib.from_container({"model": "tiny", "prompt": "a cat", "refine": {"face": {"enabled": True}}})
-    with pytest.raises(shotlib.ShotError, match=r"refine\.face\.detector.*no face detector"):
+    with pytest.raises(shotlib.ShotError, match=r"refine\.face\.detector.*no face detector.*<5.*detector: boxes"):
         engine.prepare(s)
 
 
@@ -272,11 +329,14 @@ def test_refine_on_the_zeroscope_layout(tmp_path, manager):
     assert steps[-3:] == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.skipif(refine.haar_cascade_path() is None, reason="this OpenCV build ships no Haar cascades (OpenCV 5)")
 def test_haar_finds_a_drawn_face():
-    """OpenCV's bundled frontal-face cascade finds a plain drawn face (oval, two eyes, mouth) in every frame."""
+    """OpenCV's bundled frontal-face cascade (the default detector) finds a plain drawn face (oval, two eyes,
+    mouth) in every frame. The project pins opencv-python-headless<5, whose wheels ship the cascades: a missing
+    cascade is a broken install, so this fails rather than skips."""
     import cv2
 
+    assert refine.haar_cascade_path() is not None, f"OpenCV {cv2.__version__} ships no Haar cascades (pinned <5)"
+    assert refine.face_detector_backend("auto", None) == "haar"
     img = np.full((128, 128, 3), 200, np.uint8)
     cv2.ellipse(img, (64, 64), (30, 40), 0, 0, 360, (180, 140, 120), -1)
     for x in (52, 76):
@@ -284,6 +344,36 @@ def test_haar_finds_a_drawn_face():
     cv2.ellipse(img, (64, 82), (10, 4), 0, 0, 360, (90, 30, 30), -1)
     detect = refine.make_detector("auto", None)
     tracks = refine.link_tracks([detect(img) for _ in range(4)])
-    assert len(tracks) == 1
+    assert len(tracks) == 1 and sorted(tracks[0]) == [0, 1, 2, 3]
     x0, y0, x1, y1 = tracks[0][0]
     assert x0 < 64 < x1 and y0 < 64 < y1
+    assert refine.make_detector("auto", None)(np.full((128, 128, 3), 200, np.uint8)) == []  # a blank frame: none
+
+
+# --- through the engine on the embedded toy-world model --------------------------------------------------------
+
+
+def _toy(**refine_cfg):
+    return shotlib.from_container({
+        "model": "toyworld", "prompt": "a yellow star on sky", "seed": 1, "steps": 3, "frames": 4,
+        "subjects": [{"phrase": "yellow star", "boxes": {0: [0.05, 0.1, 0.45, 0.5], 3: [0.15, 0.1, 0.55, 0.5]}}],
+        "refine": refine_cfg})
+
+
+def test_refine_on_the_toyworld_model(manager):
+    """Face VCD (the subject's box track) and Tiled VCD through the engine on the embedded model (AnimateDiff
+    layout; 4 frames of 32x32, 3 steps): frame count and size, and for face the pixels outside the crop unchanged."""
+    plain = engine.render(_toy(), manager)
+    assert plain.frames.shape == (4, 32, 32, 3)
+    face = engine.render(_toy(face={"enabled": True, "detector": "boxes", "crop_factor": 1.2}), manager)
+    assert face.frames.shape == (4, 32, 32, 3) and face.info["refine"]["face"]["tracks"] == 1
+    x0, y0, x1, y1 = face.info["refine"]["face"]["crop_boxes"][0]
+    assert face.info["refine"]["face"]["crop_size"] == 32 and x1 - x0 == y1 - y0 < 32
+    outside = np.ones((32, 32), bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(face.frames[:, outside], plain.frames[:, outside])
+    assert not np.array_equal(face.frames[:, y0:y1, x0:x1], plain.frames[:, y0:y1, x0:x1])
+    both = engine.render(_toy(face={"enabled": True, "detector": "boxes"},
+                              tiled={"enabled": True, "scale": 2, "tile": 48, "overlap": 16}), manager)  # 2x2 tiles
+    info = both.info["refine"]
+    assert both.frames.shape == (4, 64, 64, 3) and info["output_size"] == [64, 64] and info["tiled"]["tiles"] == 4
