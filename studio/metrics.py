@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -24,6 +25,73 @@ DINO_MODEL = "facebook/dino-vits16"  # DINO v1 ViT-S/16; "facebook/dinov2-small"
 
 class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here (weights not cached, no subject images, no colour to find a subject)."""
+
+
+# Every value the evaluation writes per video: its definition and its source (results.json `definitions`).
+DEFINITIONS: dict[str, dict[str, str]] = {
+    "clip_t": {
+        "definition": "mean over frames of cos(CLIP image embedding of the frame, CLIP text embedding of the shot's "
+                      "prompt); raw cosine, not x100",
+        "source": "CLIP score (Hessel et al. 2021) without its x2.5 rescale, reported as CLIP-T by MotionBooth, "
+                  "Magic-Me and VideoMaker and as Text-S by Video Alchemist; metrics.clip_t"},
+    "clip_i": {
+        "definition": "per subject with images, mean over all (frame, image of that subject) pairs of the cosine of "
+                      "their CLIP image embeddings; then the mean over those subjects",
+        "source": "DreamBooth's CLIP-I (Ruiz et al. 2023) applied per frame, as in MotionBooth, Magic-Me and "
+                  "VideoMaker; metrics.image_similarity"},
+    "dino_i": {
+        "definition": "as clip_i with DINO embeddings (the final-layer-normed CLS token)",
+        "source": "DreamBooth's DINO subject fidelity (Ruiz et al. 2023) applied per frame, as in MotionBooth, "
+                  "Magic-Me and VideoMaker; metrics.image_similarity"},
+    "r_clip": {
+        "definition": "per subject with boxes and images, mean over (frame, image of that subject) pairs of the "
+                      "CLIP cosine with each frame cropped to that subject's requested box in the frame; then the "
+                      "mean over those subjects",
+        "source": "MotionBooth §4 region CLIP similarity (METHODS.md §1.4); metrics.region_similarity"},
+    "r_dino": {
+        "definition": "as r_clip with DINO embeddings",
+        "source": "MotionBooth §4 region DINO similarity (METHODS.md §1.4); metrics.region_similarity"},
+    "temporal_consistency_clip": {
+        "definition": "mean cosine of the CLIP image embeddings of consecutive frames; 1 = no change",
+        "source": "frame consistency (T-Cons) of Tune-A-Video, MotionBooth and VideoMaker; "
+                  "metrics.temporal_consistency_clip"},
+    "temporal_consistency_pixel": {
+        "definition": "1 - mean absolute difference of consecutive frames in 0..1 units; not comparable to the CLIP "
+                      "one",
+        "source": "this project's stand-in for when no CLIP weights are cached, not from the papers; "
+                  "metrics.temporal_consistency_pixel"},
+    "dynamic_degree": {
+        "definition": "1 if the video is dynamic (at least round(n/4) of its frame pairs, frames every round(fps/8), "
+                      "have flow scores above 6·min(H, W)/256 px), else 0; a configuration's mean is the share of "
+                      "dynamic videos",
+        "source": "VBench's dynamic degree (Huang et al. 2024, dynamic_degree.py) with OpenCV Farnebäck flow "
+                  "instead of RAFT; metrics.dynamic_degree"},
+    "flow": {
+        "definition": "mean over frame pairs (frames every round(fps/8)) of the mean of the top 5% Farnebäck flow "
+                      "magnitudes, px at the render size: the score the dynamic degree thresholds",
+        "source": "VBench's dynamic-degree pair score (Huang et al. 2024) with Farnebäck (Farnebäck 2003) instead of "
+                  "RAFT; metrics.flow_scores"},
+    "box_hit_rate": {
+        "definition": "share of frames whose subject centroid lies in its requested box, the subject found by its "
+                      "toy-world colour; mean over the boxed subjects",
+        "source": "the box-adherence idea of MotionBooth and Direct-A-Video, which find the subject with a detector; "
+                  "here studio.toyworld.evaluate.box_adherence (toy-world model only); metrics.box_adherence"},
+    "box_iou": {
+        "definition": "mean over frames of the IoU of the subject's bounding box (its toy-world colour's pixels; 0 "
+                      "where not found) with its requested box; mean over the boxed subjects",
+        "source": "as box_hit_rate; metrics.box_adherence"},
+    "camera_error": {
+        "definition": "L2 distance (px/frame, at the render size) of the mean content motion (median Farnebäck "
+                      "flow per frame pair) from the motion the pan asks for, (-cx·W, -cy·H)/(F-1)",
+        "source": "MotionBooth §4 compares flow with the requested camera speed (its formula not retrieved, "
+                  "METHODS.md §1.4); this L2 form is this project's; metrics.camera_error"},
+    "camera_measured": {
+        "definition": "[dx, dy] px/frame: the measured mean content motion behind camera_error",
+        "source": "metrics.global_motion (median of OpenCV Farnebäck flow)"},
+    "camera_requested": {
+        "definition": "[dx, dy] px/frame: the content motion the shot's pan asks for, (-cx·W, -cy·H)/(F-1)",
+        "source": "the shot's camera convention (camera.cx / camera.cy: the travel over the clip)"},
+}
 
 
 # --- feature models (CLIP, DINO) -------------------------------------------------------------------------------
@@ -92,7 +160,13 @@ def encoder(kind: str, model_id: str | None = None) -> ImageEncoder:
     with _MODELS_LOCK:
         key = (kind, model_id)
         if key not in _MODELS:
-            _MODELS[key] = ImageEncoder(kind, model_id)
+            t0 = time.perf_counter()
+            try:
+                _MODELS[key] = ImageEncoder(kind, model_id)
+            except MetricUnavailable as e:
+                logger.info("%s metrics skipped: %s", kind.upper(), e)
+                raise
+            logger.info("loaded the %s encoder %s in %.1f s", kind.upper(), model_id, time.perf_counter() - t0)
         return _MODELS[key]
 
 

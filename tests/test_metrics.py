@@ -137,28 +137,66 @@ def tiny_encoders(tmp_path_factory):
     return metrics.encoder("clip", str(clip_dir)), metrics.encoder("dino", str(dino_dir))
 
 
-def test_clip_and_dino_metrics_on_tiny_models(tiny_encoders):
+def _raw_features(enc, images) -> np.ndarray:
+    """(N, D) embeddings straight from the transformers model, not normalised: the reference for the metrics."""
+    import torch
+    from PIL import Image
+
+    pix = enc.processor(images=[Image.fromarray(np.ascontiguousarray(i)) for i in images],
+                        return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        if enc.kind == "clip":
+            out = enc.model.get_image_features(pixel_values=pix)
+            out = out if torch.is_tensor(out) else out.pooler_output
+        else:
+            out = enc.model(pixel_values=pix).last_hidden_state[:, 0]
+    return out.float().numpy()
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) cosines of the rows of a (N, D) and b (M, D), by numpy."""
+    return (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+
+
+def test_clip_and_dino_metrics_match_a_numpy_cosine(tiny_encoders):
+    """Each metric equals the cosine computed by numpy from the model's own (unnormalised) embeddings."""
+    import torch
+
     clip, dino = tiny_encoders
     frames = moving_square(2, F=4)
-    t = metrics.clip_t(frames, "a yellow star on sky", clip)
-    assert -1.0 <= t <= 1.0
+    prompt = "a yellow star on sky"
+    ids = clip.tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.inference_mode():
+        text = clip.model.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+        text = (text if torch.is_tensor(text) else text.pooler_output).float().numpy()  # (1, D)
+    want_t = _cos(_raw_features(clip, list(frames)), text).mean()
+    assert metrics.clip_t(frames, prompt, clip) == pytest.approx(want_t, abs=1e-5)
     assert metrics.temporal_consistency_clip(np.stack([frames[0]] * 4), clip) == pytest.approx(1.0, abs=1e-5)
+    e = _raw_features(clip, list(frames))
+    want_tc = np.mean([_cos(e[i:i + 1], e[i + 1:i + 2])[0, 0] for i in range(3)])
+    assert metrics.temporal_consistency_clip(frames, clip) == pytest.approx(want_tc, abs=1e-5)
+    rng = np.random.default_rng(5)
+    refs = [frames[0, 16:48, 0:32], rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)]
+    boxes = np.tile([0.0, 0.25, 0.5, 0.75], (4, 1))  # (F, 4): x 0..32, y 16..48 px
     for enc in (clip, dino):
         assert metrics.image_similarity(frames[:1], [frames[0]], enc) == pytest.approx(1.0, abs=1e-5)
-        other = np.random.default_rng(5).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-        assert metrics.image_similarity(frames[:1], [other], enc) < 0.9999
-        boxes = np.tile([0.0, 0.25, 0.5, 0.75], (4, 1))
-        r = metrics.region_similarity(frames, boxes, [frames[0, 16:48, 0:32]], enc)
-        assert -1.0 <= r <= 1.0
+        want_i = _cos(_raw_features(enc, list(frames)), _raw_features(enc, refs)).mean()
+        assert metrics.image_similarity(frames, refs, enc) == pytest.approx(want_i, abs=1e-5)
+        crops = [f[16:48, 0:32] for f in frames]
+        want_r = _cos(_raw_features(enc, crops), _raw_features(enc, refs)).mean()
+        assert metrics.region_similarity(frames, boxes, refs, enc) == pytest.approx(want_r, abs=1e-5)
+        assert abs(want_r - want_i) > 1e-4  # cropping changes the answer: the crop is what was embedded
     with pytest.raises(metrics.MetricUnavailable, match="no subject images"):
         metrics.image_similarity(frames, [], clip)
 
 
-def test_missing_weights_are_skipped_with_the_reason(tmp_path, monkeypatch):
+def test_missing_weights_are_skipped_with_the_reason(monkeypatch):
+    """Whatever this machine has cached: a model id no cache holds is skipped, naming it and the remedy."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(metrics.MetricUnavailable, match=r"'openai/clip-vit-base-patch32'.*local Hugging Face cache"):
-        metrics.encoder("clip", "openai/clip-vit-base-patch32")
+    with pytest.raises(metrics.MetricUnavailable, match=r"'studio-tests/no-such-clip'.*local Hugging Face cache"):
+        metrics.encoder("clip", "studio-tests/no-such-clip")
+    with pytest.raises(metrics.MetricUnavailable, match=r"DINO weights 'studio-tests/no-such-dino'"):
+        metrics.encoder("dino", "studio-tests/no-such-dino")
 
 
 @pytest.mark.real_weights
