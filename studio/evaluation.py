@@ -11,9 +11,14 @@ A prompt set (presets/evals/*.yaml) is shots × seeds:
     custom_configs:                 # optional: more configurations, a base plus dotted overrides
       strong_boxes: {base: boxes, set: [box_control.strength=20]}
     shots:
-      - id: star-right              # shot fields, plus id and optional subject_images (for CLIP-I / DINO-I)
+      - id: star-right              # shot fields, plus id and optional subject_images
         prompt: a yellow star on sky
         subjects: [{phrase: yellow star, boxes: {0: [0.0, 0.25, 0.45, 0.75], 7: [0.55, 0.25, 1.0, 0.75]}}]
+        subject_images: [star.png]  # for CLIP-I, DINO-I, R-CLIP, R-DINO: files of the shot's only subject, or
+                                    # {phrase or subject index: [files]} when the shot has several subjects
+
+Before the first render every (configuration, shot, seed) job is built and checked (`engine.prepare`): a bad
+pair stops the run with every bad pair named, and nothing is rendered.
 
 Every video is scored against its shot *as written* (the target): a config that drops the boxes is still
 measured against them, so `no_control` is the baseline row of an ablation table, as in the papers.
@@ -66,7 +71,7 @@ META_KEYS = ("id", "subject_images")
 class PromptShot:
     id: str
     fields: dict  # shot fields as written (model and defaults merged in)
-    subject_images: list[str] = field(default_factory=list)
+    subject_images: list | dict = field(default_factory=list)  # as written: [files] or {phrase or index: [files]}
 
 
 @dataclass
@@ -118,13 +123,14 @@ def load_prompt_set(path: str | Path) -> PromptSet:
         try:
             from studio import engine
 
-            engine.prepare(shotlib.from_container(fields))  # the model preset's checks too (no weights loaded)
+            shot, _ = engine.prepare(shotlib.from_container(fields))  # the preset's checks too (no weights loaded)
         except shotlib.ShotError as e:
             raise shotlib.ShotError(f"shots[{i}].{e.field}", e.value, e.problem) from None
-        images = [str(p) for p in item.get("subject_images") or []]
-        for p in images:
-            if not Path(p).is_file():
-                raise ValueError(f"shots[{i}].subject_images: image file not found (got {p!r})")
+        images = item.get("subject_images") or []
+        for paths in image_files(images, shot, f"shots[{i}].subject_images").values():
+            for p in paths:
+                if not Path(p).is_file():
+                    raise ValueError(f"shots[{i}].subject_images: image file not found (got {p!r})")
         shots.append(PromptShot(sid, fields, images))
     ps = PromptSet(str(data.get("name") or path.stem), list(seeds), shots,
                    list(data.get("configs") or ["full"]), dict(custom), str(path))
@@ -222,9 +228,12 @@ class Scorer:
                 note = self.notes.setdefault(k, {})
                 note[str(e)] = note.get(str(e), 0) + 1  # reason -> videos skipped for it
 
-    def score(self, frames: np.ndarray, target: shotlib.Shot, fps: float | None, images: list[np.ndarray]) -> dict:
+    def score(self, frames: np.ndarray, target: shotlib.Shot, fps: float | None,
+              images: dict[int | None, list[np.ndarray]]) -> dict:
         """Every metric of one video (F, H, W, 3) against the shot as written; None where skipped (see notes).
 
+        `images`: per subject index, that subject's images (key None: a subject-less shot's images, for CLIP-I /
+        DINO-I only), from `subject_image_sets`. Image metrics are per subject, then averaged over the subjects.
         Motion and box metrics see the frames at the shot's render size (a tiled refine's ×scale output is
         scaled back), so their pixels compare across configurations.
         """
@@ -232,14 +241,13 @@ class Scorer:
 
         out: dict = {}
         boxed = [s for s in target.subjects if s.boxes]
-        region = _boxes(target, boxed[0]) if boxed else None
         small = resize(frames, target.width, target.height) if frames.shape[1:3] != (target.height, target.width) \
             else frames  # (F, h, w, 3) at the render size
         self._try(out, "clip_t", lambda: metrics.clip_t(frames, target.prompt, self.encoder("clip")))
-        self._try(out, "clip_i", lambda: metrics.image_similarity(frames, images, self.encoder("clip")))
-        self._try(out, "dino_i", lambda: metrics.image_similarity(frames, images, self.encoder("dino")))
-        for key, kind in (("r_clip", "clip"), ("r_dino", "dino")):
-            self._try(out, key, lambda kind=kind: _region(frames, region, images, self.encoder(kind)))
+        for key, kind, region in (("clip_i", "clip", False), ("dino_i", "dino", False), ("r_clip", "clip", True),
+                                  ("r_dino", "dino", True)):
+            self._try(out, key, lambda kind=kind, region=region: _per_subject(frames, target, images,
+                                                                              self.encoder(kind), region))
         self._try(out, "temporal_consistency_clip",
                   lambda: metrics.temporal_consistency_clip(frames, self.encoder("clip")))
         out["temporal_consistency_pixel"] = metrics.temporal_consistency_pixel(frames)
@@ -250,16 +258,22 @@ class Scorer:
         return out
 
 
-def _boxes(shot: shotlib.Shot, subject) -> np.ndarray:
-    from studio.controls.boxes import interpolate
+def _per_subject(frames: np.ndarray, shot: shotlib.Shot, images: dict, enc, region: bool) -> float:
+    """CLIP-I / DINO-I (region=False), or R-CLIP / R-DINO (region=True: each frame cropped to the subject's box):
+    each subject against its own images, then the mean over the subjects scored."""
+    from studio.refine import subject_boxes
 
-    return interpolate(subject.boxes, shot.frames, shot.box_control.interpolation)  # (F, 4) in 0..1
-
-
-def _region(frames, region, images, enc) -> float:
-    if region is None:
-        raise metrics.MetricUnavailable("no subject box in the shot to crop to")
-    return metrics.region_similarity(frames, region, images, enc)
+    groups = {k: v for k, v in images.items() if v}
+    if not groups:
+        raise metrics.MetricUnavailable("no subject images to compare with (subjects[i].reference, a tuned subject "
+                                        "or the prompt set's subject_images)")
+    if not region:
+        return float(np.mean([metrics.image_similarity(frames, v, enc) for v in groups.values()]))
+    scores = [metrics.region_similarity(frames, subject_boxes(shot, shot.subjects[k]), v, enc)
+              for k, v in groups.items() if k is not None and shot.subjects[k].boxes]
+    if not scores:
+        raise metrics.MetricUnavailable("no subject has both boxes and images")
+    return float(np.mean(scores))
 
 
 def _camera(frames: np.ndarray, shot: shotlib.Shot) -> dict:
@@ -272,30 +286,68 @@ def _camera(frames: np.ndarray, shot: shotlib.Shot) -> dict:
 def _box_adherence(frames: np.ndarray, shot: shotlib.Shot, boxed: list) -> dict:
     if not boxed:
         raise metrics.MetricUnavailable("no subject boxes in the shot")
-    rows = [metrics.box_adherence(frames, s.phrase, _boxes(shot, s)) for s in boxed]
+    from studio.refine import subject_boxes
+
+    rows = [metrics.box_adherence(frames, s.phrase, subject_boxes(shot, s)) for s in boxed]
     return {"box_hit_rate": float(np.mean([r["hit_rate"] for r in rows])),
             "box_iou": float(np.mean([r["iou"] for r in rows]))}
 
 
-def subject_images(shot: shotlib.Shot, extra: list[str]) -> list[np.ndarray]:
-    """The subject's images for CLIP-I / DINO-I: the prompt set's subject_images, the shot's references, and a tuned
-    subject's photos from the library (when it is there)."""
+def image_files(raw: list | dict, shot: shotlib.Shot, where: str = "subject_images") -> dict[int | None, list[str]]:
+    """A prompt set's subject_images by subject index: a list belongs to the shot's only subject (key None: a shot
+    without subjects, for CLIP-I / DINO-I only); a mapping names each subject by its phrase or its index.
+    ValueError naming `where` when it is ambiguous."""
+    if not raw:
+        return {}
+    n = len(shot.subjects)
+    if isinstance(raw, (list, tuple)):
+        if n > 1:
+            raise ValueError(f"{where}: the shot has {n} subjects, so a list cannot say whose images they are; give "
+                             f"a mapping of subject phrase (or index) to image files (got {list(raw)!r})")
+        return {0 if n == 1 else None: [str(p) for p in raw]}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a list of image files or a mapping subject -> files (got {raw!r})")
+    phrases = [s.phrase for s in shot.subjects]
+    out: dict[int | None, list[str]] = {}
+    for key, paths in raw.items():
+        if isinstance(key, str) and phrases.count(key) > 1:
+            raise ValueError(f"{where}.{key}: two subjects have this phrase; name them by index")
+        if isinstance(key, str) and key in phrases:
+            k = phrases.index(key)
+        elif str(key).isdigit() and int(key) < n:  # an index (a string once a sidecar's JSON has held it)
+            k = int(key)
+        else:
+            raise ValueError(f"{where}.{key}: no such subject (phrases: {', '.join(map(repr, phrases)) or 'none'}; "
+                             f"or an index below {n})")
+        out.setdefault(k, []).extend(str(p) for p in ([paths] if isinstance(paths, str) else paths or []))
+    return out
+
+
+def subject_image_sets(shot: shotlib.Shot, extra: list | dict) -> dict[int | None, list[np.ndarray]]:
+    """Each subject's images for CLIP-I / DINO-I / R-CLIP / R-DINO, by subject index: the prompt set's
+    subject_images for it (`image_files`), its reference, and a tuned subject's photos from the library (when
+    it is there). Subjects without images are left out."""
     from PIL import Image
 
-    paths = list(extra) + [s.reference for s in shot.subjects if s.reference]
-    for s in shot.subjects:
+    paths = image_files(extra, shot)
+    for k, s in enumerate(shot.subjects):
+        if s.reference:
+            paths.setdefault(k, []).append(s.reference)
         if s.subject:
             try:
                 from studio.subjects.library import SubjectLibrary
 
                 folder = SubjectLibrary().get(s.subject).path / "photos"
-                paths += sorted(str(p) for p in folder.glob("*") if p.is_file())
+                paths.setdefault(k, []).extend(sorted(str(p) for p in folder.glob("*") if p.is_file()))
             except Exception as e:  # a missing subject only loses its photos here; the render reports it
                 logger.info("no photos of subject %s: %s", s.subject, e)
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB")))
+    out: dict[int | None, list[np.ndarray]] = {}
+    for k, files in paths.items():
+        for p in files:
+            if not Path(p).is_file():
+                raise ValueError(f"subject_images: image file not found (got {p!r})")
+            with Image.open(p) as im:
+                out.setdefault(k, []).append(np.asarray(im.convert("RGB")))
     return out
 
 
@@ -311,25 +363,80 @@ class EvalResult:
     files: dict = field(default_factory=dict)
 
 
+class InvalidJobs(ValueError):
+    """Some (configuration, shot) pairs of an evaluation cannot render; `errors` has one (config, shot, message)
+    per bad pair. Raised before anything is rendered."""
+
+    def __init__(self, errors: list[tuple[str, str, str]], total: int):
+        self.errors = errors
+        pairs = " | ".join(f"{config} x {shot}: {msg}" for config, shot, msg in errors)  # one line: the CLI's
+        super().__init__(f"studio eval: nothing was rendered: {len(errors)} of the {total} (configuration, shot) "
+                         f"pairs cannot render: {pairs}")
+
+
+@dataclass
+class Job:
+    config: str
+    ps_shot: PromptShot
+    seed: int
+    shot: shotlib.Shot  # what the configuration renders (unresolved: the engine resolves it again)
+    target: shotlib.Shot  # the shot as written, resolved: what the video is scored against
+
+
+def plan_jobs(ps: PromptSet, configs: list[str], overrides: list[str] | None = None) -> list[Job]:
+    """Every (configuration, shot, seed) job, each built and checked by `engine.prepare` (no weights loaded);
+    InvalidJobs naming every bad (configuration, shot) pair and its field when any cannot render."""
+    from studio import engine
+
+    check_configs(configs, ps)
+    overrides = list(overrides or [])
+    errors: dict[tuple[str, str], str] = {}  # (config, shot id) -> the first problem found
+    targets = {}
+    for ps_shot in ps.shots:
+        for seed in ps.seeds:
+            try:
+                targets[ps_shot.id, seed], _ = engine.prepare(
+                    shotlib.from_container({**ps_shot.fields, "seed": seed}, overrides))
+            except ValueError as e:  # ShotError included: it names the field
+                errors.setdefault(("the shot as written (the scoring target)", ps_shot.id), str(e))
+    jobs = []
+    for config in configs:
+        for ps_shot in ps.shots:
+            for seed in ps.seeds:
+                if (ps_shot.id, seed) not in targets:
+                    continue
+                fields, extra = apply_config(ps_shot.fields, config, ps)
+                try:
+                    shot = shotlib.from_container({**fields, "seed": seed}, overrides + extra)
+                    engine.prepare(shot)
+                except ValueError as e:
+                    errors.setdefault((config, ps_shot.id), str(e))
+                    continue
+                jobs.append(Job(config, ps_shot, seed, shot, targets[ps_shot.id, seed]))
+    if errors:
+        raise InvalidJobs([(c, s, msg) for (c, s), msg in errors.items()], len(configs) * len(ps.shots))
+    return jobs
+
+
 def run_prompt_set(ps: PromptSet, configs: list[str], out_dir: str | Path, scorer: Scorer | None = None,
                    manager=None, overrides: list[str] | None = None,
                    progress: Callable[[str], None] | None = None) -> EvalResult:
-    """Render every shot × seed under every configuration into out_dir/videos/<config>/ and score them."""
+    """Render every shot × seed under every configuration into out_dir/videos/<config>/ and score them.
+
+    Every job is checked first (`plan_jobs`): an invalid (configuration, shot) pair stops the run before the first
+    render (InvalidJobs names each)."""
     from studio import engine, export
     from studio.pipelines import PipelineManager
 
-    check_configs(configs, ps)
+    jobs = plan_jobs(ps, configs, overrides)
     out_dir = Path(out_dir)
     scorer = scorer or Scorer()
     manager = manager or PipelineManager(max_pipelines=1)
     rows, t0 = [], time.perf_counter()
-    jobs = [(c, s, seed) for c in configs for s in ps.shots for seed in ps.seeds]
-    for k, (config, ps_shot, seed) in enumerate(jobs):
-        fields, extra = apply_config(ps_shot.fields, config, ps)
-        shot = shotlib.from_container({**fields, "seed": seed}, list(overrides or []) + extra)
-        target, _ = engine.prepare(shotlib.from_container({**ps_shot.fields, "seed": seed}, overrides))
+    for k, job in enumerate(jobs):
+        config, ps_shot, seed, target = job.config, job.ps_shot, job.seed, job.target
         video = out_dir / "videos" / config / f"{ps_shot.id}-s{seed}.mp4"
-        files = engine.render_to_files(shot, video, manager=manager)
+        files = engine.render_to_files(job.shot, video, manager=manager)
         r = files.result
         side = json.loads(files.sidecar.read_text())
         side["eval"] = {"config": config, "shot_id": ps_shot.id, "target": shotlib.to_dict(target),
@@ -337,7 +444,7 @@ def run_prompt_set(ps: PromptSet, configs: list[str], out_dir: str | Path, score
         export.write_sidecar(video, side)
         row = {"config": config, "shot": ps_shot.id, "seed": seed, "video": str(video),
                "size": [int(r.frames.shape[2]), int(r.frames.shape[1])], "render_s": r.timings["total"]}
-        row.update(scorer.score(r.frames, target, r.shot.fps, subject_images(target, ps_shot.subject_images)))
+        row.update(scorer.score(r.frames, target, r.shot.fps, subject_image_sets(target, ps_shot.subject_images)))
         rows.append(row)
         msg = f"[{k + 1}/{len(jobs)}] {config} {ps_shot.id} seed {seed}: {r.timings['total']:.1f} s"
         logger.info(msg)
@@ -377,7 +484,7 @@ def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | 
                "seed": side.get("seed"), "video": str(v), "size": [int(frames.shape[2]), int(frames.shape[1])],
                "render_s": (side.get("timings") or {}).get("total")}
         fps = target.fps or (side.get("shot") or {}).get("fps")
-        row.update(scorer.score(frames, target, fps, subject_images(target, ev.get("subject_images") or [])))
+        row.update(scorer.score(frames, target, fps, subject_image_sets(target, ev.get("subject_images") or [])))
         rows.append(row)
     info = {"videos": [str(v) for v in videos], "seconds": time.perf_counter() - t0, "mode": "score",
             "configs": list(dict.fromkeys(r["config"] for r in rows))}
@@ -420,13 +527,11 @@ def _finish(rows: list[dict], scorer: Scorer, info: dict, out_dir: Path) -> Eval
 
 
 def _definitions() -> dict:
-    return {"clip_t": metrics.clip_t.__doc__.split("\n")[0], "clip_i": metrics.image_similarity.__doc__.split("\n")[0],
-            "r_clip": metrics.region_similarity.__doc__.split("\n")[0],
-            "temporal_consistency_clip": metrics.temporal_consistency_clip.__doc__.split("\n")[0],
-            "temporal_consistency_pixel": metrics.temporal_consistency_pixel.__doc__.split("\n")[0],
-            "dynamic_degree": metrics.dynamic_degree.__doc__.split("\n")[0],
-            "box_hit_rate": metrics.box_adherence.__doc__.split("\n")[0],
-            "camera_error": metrics.camera_error.__doc__.split("\n")[0]}
+    """Definition and source of every value a video's row holds (results.json `definitions`)."""
+    return {**metrics.DEFINITIONS,
+            "render_s": {"definition": "wall-clock seconds of the render, refinement included (the engine's "
+                                       "timings 'total'), on the machine that rendered it",
+                         "source": "this project (studio.engine timings)"}}
 
 
 def _shown(res: EvalResult) -> list[tuple[str, str, int]]:
