@@ -2,10 +2,14 @@
 token), the trainer's plumbing (reproducible, resumable, exports a loadable folder) and the eval's checks
 (they score ~100% on the world's own clips, and fail on wrong content)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from studio.toyworld import evaluate, model, world
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "toyworld"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 123])
@@ -35,6 +39,34 @@ def test_masks_cover_pixels_of_the_subject_colour():
         x0, y0, x1, y1 = clip.boxes[0, 0]
         assert (x0, y0, x1, y1) == pytest.approx((xs.min() / 32, ys.min() / 32, (xs.max() + 1) / 32,
                                                   (ys.max() + 1) / 32))
+
+
+def test_two_subject_masks_handle_occlusion():
+    """With two subjects the later one is drawn on top: its mask is its whole shape, the earlier one's mask is
+    its shape minus what the later one covers, the two never overlap, and each shows its own colour."""
+    occluded = 0
+    for seed in range(60):
+        clip = world.sample_clip(seed, p_two=1.0, p_pan=0.0)
+        (a, b), (ma, mb) = clip.subjects, clip.masks
+        assert not (ma & mb).any(), f"seed {seed}: a pixel belongs to one subject"
+        for f in range(world.FRAMES):
+            cov_a = world.shape_mask(a.shape, *a.path[f], a.radius)
+            cov_b = world.shape_mask(b.shape, *b.path[f], b.radius)
+            assert np.array_equal(mb[f], cov_b > 0.5), f"seed {seed}: the top subject is never occluded"
+            assert np.array_equal(ma[f], cov_a * (1 - cov_b) > 0.5), f"seed {seed}: occluded pixels leave the mask"
+            hidden = (cov_a > 0.5) & ~ma[f]
+            occluded += int(hidden.sum())
+            if a.color != b.color and hidden.any():  # the hidden part shows the top subject's colour
+                rgb = clip.frames[f][hidden].astype(np.float32)
+                d_a = np.linalg.norm(rgb - world.COLORS[a.color], axis=-1)
+                d_b = np.linalg.norm(rgb - world.COLORS[b.color], axis=-1)
+                assert (d_b[mb[f][hidden]] < d_a[mb[f][hidden]]).all()
+        for k, m in enumerate((ma, mb)):
+            for f in np.nonzero(m.any(axis=(1, 2)))[0]:
+                ys, xs = np.nonzero(m[f])
+                assert clip.boxes[k, f] == pytest.approx([xs.min() / 32, ys.min() / 32, (xs.max() + 1) / 32,
+                                                          (ys.max() + 1) / 32])
+    assert occluded > 0, "some of these clips have overlapping subjects"
 
 
 def test_captions_match_content():
@@ -83,6 +115,20 @@ def test_every_world_word_is_one_token():
     assert len(tok("dog", add_special_tokens=False).input_ids) >= 1
 
 
+def test_shipped_tokenizer_has_every_world_word_as_one_token():
+    """The tokenizer in models/toyworld (what renders use), not only the one built in code."""
+    from transformers import CLIPTokenizer
+
+    shipped = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    built = model.build_tokenizer()
+    for w in world.WORDS:
+        ids = shipped(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (w, shipped.convert_ids_to_tokens(ids))
+        assert ids == built(w, add_special_tokens=False).input_ids
+    caption = "a purple triangle moving up and a white star on sand"
+    assert shipped(caption).input_ids == built(caption).input_ids and len(shipped(caption).input_ids) == 11 + 2
+
+
 def test_tokenizer_survives_save_and_load(tmp_path):
     from transformers import CLIPTokenizer
 
@@ -112,25 +158,177 @@ def test_eval_prompts_are_held_out_and_balanced():
     assert {p["colour"] for p in ps} == set(world.COLORS) and {p["motion"] for p in ps} == set(world.MOTIONS)
 
 
-def test_trainer_is_resumable_and_exports_a_loadable_folder(tmp_path, monkeypatch):
-    """Two VAE + two text-to-video steps at a small size, then resume to three; the export loads in diffusers."""
+SMALL = model.ToyArch(vae_channels=(8, 16), unet_channels=(16, 32), text_dim=16, text_layers=1, norm_groups=4)
+
+
+def _train_config(root, name, **kw):
+    from studio.toyworld import train
+
+    fields = dict(work=str(root / name / "work"), out=str(root / name / "out"), vae_steps=2, vae_batch=4, steps=3,
+                  batch=2, budget_s=600, log_every=1, ckpt_every=1, export_every=0, threads=1)
+    return train.TrainConfig(**{**fields, **kw})
+
+
+def _checkpoint(cfg) -> dict:
+    import torch
+
+    return torch.load(Path(cfg.work) / "checkpoint.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Small trainer runs (2 VAE + 3 text-to-video steps at a small size): a, b the same run twice; c interrupted
+    after 2 steps and resumed to 3."""
+    from studio.toyworld import train
+
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "ToyArch", lambda: SMALL)
+        out = {name: _train_config(root, name) for name in "abc"}
+        train.train(out["a"])
+        train.train(out["b"])
+        out["c"].steps = 2
+        train.train(out["c"])
+        first = _checkpoint(out["c"])
+        out["c_first"] = (first["vae_step"], first["step"])
+        out["c"].steps = 3
+        train.train(out["c"])
+    return out
+
+
+def _assert_same_weights(x: dict, y: dict) -> None:
+    import torch
+
+    for part in ("vae", "unet", "te"):
+        assert x[part].keys() == y[part].keys()
+        diff = [k for k in x[part] if not torch.equal(x[part][k], y[part][k])]
+        assert not diff, f"{part} differs in {diff[:3]}"
+    assert all(torch.equal(a, b) for a, b in zip(x["ema"], y["ema"], strict=True))
+
+
+def test_trainer_is_reproducible_by_seed(runs):
+    import torch
+
+    a, b = _checkpoint(runs["a"]), _checkpoint(runs["b"])
+    assert (a["vae_step"], a["step"]) == (2, 3)
+    _assert_same_weights(a, b)
+    fresh = model.build_components(SMALL, seed=0)["unet"].state_dict()
+    assert any(not torch.equal(fresh[k], a["unet"][k]) for k in fresh), "training changed the weights"
+
+
+def test_resumed_run_equals_the_uninterrupted_one(runs):
+    assert runs["c_first"] == (2, 2)
+    c = _checkpoint(runs["c"])
+    assert (c["vae_step"], c["step"]) == (2, 3)
+    _assert_same_weights(c, _checkpoint(runs["a"]))
+
+
+def test_trainer_exports_a_loadable_folder(runs):
     import json
 
     import torch
     from diffusers import AnimateDiffPipeline
 
+    info = json.loads((Path(runs["c"].out) / "training.json").read_text())
+    assert (info["vae_steps"], info["t2v_steps"]) == (2, 3) and info["config"]["lr"] == runs["c"].lr
+    pipe = AnimateDiffPipeline.from_pretrained(runs["c"].out, dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32 and len(pipe.tokenizer("a red circle").input_ids) == 3 + 2
+
+
+def test_init_continues_an_exported_model(runs, tmp_path):
+    """--init: the t2v stage starts from an exported folder's weights and step count, a fresh optimizer, no VAE."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
     from studio.toyworld import train
 
-    small = model.ToyArch(vae_channels=(8, 16), unet_channels=(16, 32), text_dim=16, text_layers=1, norm_groups=4)
-    monkeypatch.setattr(train, "ToyArch", lambda: small)
-    cfg = train.TrainConfig(work=str(tmp_path / "work"), out=str(tmp_path / "out"), vae_steps=2, vae_batch=4,
-                            steps=2, batch=2, budget_s=600, log_every=1, ckpt_every=1, export_every=0, threads=1)
-    train.train(cfg)
-    state = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
-    assert (state["vae_step"], state["step"]) == (2, 2)
-    cfg.steps = 3
-    train.train(cfg)
-    info = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert (info["vae_steps"], info["t2v_steps"]) == (2, 3)
-    pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    assert pipe.unet.dtype == torch.float32 and len(pipe.tokenizer("a red circle").input_ids) == 3 + 2
+    src = Path(runs["a"].out)
+    cfg = _train_config(tmp_path, "init", init=str(src), steps=5, warmup=200)
+    out = train.train(cfg)
+    info = json.loads((out / "training.json").read_text())
+    assert (info["vae_steps"], info["t2v_steps"]) == (2, 5) and info["config"]["init"] == str(src)
+    ckpt = _checkpoint(cfg)
+    assert (ckpt["step"], ckpt["opt_start"], ckpt["init"]) == (5, 3, str(src))
+    assert {s["step"].item() for s in ckpt["opt"]["state"].values()} == {2.0}, "a fresh optimizer: 2 steps"
+    assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * 2 / 200), "warm-up restarts"
+
+    def weights(folder, part):
+        return load_file(Path(folder) / part / "diffusion_pytorch_model.safetensors")
+
+    old_vae, new_vae = weights(src, "vae"), weights(out, "vae")
+    assert all(torch.equal(old_vae[k], new_vae[k]) for k in old_vae), "the VAE stage is taken as done"
+    old_unet, new_unet = weights(src, "unet"), weights(out, "unet")
+    assert any(not torch.equal(old_unet[k], new_unet[k]) for k in old_unet), "the UNet trained on"
+    with pytest.raises(ValueError, match="another run"):  # a work folder of a plain run is not taken over
+        train.train(_train_config(tmp_path, "x", work=runs["a"].work, init=str(src)))
+
+
+def test_defaults_and_reproduce_command_are_the_shipped_run():
+    """TrainConfig's defaults are the shipped run's settings, and the model card's Reproduce line is the command
+    that reruns them (parsed by the CLI back into those settings)."""
+    import json
+    import shlex
+
+    from studio import cli
+    from studio.toyworld import train
+
+    info = json.loads((MODEL / "training.json").read_text())
+    shipped = {k: v for k, v in info["config"].items() if k not in ("work", "out")}
+    assert {k: getattr(train.TrainConfig(), k) for k in shipped} == shipped
+    command = train.reproduce_command(info)
+    card = (MODEL / "README.md").read_text()
+    assert f"- Reproduce: `mkdir -p runs && {command} > runs/train.log 2>&1`" in card
+    argv = shlex.split(command)
+    assert argv[:3] == ["studio", "toyworld", "train"]
+    cfg = cli.train_config(cli.build_parser().parse_args(argv[1:]))
+    assert {k: getattr(cfg, k) for k in train.RESULT_FIELDS} == {**{k: shipped[k] for k in train.RESULT_FIELDS},
+                                                                  "steps": info["t2v_steps"]}
+    assert cfg.out != "models/toyworld" and cfg.budget_s > info["config"]["budget_s"]
+
+
+def test_building_components_leaves_the_global_rng_alone():
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = model.build_components(SMALL, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    b = model.build_components(SMALL, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a["unet"].state_dict().values(), b["unet"].state_dict().values()))
+
+
+def test_eval_preset_comes_from_the_model_folder(tmp_path):
+    from studio.presets import load_model_preset
+
+    preset = load_model_preset(str(evaluate._preset_file(MODEL, tmp_path)))
+    shipped = load_model_preset("toyworld")
+    assert (preset.defaults.width, preset.defaults.height, preset.size_multiple) == (32, 32, 8)
+    assert (preset.defaults.steps, preset.defaults.fps, preset.defaults.guidance_scale) == (
+        shipped.defaults.steps, shipped.defaults.fps, shipped.defaults.guidance_scale)
+    assert preset.max_frames == 32
+
+
+def test_eval_pins_and_records_threads(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def fake(model_dir, n, seed, binding_n, steps, guidance_scale):
+        seen["threads"] = torch.get_num_threads()
+        return {"model": str(model_dir)}
+
+    monkeypatch.setattr(evaluate, "_evaluate", fake)
+    result = evaluate.evaluate(MODEL, n=1, threads=1)
+    assert seen["threads"] == 1 and result["threads"] == 1
+    assert torch.get_num_threads() == before, "the caller's thread count is restored"
+
+
+def test_background_prototypes_come_from_the_world():
+    protos = evaluate.background_prototypes()
+    assert set(protos) == set(world.BACKGROUNDS)
+    for bg in world.BACKGROUNDS:
+        assert evaluate.classify_background(world.render_clip(bg, [], seed=99).frames) == bg

@@ -13,6 +13,7 @@ Shapes: F frames, S×S pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -28,9 +29,6 @@ logger = logging.getLogger(__name__)
 GATES = {"colour": 0.80, "background": 0.90, "direction": 0.60, "binding_ratio": 2.0, "render_s": 3.0}
 CHANCE = {"colour": 1 / len(world.COLORS), "background": 1 / len(world.BACKGROUNDS),
           "direction": 1 / len(world.MOTIONS)}
-EVAL_SEED_OFFSET = world.EVAL_SEED_OFFSET
-
-_BG_PROTO = {"grass": (60, 150, 50), "sand": (222, 196, 145), "sky": (95, 145, 230)}
 _COLOUR_TOL = 70.0  # RGB distance within which a pixel counts as a subject colour
 _MIN_PIXELS = 3  # per frame, for a centroid
 
@@ -40,15 +38,26 @@ def _dist(frames: np.ndarray, rgb) -> np.ndarray:
     return np.linalg.norm(frames.astype(np.float32) - np.asarray(rgb, np.float32), axis=-1)
 
 
+@functools.cache
+def background_prototypes() -> dict[str, tuple[float, float, float]]:
+    """Per background, the median colour of the world's own empty clips of it (a few seeds)."""
+    out = {}
+    for bg in world.BACKGROUNDS:
+        pixels = np.concatenate([world.render_clip(bg, [], seed=s).frames.reshape(-1, 3) for s in range(4)])
+        out[bg] = tuple(float(v) for v in np.median(pixels.astype(np.float32), axis=0))
+    return out
+
+
 def classify_background(frames: np.ndarray) -> str:
     med = np.median(frames.reshape(-1, 3).astype(np.float32), axis=0)
-    return min(_BG_PROTO, key=lambda k: np.linalg.norm(med - np.asarray(_BG_PROTO[k], np.float32)))
+    protos = background_prototypes()
+    return min(protos, key=lambda k: np.linalg.norm(med - np.asarray(protos[k], np.float32)))
 
 
 def colour_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Per subject colour, the (F, S, S) pixels nearer to it than to any other subject colour or background."""
     names = list(world.COLORS)
-    protos = [world.COLORS[c] for c in names] + list(_BG_PROTO.values())
+    protos = [world.COLORS[c] for c in names] + list(background_prototypes().values())
     d = np.stack([_dist(frames, p) for p in protos])  # (colours + backgrounds, F, S, S)
     nearest = d.argmin(0)
     return {c: (nearest == i) & (d[i] < _COLOUR_TOL) for i, c in enumerate(names)}
@@ -102,7 +111,7 @@ def eval_prompts(n: int, seed: int = 0) -> list[dict]:
         m = world.MOTIONS[(i // len(world.COLORS)) % len(world.MOTIONS)]
         bg = world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))]
         out.append({"colour": c, "shape": s, "motion": m, "background": bg,
-                    "caption": f"a {c} {s} moving {m} on {bg}", "seed": EVAL_SEED_OFFSET + seed * 10_000 + i})
+                    "caption": f"a {c} {s} moving {m} on {bg}", "seed": world.EVAL_SEED_OFFSET + seed * 10_000 + i})
     return out
 
 
@@ -182,28 +191,60 @@ def attention_binding(pipe, prompts: list[dict], t_frac: float = 0.5) -> float:
 
 
 def _preset_file(model_dir: Path, folder: Path) -> Path:
-    """A model preset for a model folder, so the eval renders through the ordinary engine path."""
+    """A model preset for a model folder, so the eval renders through the ordinary engine path.
+
+    The size and size multiple come from the folder's VAE and UNet configs; fps, steps and guidance from the
+    toyworld preset.
+    """
     import json
+
+    from omegaconf import OmegaConf
+
+    from studio.presets import load_model_preset
 
     idx = json.loads((model_dir / "model_index.json").read_text())
     if "AnimateDiff" not in idx.get("_class_name", ""):
         raise ValueError(f"{model_dir} is not an AnimateDiff diffusers folder")
-    sample = model_dir / "unet" / "config.json"
-    size = json.loads(sample.read_text()).get("sample_size", 16) * 2
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # as diffusers' vae_scale_factor
+    size = int(unet["sample_size"]) * vae_factor  # the UNet's latent size, in pixels
+    multiple = vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)  # the UNet halves the latent per down block
+    d = load_model_preset("toyworld").defaults
+    preset = {"name": "eval", "family": "animatediff", "base": str(model_dir.resolve()),
+              "defaults": {"frames": world.FRAMES, "width": size, "height": size, "fps": d.fps, "steps": d.steps,
+                           "guidance_scale": d.guidance_scale},
+              "size_multiple": multiple, "max_size": 4 * size,
+              "max_frames": int(unet.get("motion_max_seq_length", 32))}
     path = folder / "eval-model.yaml"
-    path.write_text(f"name: eval\nfamily: animatediff\nbase: {model_dir.resolve()}\n"
-                    f"defaults: {{frames: {world.FRAMES}, width: {size}, height: {size}, fps: 8, steps: 20, "
-                    f"guidance_scale: 7.5}}\nsize_multiple: 2\nmax_size: 256\nmax_frames: 32\n")
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(preset)))
     return path
 
 
 def evaluate(model_dir: str | Path = "models/toyworld", n: int = 48, seed: int = 0, binding_n: int = 16,
-             steps: int = 20, guidance_scale: float = 7.5) -> dict:
-    """Render n held-out prompts through the engine and score them; measure binding and render time."""
+             steps: int = 20, guidance_scale: float = 7.5, threads: int = 2) -> dict:
+    """Render n held-out prompts through the engine and score them; measure binding and render time.
+
+    The render-time gate is for `threads` CPU threads (torch.set_num_threads; 0 leaves torch's default); the
+    previous thread count is restored afterwards.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = _evaluate(Path(model_dir), n, seed, binding_n, steps, guidance_scale)
+        result["threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return result
+
+
+def _evaluate(model_dir: Path, n: int, seed: int, binding_n: int, steps: int, guidance_scale: float) -> dict:
     from studio import engine, shot as shotlib
     from studio.pipelines import PipelineManager
 
-    model_dir = Path(model_dir)
     manager = PipelineManager(max_pipelines=1, device="cpu")
     prompts = eval_prompts(n, seed)
     rows, times = [], []
@@ -433,6 +474,8 @@ def model_card(result: dict, model_dir: str | Path, hardware: str, train_seconds
     """The model folder's README: data, architecture, training run and the measured gates (from `result`)."""
     import json
 
+    from studio.toyworld.train import reproduce_command
+
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "training.json").read_text())
     cfg = info["config"]
@@ -479,8 +522,10 @@ def model_card(result: dict, model_dir: str | Path, hardware: str, train_seconds
         "between each subject phrase's spatial cross-attention map and its true mask), which binds the subject "
         "words to where the subject is, so box control by cross-attention editing works on this model.",
         f"- Hardware: {hardware}; wall clock {hours}.",
-        "- Reproduce: `studio toyworld train --work runs/toyworld --out models/toyworld` (resumable, time budget, "
-        "log of steps/s and loss), then `studio toyworld eval`.", "",
+        f"- Reproduce: `mkdir -p runs && {reproduce_command(info)} > runs/train.log 2>&1` (the recorded "
+        "settings, with the step count reached as --steps so that the steps and not the clock end the run; "
+        "resumable; floating-point results depend on the torch build and thread count), then `studio toyworld eval --model runs/toyworld/model`. Continue training this model "
+        "instead: `studio toyworld train --init models/toyworld --budget SECONDS`.", "",
         "## Measured gates", "",
         format_report(result), "",
         verdict, "",

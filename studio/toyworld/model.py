@@ -7,7 +7,10 @@ folder saved from here loads with `AnimateDiffPipeline.from_pretrained(folder)` 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from studio.toyworld import world
 
@@ -94,10 +97,18 @@ def build_tokenizer(arch: ToyArch = ToyArch()):
 def build_components(arch: ToyArch = ToyArch(), seed: int = 0) -> dict:
     """Freshly initialised components (deterministic by seed) for `AnimateDiffPipeline(**components)`."""
     import torch
+
+    # diffusers/transformers initialise weights from the global RNG only: seed it inside a fork, so the caller's
+    # global RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _init_components(arch)
+
+
+def _init_components(arch: ToyArch) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)  # diffusers/transformers initialise weights from the global RNG only
     tokenizer = build_tokenizer(arch)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=arch.vae_channels,
@@ -135,13 +146,10 @@ def build_components(arch: ToyArch = ToyArch(), seed: int = 0) -> dict:
 
 def save_random_model(folder, arch: ToyArch = TINY_ARCH, seed: int = 0):
     """Build a random-weight model and save it as a diffusers AnimateDiff folder (atomically)."""
-    import shutil
-    from pathlib import Path
-
     from diffusers import AnimateDiffPipeline
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{__import__('os').getpid()}")
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     AnimateDiffPipeline(**build_components(arch, seed)).save_pretrained(tmp, safe_serialization=True)
     if folder.exists():
         shutil.rmtree(tmp)  # another process won the race; its folder is identical

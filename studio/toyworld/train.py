@@ -18,42 +18,77 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
+
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from studio.toyworld import world
 from studio.toyworld.model import ToyArch, build_components
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it, so that TrainConfig (and the `studio` command's flags built
+# from it) load without torch.
+
 logger = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = world.EVAL_SEED_OFFSET
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    work: str = "runs/toyworld"  # checkpoints and log
-    out: str = "models/toyworld"  # the exported diffusers folder
-    seed: int = 0
-    vae_steps: int = 1500
-    vae_batch: int = 32  # frames
-    vae_lr: float = 1e-3
-    vae_subject_weight: float = 10.0  # extra loss weight on subject pixels
-    steps: int = 20000  # text-to-video steps (the time budget usually ends training first)
-    batch: int = 8  # clips
-    lr: float = 5e-4
-    warmup: int = 200
-    p_uncond: float = 0.1  # caption dropout, for classifier-free guidance
-    stca_weight: float = 0.1
-    ema_decay: float = 0.999
-    budget_s: float = 3600.0  # wall-clock budget of this run (both stages)
-    log_every: int = 25
-    ckpt_every: int = 250
-    export_every: int = 1000  # also export the model folder every this many t2v steps (0 = only at the end)
-    threads: int = 0  # torch threads; 0 = torch's default
+    """Every setting of a training run; the defaults are those of the shipped run (models/toyworld/training.json).
+
+    `studio toyworld train` has one flag per field (--budget for budget_s), so a run's training.json is a command.
+    """
+
+    work: str = _opt("runs/toyworld", "checkpoint folder (a run resumes from it)")
+    out: str = _opt("runs/toyworld/model", "where the diffusers folder is exported (models/toyworld is the shipped "
+                                           "model: name it only to replace that)")
+    init: Optional[str] = _opt(None, "an exported model folder (e.g. models/toyworld) to continue: the text-to-video "
+                                     "stage starts from its weights and step count, with a fresh optimizer")
+    seed: int = _opt(0, "seed of every batch and noise draw")
+    vae_steps: int = _opt(1000, "VAE steps (stage 1)")
+    vae_batch: int = _opt(32, "VAE batch, in frames")
+    vae_lr: float = _opt(1e-3, "VAE learning rate")
+    vae_subject_weight: float = _opt(10.0, "extra VAE loss weight on subject pixels")
+    steps: int = _opt(20000, "total text-to-video steps (the time budget usually ends training first)")
+    batch: int = _opt(8, "text-to-video batch, in clips")
+    lr: float = _opt(6e-4, "text-to-video learning rate (AdamW, after the warm-up)")
+    warmup: int = _opt(200, "linear learning-rate warm-up, in steps of a fresh optimizer")
+    p_uncond: float = _opt(0.1, "caption dropout, for classifier-free guidance")
+    stca_weight: float = _opt(0.1, "weight of the subject-token cross-attention loss")
+    ema_decay: float = _opt(0.999, "EMA decay of the exported weights")
+    budget_s: float = _opt(8400.0, "wall-clock seconds for this run (both stages)")
+    log_every: int = _opt(25, "log every this many steps")
+    ckpt_every: int = _opt(250, "checkpoint every this many steps")
+    export_every: int = _opt(500, "also export the model folder every this many text-to-video steps (0: at the end)")
+    threads: int = _opt(2, "torch threads (0: torch's default); results are bit-identical only at the same count")
+
+
+# Settings that determine the trained weights (the others only log, checkpoint, export or bound the run).
+RESULT_FIELDS = ("seed", "vae_steps", "vae_batch", "vae_lr", "vae_subject_weight", "steps", "batch", "lr", "warmup",
+                 "p_uncond", "stca_weight", "ema_decay", "threads")
+
+
+def reproduce_command(info: dict, work: str = "runs/toyworld", out: str = "runs/toyworld/model",
+                      budget_s: float = 86400.0) -> str:
+    """The `studio toyworld train` command that reruns an exported model's training (its training.json `info`):
+    every setting that determines the weights, with the step count it reached as --steps and a budget long
+    enough that the step count, not the clock, ends the run."""
+    cfg = {**info["config"], "steps": info["t2v_steps"]}
+    args = [f"--work {work}", f"--out {out}"]
+    if cfg.get("init"):
+        args.append(f"--init {cfg['init']}")
+    args += [f"--{name.replace('_', '-')} {cfg[name]:g}" if isinstance(cfg[name], float) else
+             f"--{name.replace('_', '-')} {cfg[name]}" for name in RESULT_FIELDS]
+    return " ".join(["studio toyworld train", *args, f"--budget {budget_s:g}"])
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -61,11 +96,13 @@ class TrainConfig:
 
 def clip_seed(seed: int, step: int, i: int, batch: int) -> int:
     """The world seed of item i of a training batch; always below EVAL_SEED_OFFSET."""
-    return (seed * 7_919 + step * batch + i) % EVAL_SEED_OFFSET
+    return (seed * 7_919 + step * batch + i) % world.EVAL_SEED_OFFSET
 
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """(..., S, S, 3) uint8 -> (..., 3, S, S) float in -1..1."""
+    import torch
+
     x = torch.from_numpy(frames).float().div(127.5).sub(1.0)
     return x.movedim(-1, -3)
 
@@ -89,6 +126,8 @@ class CaptureCrossAttnProcessor:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        import torch
+
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·F·heads, N, d)
         k = attn.head_to_batch_dim(attn.to_k(ctx))  # (B·F·heads, L, d)
@@ -118,6 +157,9 @@ def stca_loss(store: list, masks: torch.Tensor, token_pos: list[list[list[int]]]
 
     masks: (B, K, F, S, S) float; token_pos[b][k]: token positions of clip b's subject k ([] = skip).
     """
+    import torch
+    import torch.nn.functional as F
+
     terms = []
     for probs in store:  # (B·F, N, L)
         n = probs.shape[1]
@@ -140,6 +182,9 @@ def stca_loss(store: list, masks: torch.Tensor, token_pos: list[list[list[int]]]
 
 def _subject_weight(masks: np.ndarray, extra: float) -> torch.Tensor:
     """(n, 1, S, S) loss weights: 1 everywhere plus `extra` on (slightly dilated) subject pixels."""
+    import torch
+    import torch.nn.functional as F
+
     m = torch.from_numpy(masks.astype(np.float32))[:, None]
     m = F.max_pool2d(m, 3, stride=1, padding=1)
     return 1.0 + extra * m
@@ -160,6 +205,8 @@ def vae_batch(cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float, checkpoint=None) -> None:
+    import torch
+
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
@@ -188,16 +235,20 @@ def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float, checkpoint=No
     vae.eval()
 
 
-@torch.no_grad()
 def calibrate_vae_scale(vae, cfg: TrainConfig, n_clips: int = 64) -> float:
     """1/std of the latents (as SD's 0.18215), so scaled latents have unit variance."""
-    x = torch.cat([to_pixels(world.sample_clip(EVAL_SEED_OFFSET // 2 + i).frames) for i in range(n_clips)])
-    z = vae.encode(x).latent_dist.mean
+    import torch
+
+    x = torch.cat([to_pixels(world.sample_clip(world.EVAL_SEED_OFFSET // 2 + i).frames) for i in range(n_clips)])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
     return float(1.0 / z.std())
 
 
 def t2v_batch(cfg: TrainConfig, tokenizer, step: int):
     """Pixels (B, F, 3, S, S), masks (B, K, F, S, S), token ids (B, L), STCA token positions, per clip."""
+    import torch
+
     clips = [world.sample_clip(clip_seed(cfg.seed, step, i, cfg.batch)) for i in range(cfg.batch)]
     rng = np.random.default_rng([cfg.seed, step, 11])
     captions = ["" if rng.random() < cfg.p_uncond else c.caption for c in clips]
@@ -226,19 +277,16 @@ class EMA:
         self.shadow = [p.detach().clone() for p in self.params]
         self.decay = decay
 
-    @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            p.copy_(s)
+            s.lerp_(p.detach(), 1 - d)  # detached on both sides: no autograd graph
 
 
 def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
+    import torch
+    import torch.nn.functional as F
+
     vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     store: list = []
     orig = capture_cross_attention(unet, store)
@@ -253,9 +301,10 @@ def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
     te.train()
     alphas = sched.alphas_cumprod
     t0, start, logs = time.time(), state.get("step", 0), []
+    opt_start = state.get("opt_start", 0)  # the step the optimizer started at (its warm-up counts from there)
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.lr * min(1.0, (step + 1 - opt_start) / max(1, cfg.warmup))
         pixels, masks, ids, token_pos = t2v_batch(cfg, tok, step)
         B, Fr = pixels.shape[:2]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -306,6 +355,8 @@ def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
 
 def save_checkpoint(c: dict, cfg: TrainConfig, state: dict) -> None:
     """Write the resumable state atomically: a temp file renamed over the old checkpoint."""
+    import torch
+
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     blob = {"vae": c["vae"].state_dict(), "unet": c["unet"].state_dict(), "te": c["text_encoder"].state_dict(),
@@ -317,6 +368,8 @@ def save_checkpoint(c: dict, cfg: TrainConfig, state: dict) -> None:
 
 
 def load_checkpoint(c: dict, cfg: TrainConfig) -> dict:
+    import torch
+
     path = Path(cfg.work) / "checkpoint.pt"
     if not path.exists():
         return {}
@@ -335,6 +388,7 @@ def export(c: dict, cfg: TrainConfig, state: dict) -> Path:
     import copy
     import shutil
 
+    import torch
     from diffusers import AnimateDiffPipeline
 
     parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in c.items()}
@@ -366,21 +420,55 @@ def _plain_processors(unet) -> dict:
     return {n: AttnProcessor2_0() for n in unet.attn_processors}
 
 
+def init_from(c: dict, folder: str | Path) -> dict:
+    """Put an exported model's components into `c` (fp16 on disk, trained in fp32) and return the state that
+    continues its run: the VAE stage taken as done, the t2v step count from its training.json, no optimizer state
+    (a fresh AdamW, warmed up again from that step), the EMA starting from the exported weights."""
+    import torch
+    from diffusers import AnimateDiffPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() or not (folder / "training.json").is_file():
+        raise ValueError(f"--init: {str(folder)!r} is not an exported toy-world model folder "
+                         f"(model_index.json and training.json)")
+    info = json.loads((folder / "training.json").read_text())
+    pipe = AnimateDiffPipeline.from_pretrained(folder, dtype=torch.float32)
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        c[name] = getattr(pipe, name)
+    step = int(info["t2v_steps"])
+    logger.info("starting from %s at t2v step %d (vae steps %s)", folder, step, info["vae_steps"])
+    return {"vae_step": int(info["vae_steps"]), "vae_done": True, "step": step, "opt_start": step,
+            "init": str(folder)}
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) both stages within cfg.budget_s, checkpoint, and export the model folder."""
+    """Run (or resume) both stages within cfg.budget_s, checkpoint, and export the model folder.
+
+    With cfg.init, the text-to-video stage continues an exported model (see init_from); a work folder that already
+    holds a checkpoint of that same continuation resumes it.
+    """
+    import torch
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     deadline = time.time() + cfg.budget_s
     c = build_components(ToyArch(), seed=cfg.seed)
+    start = init_from(c, cfg.init) if cfg.init else {}
     state = load_checkpoint(c, cfg)
+    if cfg.init and state and state.get("init") != start["init"]:
+        raise ValueError(f"--init: {cfg.work!r} already holds the checkpoint of another run "
+                         f"(init {state.get('init')!r}); resume it without --init, or give a new --work")
+    state = state or start
     for m in (c["vae"], c["unet"], c["text_encoder"]):
         m.requires_grad_(True)
-    if state.get("vae_step", 0) < cfg.vae_steps:
+    if not state.get("vae_done") and state.get("vae_step", 0) < cfg.vae_steps:
         train_vae(c["vae"], cfg, state, deadline, checkpoint=lambda: save_checkpoint(c, cfg, state))
         c["vae"].register_to_config(scaling_factor=calibrate_vae_scale(c["vae"], cfg))
         logger.info("vae scaling factor %.4f", c["vae"].config.scaling_factor)
         save_checkpoint(c, cfg, state)
-    c["vae"].requires_grad_(False)
+    # Frozen from here, and in eval mode whether or not stage 1 ran in this process: a VAE left in train mode
+    # after a resume encodes slightly differently (~1e-7), and a resumed run would drift from an uninterrupted one.
+    c["vae"].requires_grad_(False).eval()
     if time.time() < deadline:
         train_t2v(c, cfg, state, deadline)
         save_checkpoint(c, cfg, state)
