@@ -6,6 +6,7 @@ Bad input prints one line on stderr and exits with status 2, leaving nothing hal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -13,15 +14,38 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool) -> None:
+    """Libraries' notices go to the log, not the terminal: warnings (e.g. huggingface_hub's UserWarnings while a
+    model fails to load) become records of the 'py.warnings' logger, shown only with --verbose."""
     import os
-    import warnings
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.CRITICAL)
+
+
+def _is_input_error(e: BaseException) -> bool:
+    """Errors that are the user's input (exit 2, one line): ShotError, ModelLoadError, and ValueErrors raised by
+    the studio's own code at its boundaries. A ValueError from inside torch, diffusers or another library is a
+    fault and keeps its traceback."""
+    from studio.pipelines import ModelLoadError
+    from studio.shot import ShotError
+
+    if isinstance(e, (ShotError, ModelLoadError)):
+        return True
+    if not isinstance(e, ValueError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("studio.")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def cmd_render(args) -> int:
@@ -89,12 +113,17 @@ def cmd_ui(args) -> int:
     return 0
 
 
-def cmd_toyworld_train(args) -> int:
-    from studio.toyworld.train import TrainConfig, train
+def train_config(args):
+    """The TrainConfig of parsed `studio toyworld train` arguments (one flag per field)."""
+    from studio.toyworld.train import TrainConfig
 
-    cfg = TrainConfig(work=args.work, out=args.out, seed=args.seed, budget_s=args.budget, steps=args.steps,
-                      vae_steps=args.vae_steps, batch=args.batch, threads=args.threads)
-    train(cfg)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def cmd_toyworld_train(args) -> int:
+    from studio.toyworld.train import train
+
+    train(train_config(args))
     return 0
 
 
@@ -103,7 +132,7 @@ def cmd_toyworld_eval(args) -> int:
 
     from studio.toyworld import evaluate
 
-    result = evaluate.evaluate(args.model, n=args.n, seed=args.seed)
+    result = evaluate.evaluate(args.model, n=args.n, seed=args.seed, threads=args.threads)
     print(evaluate.format_report(result))
     if args.controls:
         result["controls"] = evaluate.measure_controls(args.model)
@@ -249,20 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("toyworld", help="the embedded toy-world model: train it, evaluate it")
     tsub = t.add_subparsers(dest="toyworld_command", required=True)
-    tt = tsub.add_parser("train", help="train (or resume) the toy-world model; log goes to stderr")
-    tt.add_argument("--work", default="runs/toyworld", help="checkpoint folder (resumes from it)")
-    tt.add_argument("--out", default="models/toyworld", help="where the diffusers folder is exported")
-    tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--budget", type=float, default=3600.0, help="wall-clock seconds for this run")
-    tt.add_argument("--steps", type=int, default=20000, help="total text-to-video steps")
-    tt.add_argument("--vae-steps", type=int, default=1000)
-    tt.add_argument("--batch", type=int, default=8)
-    tt.add_argument("--threads", type=int, default=0)
+    tt = tsub.add_parser("train", help="train (or resume, or continue with --init) the toy-world model; log goes to "
+                                       "stderr; defaults are the shipped run's settings")
+    _add_train_flags(tt)
     tt.set_defaults(func=cmd_toyworld_train)
     te = tsub.add_parser("eval", help="measure the model's gates on held-out seeds")
     te.add_argument("--model", default="models/toyworld")
     te.add_argument("--n", type=int, default=48, help="held-out prompts")
     te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--threads", type=int, default=2, help="torch CPU threads (the render-time gate is for 2 cores; "
+                                                            "0: torch's default); recorded in the result")
     te.add_argument("--json", help="also write the result as JSON here")
     te.add_argument("--controls", action="store_true", help="also measure box, camera and reference control")
     te.add_argument("--card", action="store_true", help="write the model card (README.md) into the model folder")
@@ -272,20 +297,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+TRAIN_FLAG_NAMES = {"budget_s": "--budget"}  # fields whose flag is not --field-name
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its default and help (so every recorded setting can be given)."""
+    from studio.toyworld.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = TRAIN_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        metavar = "FOLDER" if f.name in ("work", "out", "init") else None
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=metavar,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "toyworld":
         logging.getLogger("studio").setLevel(logging.INFO)
-    from studio.pipelines import ModelLoadError
-    from studio.shot import ShotError
-
     try:
         return args.func(args)
-    except (ShotError, ModelLoadError, ValueError) as e:  # ValueError: bad input at the boundary (names the field)
-        print(f"studio: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not _is_input_error(e):
+            raise
+        print(f"studio: error: {first_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("studio: interrupted", file=sys.stderr)
