@@ -365,13 +365,19 @@ class EvalResult:
 
 class InvalidJobs(ValueError):
     """Some (configuration, shot) pairs of an evaluation cannot render; `errors` has one (config, shot, message)
-    per bad pair. Raised before anything is rendered."""
+    per bad pair (config `ALL` when the shot as written fails). Raised before anything is rendered."""
 
-    def __init__(self, errors: list[tuple[str, str, str]], total: int):
+    ALL = "all configurations"  # the config of an error in the shot as written: no configuration can score it
+
+    def __init__(self, errors: list[tuple[str, str, str]], n_configs: int, n_shots: int):
         self.errors = errors
-        pairs = " | ".join(f"{config} x {shot}: {msg}" for config, shot, msg in errors)  # one line: the CLI's
-        super().__init__(f"studio eval: nothing was rendered: {len(errors)} of the {total} (configuration, shot) "
-                         f"pairs cannot render: {pairs}")
+        bad = sum(n_configs if config == self.ALL else 1 for config, _, _ in errors)
+        by_problem: dict[str, list[str]] = {}  # pairs failing the same way are named together
+        for config, shot, msg in errors:
+            by_problem.setdefault(msg, []).append(f"{config} x {shot}")
+        pairs = " | ".join(f"{', '.join(names)}: {msg}" for msg, names in by_problem.items())  # one line (the CLI's)
+        super().__init__(f"studio eval: nothing was rendered: {bad} of the {n_configs * n_shots} (configuration, "
+                         f"shot) pairs cannot render: {pairs}")
 
 
 @dataclass
@@ -398,7 +404,7 @@ def plan_jobs(ps: PromptSet, configs: list[str], overrides: list[str] | None = N
                 targets[ps_shot.id, seed], _ = engine.prepare(
                     shotlib.from_container({**ps_shot.fields, "seed": seed}, overrides))
             except ValueError as e:  # ShotError included: it names the field
-                errors.setdefault(("the shot as written (the scoring target)", ps_shot.id), str(e))
+                errors.setdefault((InvalidJobs.ALL, ps_shot.id), f"the shot as written (the scoring target): {e}")
     jobs = []
     for config in configs:
         for ps_shot in ps.shots:
@@ -414,7 +420,7 @@ def plan_jobs(ps: PromptSet, configs: list[str], overrides: list[str] | None = N
                     continue
                 jobs.append(Job(config, ps_shot, seed, shot, targets[ps_shot.id, seed]))
     if errors:
-        raise InvalidJobs([(c, s, msg) for (c, s), msg in errors.items()], len(configs) * len(ps.shots))
+        raise InvalidJobs([(c, s, msg) for (c, s), msg in errors.items()], len(configs), len(ps.shots))
     return jobs
 
 

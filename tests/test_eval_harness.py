@@ -135,8 +135,10 @@ def test_a_bad_config_shot_pair_stops_the_run_before_any_render(tmp_path, capsys
     ps = evaluation.load_prompt_set(p)
     with pytest.raises(evaluation.InvalidJobs) as e:
         evaluation.plan_jobs(ps, ["box_face", "full"], ["steps=0"])  # the override breaks every job, targets too
-    assert ("the shot as written (the scoring target)", "star") in [x[:2] for x in e.value.errors]
-    assert all("steps" in msg for _, _, msg in e.value.errors)
+    assert [x[:2] for x in e.value.errors] == [("all configurations", "star"), ("all configurations", "pan-only")]
+    assert str(e.value).count("steps: ") == 1  # the same problem told once, naming all its pairs
+    assert ("4 of the 4 (configuration, shot) pairs cannot render: all configurations x star, all configurations x "
+            "pan-only: the shot as written (the scoring target): steps: ") in str(e.value)
     jobs = evaluation.plan_jobs(ps, ["no_control", "full"])
     assert [(j.config, j.ps_shot.id) for j in jobs] == [("no_control", "star"), ("no_control", "pan-only"),
                                                         ("full", "star"), ("full", "pan-only")]
