@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+STUDIO_PACKAGE = Path(__file__).resolve().parent  # code in here raises input errors; elsewhere, faults
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -40,7 +41,7 @@ def _is_input_error(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("studio.")
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(STUDIO_PACKAGE)
 
 
 def first_line(e: BaseException) -> str:
