@@ -99,6 +99,56 @@ def attend(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | No
     return out / attn.rescale_output_factor
 
 
+def edits_unsupported(attn, hidden_states: torch.Tensor, attention_mask=None) -> bool:
+    """Whether `attend` would not reproduce diffusers' AttnProcessor2_0 on this call (4-D inputs, spatial or group
+    norm, q/k norms, a caller's mask): processors then hand the call to `plain_processor()` unedited."""
+    return (hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None
+            or attention_mask is not None
+            or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None)
+
+
+_PLAIN = None
+
+
+def plain_processor():
+    """One shared diffusers AttnProcessor2_0 (stateless), for the calls a control leaves alone."""
+    global _PLAIN
+    if _PLAIN is None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        _PLAIN = AttnProcessor2_0()
+    return _PLAIN
+
+
+class BoxCache:
+    """Values built from ctx.boxes (masks, biases), kept from step to step and emptied when the boxes move (the
+    camera moves them between steps; checked once per step)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._values: dict = {}
+        self._step: int | None = None
+        self._boxes: dict[int, torch.Tensor] | None = None  # a copy of ctx.boxes when the values were built
+
+    def get(self, key, make):
+        """The value for key (hashable), made by make() unless already built for the current boxes."""
+        ctx = self.ctx
+        if self._step != ctx.step:
+            seen = self._boxes
+            if (seen is None or seen.keys() != ctx.boxes.keys()
+                    or any(not torch.equal(seen[k], b) for k, b in ctx.boxes.items())):
+                self._values.clear()
+                self._boxes = {k: b.clone() for k, b in ctx.boxes.items()}
+            self._step = ctx.step
+        if key not in self._values:
+            self._values[key] = make()
+        return self._values[key]
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._step = self._boxes = None
+
+
 class Control:
     """Base class: a control that does nothing. Subclasses override what they need."""
 

@@ -9,7 +9,7 @@ conditional pass only, the pre-softmax logits S (B·F rows, N pixels, L text tok
 P_k = the tokens of subject k's phrase, B_f^k its box in frame f at the layer's resolution, W = the suppressed
 word tokens: every word of the prompt ("all_words", the method's choice) or only the subjects' phrases
 ("subject_words"). The bias goes into scaled-dot-product attention as a float mask: one fused call per layer,
-the bias built once per layer size and step.
+the bias built once per layer size and kept while the boxes and the amplify phase stay the same.
 
 Shapes: F frames, N = rows·cols tokens of a layer, L = 77 text tokens, K subjects.
 """
@@ -21,7 +21,10 @@ import logging
 import numpy as np
 import torch
 
-from studio.controls.base import Context, Control, attend, spatial_cross_attention_names
+from typing import NamedTuple
+
+from studio.controls.base import (BoxCache, Context, Control, attend, edits_unsupported, plain_processor,
+                                  spatial_cross_attention_names)
 
 logger = logging.getLogger(__name__)
 
@@ -101,23 +104,41 @@ def word_token_indices(tokenizer, prompt: str) -> list[int]:
 # --- the control -------------------------------------------------------------------------------------------
 
 
+class _BiasKey(NamedTuple):
+    """What one (F, N, L) bias depends on besides the boxes."""
+
+    n_tokens: int
+    n_text: int
+    amplify: bool
+    dtype: torch.dtype
+    device: str
+
+
+class _BatchKey(NamedTuple):
+    """What one (rows, 1, N, L) batch mask depends on besides the boxes."""
+
+    rows: int
+    bias: _BiasKey
+    extra_frames: int
+
+
 class BoxAttention(Control):
     """Cross-attention editing that places each subject's phrase inside its box track.
 
     tracks: subject index -> phrase token positions; the boxes come from ctx.boxes (the camera may move them).
+    The biases and masks are built once per layer size and kept while the boxes and the amplify phase stay the same.
     """
 
     name = "boxes"
 
     def __init__(self, ctx: Context, tracks: dict[int, list[int]], words: list[int], strength: float = 10.0,
-                 amplify_steps: int = 15, suppress: str = "all_words", n_text: int = 77):
+                 amplify_steps: int = 15, suppress: str = "all_words"):
         if suppress not in ("all_words", "subject_words"):
             raise ValueError(f"suppress must be all_words or subject_words, got {suppress!r}")
         self.ctx, self.tracks, self.strength, self.amplify_steps = ctx, tracks, strength, amplify_steps
         subject_tokens = sorted({j for pos in tracks.values() for j in pos})
         self.suppressed = sorted(set(words) | set(subject_tokens)) if suppress == "all_words" else subject_tokens
-        self.n_text = n_text
-        self._cache: dict = {}
+        self._cache = BoxCache(ctx)
 
     def processors(self, unet) -> dict:
         names = spatial_cross_attention_names(unet)
@@ -126,48 +147,51 @@ class BoxAttention(Control):
         proc = BoxAttnProcessor(self)
         return {n: proc for n in names}
 
+    def _key(self, n_tokens: int, n_text: int, dtype, device) -> _BiasKey:
+        amplify = self.ctx.step < self.amplify_steps and self.strength > 0
+        return _BiasKey(n_tokens, n_text, amplify, dtype, str(device))
+
     def bias(self, n_tokens: int, n_text: int, dtype, device) -> torch.Tensor:
         """(F, N, L) additive logit bias for the conditional rows at the current step."""
-        ctx = self.ctx
-        amplify = ctx.step < self.amplify_steps and self.strength > 0
-        key = (n_tokens, n_text, ctx.step, dtype, device)
-        if key not in self._cache:
-            if any(k[-3] != ctx.step for k in self._cache):
-                self._cache.clear()  # one step's biases at a time
-            rows, cols = ctx.layer_size(n_tokens)
-            bias = torch.zeros(ctx.frames, n_tokens, n_text)
-            allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
-            for k, pos in self.tracks.items():
-                inside = box_masks(ctx.boxes[k].float(), rows, cols)  # (F, N)
-                idx = torch.tensor(pos)
-                allowed[:, :, idx] |= inside[:, :, None]
-                if amplify:
-                    area = inside.float().sum(1, keepdim=True) / n_tokens  # (F, 1) |B_f| / N
-                    boost = self.strength * (1 - area) * inside.float()  # (F, N)
-                    bias[:, :, idx] += boost[:, :, None]
-            sup = torch.zeros(n_text, dtype=torch.bool)
-            sup[torch.tensor(self.suppressed, dtype=torch.long)] = True
-            bias = bias.masked_fill(sup[None, None, :] & ~allowed, NEG)
-            self._cache[key] = bias.to(device=device, dtype=dtype)
-        return self._cache[key]
+        key = self._key(n_tokens, n_text, dtype, device)
+        return self._cache.get(key, lambda: self._make_bias(key).to(device=device, dtype=dtype))
+
+    def _make_bias(self, key: _BiasKey) -> torch.Tensor:
+        ctx, n_tokens, n_text = self.ctx, key.n_tokens, key.n_text
+        rows, cols = ctx.layer_size(n_tokens)
+        bias = torch.zeros(ctx.frames, n_tokens, n_text)
+        allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
+        for k, pos in self.tracks.items():
+            inside = box_masks(ctx.boxes[k].float(), rows, cols)  # (F, N)
+            idx = torch.tensor(pos)
+            allowed[:, :, idx] |= inside[:, :, None]
+            if key.amplify:
+                area = inside.float().sum(1, keepdim=True) / n_tokens  # (F, 1) |B_f| / N
+                boost = self.strength * (1 - area) * inside.float()  # (F, N)
+                bias[:, :, idx] += boost[:, :, None]
+        sup = torch.zeros(n_text, dtype=torch.bool)
+        sup[torch.tensor(self.suppressed, dtype=torch.long)] = True
+        return bias.masked_fill(sup[None, None, :] & ~allowed, NEG)
 
     def batch_mask(self, rows: int, n: int, n_text: int, dtype, device) -> torch.Tensor:
         """(rows, 1, N, L) attention mask of a whole UNet batch: the bias on conditional rows, zeros elsewhere.
 
         Rows are video-major, frame-minor; frames appended after the F generated ones (references in temporal
-        mode) are not edited. Cached with the step's bias.
+        mode) are not edited.
         """
         ctx = self.ctx
-        key = ("batch", rows, n, n_text, ctx.extra_frames, ctx.step, dtype, device)
-        if key not in self._cache:
-            bias = self.bias(n, n_text, dtype, device)  # (F, N, L); clears the cache on a new step
+        key = _BatchKey(rows, self._key(n, n_text, dtype, device), ctx.extra_frames)
+
+        def make():
+            bias = self.bias(n, n_text, dtype, device)  # (F, N, L)
             if ctx.extra_frames:
                 bias = torch.cat([bias, bias.new_zeros(ctx.extra_frames, n, n_text)])
             cond = ctx.cond_slice(rows)
             mask = torch.zeros(rows, 1, n, n_text, dtype=dtype, device=device)
             mask[cond] = bias.repeat((cond.stop - cond.start) // (ctx.frames + ctx.extra_frames), 1, 1)[:, None]
-            self._cache[key] = mask
-        return self._cache[key]
+            return mask
+
+        return self._cache.get(key, make)
 
     def close(self) -> None:
         self._cache.clear()
@@ -180,13 +204,9 @@ class BoxAttnProcessor:
         self.control = control
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        if (encoder_hidden_states is None or isinstance(encoder_hidden_states, tuple) or hidden_states.ndim != 3
-                or attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None
-                or self.control.ctx.side_pass):
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        ctx = self.control.ctx
+        if (encoder_hidden_states is None or isinstance(encoder_hidden_states, tuple) or self.control.ctx.side_pass
+                or edits_unsupported(attn, hidden_states, attention_mask)):
+            return plain_processor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         rows, n, _ = hidden_states.shape  # (B·[2]·F, N, C)
         n_text = encoder_hidden_states.shape[1]
         if attn.norm_cross:
