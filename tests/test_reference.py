@@ -75,7 +75,7 @@ def test_encode_reference_gives_a_latent_at_the_shot_size_from_the_centre(pipe, 
     # A 128×64 array at 64×64 keeps its middle 64 columns: the same latent as that square alone.
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
-    z_wide = reference.encode_reference(pipe, wide, 64, 64, generator=torch.Generator().manual_seed(1))
+    z_wide = reference.encode_reference(pipe, wide, 64, 64)
     assert torch.allclose(z_wide, reference.encode_reference(pipe, np.ascontiguousarray(wide[:, 32:96]), 64, 64))
     assert not torch.allclose(z_wide, reference.encode_reference(pipe, np.ascontiguousarray(wide[:, :64]), 64, 64))
 
@@ -105,6 +105,12 @@ def _manual(attn, x, ref, bias):
     return attn.to_out[0](out)
 
 
+def _bank(ctl, attn, tokens, name="layer"):
+    """Store reference tokens (R, N, D) for layer `name` as a write pass at timestep 0 would, and read them."""
+    ctl.bank[name] = reference.RefKeys((0.0,), *ctl.project(attn, tokens))
+    ctl.refresh_t = 0.0
+
+
 def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_cond_pass():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -113,7 +119,8 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # top-left 2×2 of a 4×4 layer
     ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("box", 0))])
     proc = reference.RefSelfAttnProcessor(ctl, "layer")
-    ctl.bank["layer"] = torch.randn(1, 16, 8)  # (R, N, D) as a write pass would store
+    ref = torch.randn(1, 16, 8)  # (R, N, D) as a write pass sees them
+    _bank(ctl, attn, ref)
     x = torch.randn(4, 16, 8)  # (2 passes · F, N, D)
     plain = AttnProcessor2_0()(attn, x)
     out = proc(attn, x)
@@ -123,18 +130,17 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     assert torch.allclose(out[2:, outside], plain[2:, outside], atol=1e-6)
     assert (out[2:, inside] - plain[2:, inside]).abs().amax(-1).min() > 1e-3  # every inside token changes
     # inside, it is attention over [own ‖ reference] tokens
-    assert torch.allclose(out[2:, inside], _manual(attn, x[2:], ctl.bank["layer"], torch.zeros(16))[:, inside],
-                          atol=1e-5)
+    assert torch.allclose(out[2:, inside], _manual(attn, x[2:], ref, torch.zeros(16))[:, inside], atol=1e-5)
     # the background region is the complement
     bg = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("outside",))])
-    bg.bank["layer"] = ctl.bank["layer"]
+    _bank(bg, attn, ref)
     out_bg = reference.RefSelfAttnProcessor(bg, "layer")(attn, x)
     assert torch.allclose(out_bg[2:, inside], plain[2:, inside], atol=1e-6)
     assert (out_bg[2:, outside] - plain[2:, outside]).abs().amax(-1).min() > 1e-3
-    # the masks follow the boxes from step to step (the camera moves them); unchanged boxes reuse them
-    mask = ctl.cond_mask(1, 16, 16, 1, torch.float32, x.device)
+    # the biases follow the boxes from step to step (the camera moves them); unchanged boxes reuse them
+    bias = ctl.query_channels(1, 16, 1, 4, 1, torch.float32, x.device)
     ctx.step = 1
-    assert ctl.cond_mask(1, 16, 16, 1, torch.float32, x.device) is mask
+    assert ctl.query_channels(1, 16, 1, 4, 1, torch.float32, x.device) is bias
     ctx.boxes[0] = torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2)  # now the bottom-right 2×2
     ctx.step = 2
     moved = proc(attn, x)
@@ -144,7 +150,7 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     ctx.boxes.clear()
     ctx.step = 3
     everywhere = proc(attn, x)
-    assert torch.allclose(everywhere[2:], _manual(attn, x[2:], ctl.bank["layer"], torch.zeros(16)), atol=1e-5)
+    assert torch.allclose(everywhere[2:], _manual(attn, x[2:], ref, torch.zeros(16)), atol=1e-5)
 
 
 def test_processor_strength_is_a_log_bias_and_without_cfg_every_row_reads():
@@ -155,10 +161,67 @@ def test_processor_strength_is_a_log_bias_and_without_cfg_every_row_reads():
     outs = {}
     for s in (0.5, 3.0):
         ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), s, ("all",))])
-        ctl.bank["layer"] = ref
+        _bank(ctl, attn, ref)
         outs[s] = reference.RefSelfAttnProcessor(ctl, "layer")(attn, x)
         assert torch.allclose(outs[s], _manual(attn, x, ref, torch.full((16,), math.log(s))), atol=1e-5)
     assert not torch.allclose(outs[0.5], outs[3.0], atol=1e-3)
+
+
+def _dense(attn, x, refs, biases):
+    """Attention by hand with the whole logit matrix: queries x (M, N, D) over [own ‖ refs (M, K, D)] keys, the
+    (M, N, K) additive bias on the reference keys (the formulation the bias channels replace)."""
+    m, n, _ = x.shape
+    ctx_tokens = torch.cat([x, refs], 1)
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], attn.heads, -1).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(x)), split(attn.to_k(ctx_tokens)), split(attn.to_v(ctx_tokens))
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (M, heads, N, N + K)
+    logits[..., n:] += biases[:, None]
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(m, n, -1)
+    return attn.to_out[0](out)
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_processor_equals_dense_masked_attention_with_two_pooled_references_and_boxes(temporal):
+    from diffusers.models.attention_processor import AttnProcessor2_0, Attention
+
+    torch.manual_seed(1)
+    attn = Attention(query_dim=12, heads=3, dim_head=4)
+    F_, R, n = 3, 2, 64  # an 8×8 layer; references pooled 2×2 to 16 keys each (group 4)
+    ctx = Context(frames=F_, latent_h=8, latent_w=8, steps=4, do_cfg=True, generator=torch.Generator().manual_seed(0))
+    ctx.boxes[0] = torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.3, 0.2, 0.9, 0.9], [0.0, 0.0, 0.5, 0.5]])
+    strengths = (2.5, 0.7)
+    ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 8, 8), strengths[0], ("box", 0)),
+                                             (torch.zeros(1, 4, 8, 8), strengths[1], ("outside",))],
+                                       temporal, max_tokens=16)
+    proc = reference.RefSelfAttnProcessor(ctl, "layer")
+    if temporal:  # each video: F generated frames, then its R reference frames
+        ctx.extra_frames = R
+        x = torch.randn(2 * (F_ + R), n, 12)
+        refs = x.view(2, F_ + R, n, 12)[1, F_:]  # (R, N, D): the conditional video's
+        cond_rows = x.view(2, F_ + R, n, 12)[1, :F_]
+    else:
+        x = torch.randn(2 * F_, n, 12)
+        refs = torch.randn(R, n, 12)
+        _bank(ctl, attn, refs)
+        cond_rows = x[F_:]
+    out = proc(attn, x)
+    pooled = torch.nn.functional.avg_pool2d(refs.transpose(1, 2).reshape(R, 12, 8, 8), 2).flatten(2).transpose(1, 2)
+    inside = reference.box_masks(ctx.boxes[0], 8, 8)  # (F, N)
+    allowed = torch.stack([inside, ~inside], 2)  # (F, N, R): subject inside its box, background outside
+    bias = torch.where(allowed, torch.log(torch.tensor(strengths) * 4), torch.tensor(-1e4))  # (F, N, R)
+    expected = _dense(attn, cond_rows, pooled.reshape(1, R * 16, 12).expand(F_, -1, -1),
+                      bias.repeat_interleave(16, 2))
+    plain = AttnProcessor2_0()(attn, x)
+    if temporal:
+        out, plain = out.view(2, F_ + R, n, 12), plain.view(2, F_ + R, n, 12)
+        assert torch.allclose(out[1, :F_], expected, atol=1e-5)
+        assert torch.equal(out[0], plain[0]) and torch.equal(out[1, F_:], plain[1, F_:])  # uncond, reference frames
+    else:
+        assert torch.allclose(out[F_:], expected, atol=1e-5)
+        assert torch.equal(out[:F_], plain[:F_])
 
 
 def test_strength_zero_installs_nothing_and_bad_items_are_refused():
@@ -172,6 +235,19 @@ def test_strength_zero_installs_nothing_and_bad_items_are_refused():
                 [(z, 1.0, ("inside", 0))], [(z[0], 1.0, ("all",))], [(z[..., :4], 1.0, ("all",))]):
         with pytest.raises(ValueError):
             reference.ReferenceInjection(ctx, bad)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_tokens"):
+            reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], max_tokens=bad)
+
+
+def test_pooling_keeps_at_most_max_tokens_keys_each_standing_for_its_group():
+    tokens = torch.arange(2 * 64 * 3, dtype=torch.float32).view(2, 64, 3)  # (M, N, D) on an 8×8 grid
+    assert reference.pool_tokens(tokens, 8, 8)[1] == 1  # 64 <= MAX_REF_TOKENS: kept
+    pooled, group = reference.pool_tokens(tokens, 8, 8, max_tokens=16)
+    assert pooled.shape == (2, 16, 3) and group == 4
+    grid = tokens.view(2, 8, 8, 3)
+    assert torch.allclose(pooled[:, 0], grid[:, :2, :2].mean((1, 2)))  # the top-left 2×2 block's mean
+    assert reference.pool_tokens(tokens, 8, 8, max_tokens=1)[0].shape == (2, 1, 3)
 
 
 # --- the control on the tiny model ------------------------------------------------------------------------------
@@ -259,6 +335,34 @@ def test_write_pass_runs_once_per_unet_call_with_the_conditional_prompt(pipe, pu
     assert not torch.equal(stored[(1, PROMPT)], stored[(1, "a white star on sky")])
 
 
+def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_tokens(pipe, purple):
+    """With the schedule known, the refresh steps' write passes are one UNet call of R·K one-frame videos (at most
+    the main call's rows per call), and the render matches the one-pass-per-refresh render."""
+    items = [(purple, 1.0, ("all",)), (purple.flip(-1), 2.0, ("outside",))]  # R = 2
+    for every in (1, 2):
+        made = {}
+
+        def make(ctx, key, schedule):
+            made[key] = reference.ReferenceInjection(ctx, items, refresh_every=every, schedule=schedule)
+            return [made[key]]
+
+        apart = _render(pipe, lambda ctx: make(ctx, "apart", None))
+        ahead = _render(pipe, lambda ctx: make(ctx, "ahead", lambda: pipe.scheduler.timesteps))
+        assert made["apart"].write_calls == 4 // every and made["ahead"].write_calls == 1
+        assert np.abs(ahead - apart).max() < 1e-4
+    # the batch is split to at most `rows` one-frame videos a call; every layer keeps each timestep's keys in order
+    ctl = reference.ReferenceInjection(_ctx(), items)
+    sample, text = torch.zeros(2, 4, 8, 8, 8), pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    with torch.inference_mode(), applied(pipe, [ctl], ctl.ctx):
+        ctl._write_pass(pipe.unet, sample, [900.0, 600.0, 300.0], text, None, rows=4)
+        whole = {k: v.keys.clone() for k, v in ctl.bank.items()}
+        assert ctl.write_calls == 2  # 2 timesteps of 2 references, then 1
+        for k, v in ctl.bank.items():
+            assert v.times == (900.0, 600.0, 300.0) and v.keys.shape[0] == 3
+        ctl._write_pass(pipe.unet, sample, [600.0], text, None, rows=16)
+    assert all(torch.allclose(whole[k][1:2], v.keys, atol=1e-5) for k, v in ctl.bank.items())
+
+
 def test_stored_reference_tokens_depend_on_the_prompt(pipe, purple):
     banks = {}
     for prompt in (PROMPT, "a white star on sky"):
@@ -268,11 +372,11 @@ def test_stored_reference_tokens_depend_on_the_prompt(pipe, purple):
         with torch.inference_mode(), applied(pipe, [ctl], ctx):
             pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=1, guidance_scale=7.5,
                  latents=latents, output_type="latent")
-            banks[prompt] = {k: v.clone() for k, v in ctl.bank.items()}
+            banks[prompt] = {k: v.keys.clone() for k, v in ctl.bank.items()}
     a, b = banks.values()
     assert set(a) == set(reference.spatial_self_attention_names(pipe.unet))
-    assert all(v.shape[0] == 1 for v in a.values())  # (R, N, D)
-    deep = [k for k in a if "up_blocks" in k]  # after cross-attention, the stored tokens depend on the prompt
+    assert all(v.shape[0] == 1 and v.shape[2] <= reference.MAX_REF_TOKENS for v in a.values())  # (K, heads, N', ·)
+    deep = [k for k in a if "up_blocks" in k]  # after cross-attention, the stored keys depend on the prompt
     assert deep and any(not torch.allclose(a[k], b[k]) for k in deep)
 
 

@@ -64,7 +64,7 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
             raise shotlib.ShotError(where, refs[0][1], f"{model} has no spatial self-attention to inject into")
         from studio.controls import reference
 
-        if hasattr(reference, "supports") and not reference.supports(unet):
+        if not reference.supports(unet):
             raise shotlib.ShotError(where, refs[0][1], f"reference injection does not support {model}'s UNet "
                                     f"({type(unet).__name__})")
         limit = getattr(unet.config, "motion_max_seq_length", None)
@@ -78,7 +78,9 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
             region = ("outside",) if k is None else ("box", k)
             items.append((latent, strength, region))
         rc = shot.reference_control
-        controls.append(reference.ReferenceInjection(ctx, items, rc.temporal_attention, rc.refresh_every))
+        controls.append(reference.ReferenceInjection(
+            ctx, items, rc.temporal_attention, rc.refresh_every, getattr(rc, "max_tokens", reference.MAX_REF_TOKENS),
+            schedule=lambda: pipe.scheduler.timesteps))
     # 5. Several trained subjects' LoRAs, each confined to its own box.
     from studio.subjects import apply
 

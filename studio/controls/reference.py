@@ -4,8 +4,11 @@ VideoMaker (§3.1) shows that a video diffusion UNet's spatial self-attention ca
 the reference's clean latent and let every frame's tokens attend to the reference's tokens (concatenated keys
 and values). Used training-free here (METHODS.md §3.3), in the spirit of diffusers' reference-only:
 
-1. write: at every UNet call, the same UNet runs once on the clean reference latents as a one-frame video (same
-   timestep, the conditional prompt), and each spatial self-attention layer keeps the tokens it receives;
+1. write: the same UNet runs on the clean reference latents as one-frame videos (the step's timestep, the
+   conditional prompt), and each spatial self-attention layer keeps the tokens it receives (pooled and projected
+   to keys and values); every `refresh_every` steps, reused in between. The tokens depend on nothing the
+   denoising changes, so when the schedule is known the passes of all the refresh steps run ahead as one batch
+   (one UNet call of R·K one-frame videos, at most the main call's size) instead of K calls;
 2. read: in the main pass, each spatial self-attention layer lets the conditional pass's tokens attend to
    [own tokens ‖ reference tokens]; the unconditional pass stays plain (as reference-only does), so guidance
    pushes toward the reference.
@@ -20,9 +23,12 @@ region: a subject's reference is read only by query tokens inside that subject's
 boxes); the background reference only by tokens outside every subject box (Video Alchemist's separation of
 subjects and background, done by masking). Strength 0 drops a reference (none left: nothing is installed).
 
-Cost: on layers with more than MAX_REF_TOKENS tokens the reference's tokens are average-pooled to at most that many
-keys (each with log(k·k) added to its logit, so the reference keeps its total attention weight); the masks are
-built once per step and layer size, so each layer stays one fused attention call for each half of the batch.
+Cost: on layers with more than `max_tokens` tokens (default MAX_REF_TOKENS) the reference's tokens are
+average-pooled to at most that many keys (each with log(k·k) added to its logit, so the reference keeps its total
+attention weight). The references' keys and values are projected once, in the write pass, not at every layer call.
+The per-query bias is never an N×N mask: queries and keys get R extra head channels, query i carrying its bias for
+each reference and every key of reference r a one in channel r (own keys zeros), so q'·k' adds exactly the bias
+(see `RefSelfAttnProcessor`); each layer stays one unmasked fused attention call for each half of the batch.
 
 Works on diffusers' UNetMotionModel (AnimateDiff: text repeated per frame) and UNet3DConditionModel (zeroscope: text
 per video); `supports(unet)` says whether a UNet is one of them.
@@ -34,11 +40,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from studio.controls.base import Context, Control, attend, spatial_self_attention_names
+from studio.controls.base import (BoxCache, Context, Control, attend, edits_unsupported, plain_processor,
+                                  spatial_self_attention_names)
 from studio.controls.boxes import NEG, box_masks
 
 logger = logging.getLogger(__name__)
@@ -69,10 +77,9 @@ def load_image(path_or_array, width: int, height: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_reference(pipe, path_or_array, width: int, height: int, generator=None) -> torch.Tensor:
+def encode_reference(pipe, path_or_array, width: int, height: int) -> torch.Tensor:
     """The clean latent (1, C, h, w) of a reference image (a path or an RGB array) at the shot's size, in the
-    pipe's dtype and device. The VAE posterior's mean is used, so `generator` draws nothing (accepted for callers
-    that pass one to every encoder)."""
+    pipe's dtype and device: the VAE posterior's mean (no random draw)."""
     rgb = load_image(path_or_array, width, height).copy()
     x = torch.from_numpy(rgb).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]  # (1, 3, H, W) in -1..1
     x = x.to(pipe.vae.device, pipe.vae.dtype)
@@ -96,15 +103,22 @@ class ReferenceInjection(Control):
     items: (latent (1, C, h, w), strength >= 0, region) with region ("box", k) for subject k (read inside its box;
     everywhere if it has no boxes), ("outside",) for the background (outside every subject box; everywhere if there
     are no boxes) or ("all",). References of strength 0 are dropped: with none left the control installs nothing.
-    refresh_every: run the write pass every that many steps and reuse its tokens in between (exclude mode only).
+    refresh_every: read tokens written at every that many steps and reuse them in between (exclude mode only).
+    max_tokens: keys per reference and layer; larger layers see the reference average-pooled to at most this many.
+    schedule: a function giving the render's timesteps (one per step, e.g. `lambda: pipe.scheduler.timesteps`),
+    read at the first write; with it the write passes of every refresh step run in one batch. Without it (or when
+    it does not match the steps) each refresh step runs its own write pass.
     """
 
     name = "reference"
 
     def __init__(self, ctx: Context, items: list[tuple[torch.Tensor, float, tuple]], temporal_attention: bool = False,
-                 refresh_every: int = 1):
+                 refresh_every: int = 1, max_tokens: int | None = None, schedule=None):
         if not items:
             raise ValueError("no references")
+        max_tokens = MAX_REF_TOKENS if max_tokens is None else max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, not {max_tokens!r}")
         for z, strength, region in items:
             if not (math.isfinite(float(strength)) and float(strength) >= 0):
                 raise ValueError(f"reference strength must be a finite number >= 0, not {strength}")
@@ -120,12 +134,15 @@ class ReferenceInjection(Control):
         self.regions = [tuple(r) for _, _, r in items]
         self.temporal = bool(temporal_attention)
         self.refresh_every = max(1, int(refresh_every))
-        self.bank: dict[str, torch.Tensor] = {}  # layer name -> (R, N, D) reference tokens of the last write pass
+        self.max_tokens = max_tokens
+        self.schedule = schedule
+        self.bank: dict[str, RefKeys] = {}  # layer name -> the references' keys and values of the written timesteps
+        self.refresh_t: float | None = None  # the timestep whose tokens the main pass reads now
         self.writing = False  # True during the write pass (guards the pre-hook against re-entry)
-        self.write_calls = 0
-        self._cache: dict = {}  # masks and row splits for the current boxes
-        self._cache_step = None
-        self._cache_boxes = None  # a copy of ctx.boxes when the cache was filled
+        self.write_calls = 0  # UNet calls of the write pass
+        self._written: dict[str, list] = {}  # layer name -> [(keys, values, group)] of the current write's chunks
+        self._unwritten: set[str] = set()  # layers the current write chunk has not reached yet
+        self._cache = BoxCache(ctx)  # biases and row splits for the current boxes
 
     @property
     def active(self) -> bool:
@@ -144,12 +161,14 @@ class ReferenceInjection(Control):
         if self.temporal:
             return [unet.register_forward_pre_hook(self._append, with_kwargs=True),
                     unet.register_forward_hook(self._strip, with_kwargs=True)]
+        self._layers = frozenset(spatial_self_attention_names(unet))
         return [unet.register_forward_pre_hook(self._write, with_kwargs=True)]
 
     def close(self) -> None:
         self.bank.clear()
+        self._written.clear()
+        self.refresh_t = None
         self._cache.clear()
-        self._cache_step = self._cache_boxes = None
         self.writing = False
         if self.temporal:
             self.ctx.extra_frames = 0  # in case a render stopped between the two hooks
@@ -159,23 +178,75 @@ class ReferenceInjection(Control):
     def _write(self, unet, args, kwargs):
         if self.writing:
             return None
-        if self.bank and self.ctx.step % self.refresh_every:
+        if self.refresh_t is not None and self.ctx.step % self.refresh_every:
             return None  # reuse the tokens of the last refresh
         sample, timestep, text = _unet_inputs(args, kwargs)
+        t = float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep)
+        written = next(iter(self.bank.values()), None)
+        if written is None or t not in written.times:
+            times = [t] + [u for u in self._future_refreshes() if u != t]
+            rows = sample.shape[0] * sample.shape[2]  # the main call's one-frame rows (videos · frames)
+            self._write_pass(unet, sample, times, text, kwargs.get("cross_attention_kwargs"), rows)
+        self.refresh_t = t
+        return None
+
+    def _future_refreshes(self) -> list[float]:
+        """Timesteps of the refresh steps after this one, from the schedule; [] when it does not fit the render."""
+        ctx = self.ctx
+        timesteps = [] if self.schedule is None else [float(u) for u in self.schedule()]
+        if len(timesteps) != ctx.steps or not 0 <= ctx.step < ctx.steps:
+            return []  # e.g. a second-order scheduler (two UNet calls a step): one write per refresh call
+        first = (ctx.step // self.refresh_every + 1) * self.refresh_every
+        return [timesteps[s] for s in range(first, ctx.steps, self.refresh_every)]
+
+    def _write_pass(self, unet, sample, times: list[float], text, cross_attention_kwargs, rows: int) -> None:
+        """Run the UNet on the R references at each timestep of `times` (batched, at most `rows` one-frame videos a
+        call) and keep every spatial self-attention layer's keys and values in the bank."""
         R = self.latents.shape[0]
         ref = self.latents.to(sample.device, sample.dtype)[:, :, None]  # (R, C, 1, h, w): R one-frame videos
         # The conditional prompt: the batch is [uncond, cond] (repeated per frame by AnimateDiff, not by zeroscope),
         # so its last row is always conditional.
-        cond = text[-1:].expand(R, *text.shape[1:])
-        t = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
+        cond = text[-1:]
+        per_call = max(1, rows // R)  # timesteps per UNet call
+        self._written = {}
         self.writing = self.ctx.side_pass = True
         try:
-            with torch.no_grad():
-                unet(ref, t, encoder_hidden_states=cond, cross_attention_kwargs=kwargs.get("cross_attention_kwargs"))
+            for i in range(0, len(times), per_call):
+                chunk = times[i:i + per_call]
+                ts = torch.tensor(chunk, device=sample.device).repeat_interleave(R)  # (K·R,): timestep-major
+                self._unwritten = set(self._layers)
+                try:
+                    with torch.no_grad():
+                        unet(ref.repeat(len(chunk), 1, 1, 1, 1), ts, encoder_hidden_states=cond.expand(
+                            R * len(chunk), *cond.shape[1:]), cross_attention_kwargs=cross_attention_kwargs)
+                except _WriteDone:
+                    pass  # every layer has its tokens: the rest of the pass would be thrown away
+                self.write_calls += 1
         finally:
             self.writing = self.ctx.side_pass = False
-        self.write_calls += 1
-        return None
+        self.bank = {name: RefKeys(tuple(times), torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
+                                   chunks[0][2])
+                     for name, chunks in self._written.items()}
+        self._written = {}
+
+    def stored(self, name: str, attn, tokens: torch.Tensor) -> None:
+        """The write pass's processor at layer `name` got the references' tokens (K·R, N, D), timestep-major:
+        keep their keys and values (pooled); after the last layer, stop the pass."""
+        self._written.setdefault(name, []).append(self.project(attn, tokens))
+        self._unwritten.discard(name)
+        if not self._unwritten:
+            raise _WriteDone
+
+    def project(self, attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """References' tokens (K·R, N, D), K timesteps of the R references -> (keys, values (K, heads, R·N', dh + E),
+        pooling group): pooled to at most max_tokens keys each, projected by attn, with the bias channels."""
+        R = self.latents.shape[0]
+        m, n, d = tokens.shape
+        pooled, group = pool_tokens(tokens, *self.ctx.layer_size(n), self.max_tokens)  # (K·R, N', D)
+        pooled = pooled.reshape(m // R, -1, d)  # (K, R·N', D): reference r's keys in block r
+        k, v = _split(attn.to_k(pooled), attn.heads), _split(attn.to_v(pooled), attn.heads)  # (K, heads, R·N', dh)
+        k, v = _reference_keys(k, v, R, extra_channels(R, k.shape[-1], k.device))
+        return k, v, group
 
     # --- temporal mode: references appended as frames of the main pass --------------------------------------
 
@@ -208,20 +279,7 @@ class ReferenceInjection(Control):
         output.sample = output.sample[:, :, :-R]
         return output
 
-    # --- rows and masks (cached while the boxes stay where they are) -----------------------------------------------
-
-    def _cached(self, key, make):
-        ctx = self.ctx
-        if self._cache_step != ctx.step:  # a new step: keep the masks unless the boxes moved (camera)
-            seen = self._cache_boxes
-            if (seen is None or seen.keys() != ctx.boxes.keys()
-                    or any(not torch.equal(seen[k], b) for k, b in ctx.boxes.items())):
-                self._cache.clear()
-                self._cache_boxes = {k: b.clone() for k, b in ctx.boxes.items()}
-            self._cache_step = ctx.step
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+    # --- rows and biases (cached while the boxes stay where they are) -----------------------------------------
 
     def row_split(self, videos: int, per_video: int, device):
         """Rows of a spatial-attention batch (video-major, frame-minor): (conditional generated frames, every other
@@ -236,27 +294,16 @@ class ReferenceInjection(Control):
             flat = is_cond.flatten()
             return flat.nonzero().flatten().to(device), (~flat).nonzero().flatten().to(device)
 
-        return self._cached(("rows", videos, per_video, self.ctx.frames, self.ctx.do_cfg, str(device)), make)
+        return self._cache.get(("rows", videos, per_video, self.ctx.frames, self.ctx.do_cfg, str(device)), make)
 
-    def cond_mask(self, videos: int, n: int, n_keys: int, group: int, dtype, device) -> torch.Tensor:
-        """(videos·F, 1, N, N + R·n_keys) float mask of the conditional rows: own keys free, references biased."""
-
-        def make():
-            bias = self.key_bias(n, self.ctx.frames, dtype, device, n_keys, group)  # (F, N, R·n_keys)
-            mask = torch.cat([torch.zeros(self.ctx.frames, n, n, dtype=dtype, device=device), bias], 2)
-            return mask[None].expand(videos, -1, -1, -1).flatten(0, 1)[:, None].contiguous()
-
-        return self._cached(("mask", videos, n, n_keys, group, dtype, str(device)), make)
-
-    def key_bias(self, n: int, frames: int, dtype, device, n_keys: int | None = None, group: int = 1) -> torch.Tensor:
-        """(frames, N, R·n_keys) additive logit bias on the reference keys for each frame's queries: log(strength)
-        (+ log(group) when each key stands for `group` pooled tokens) inside the reference's region, NEG outside."""
-        n_keys = n if n_keys is None else n_keys
+    def region_bias(self, n: int, group: int = 1) -> torch.Tensor:
+        """(F, N, R) float32 logit bias of each frame's queries on each reference's keys: log(strength) (+ log(group)
+        when each key stands for `group` pooled tokens) inside the reference's region, NEG outside."""
 
         def make():
             ctx = self.ctx
             rows, cols = ctx.layer_size(n)
-            union = torch.zeros(frames, n, dtype=torch.bool)
+            union = torch.zeros(ctx.frames, n, dtype=torch.bool)
             for boxes in ctx.boxes.values():
                 union |= box_masks(boxes.float(), rows, cols)
             parts = []
@@ -266,22 +313,49 @@ class ReferenceInjection(Control):
                 elif region[0] == "outside" and ctx.boxes:
                     allowed = ~union
                 else:
-                    allowed = torch.ones(frames, n, dtype=torch.bool)
-                b = torch.full((frames, n), NEG).masked_fill(allowed, math.log(strength * group))  # per query
-                parts.append(b[:, :, None].expand(frames, n, n_keys))  # the same for every key of this reference
-            return torch.cat(parts, 2).to(device=device, dtype=dtype)
+                    allowed = torch.ones(ctx.frames, n, dtype=torch.bool)
+                parts.append(torch.full((ctx.frames, n), NEG).masked_fill(allowed, math.log(strength * group)))
+            return torch.stack(parts, 2)
 
-        return self._cached(("bias", n, n_keys, frames, group, dtype, str(device)), make)
+        return self._cache.get(("bias", n, group), make)
+
+    def query_channels(self, videos: int, n: int, group: int, dh: int, extra: int, dtype, device) -> torch.Tensor:
+        """(videos·F, 1, N, extra) extra query channels of the conditional rows: the region bias over the
+        attention scale (so that the scaled q'·k' adds exactly the bias), zero-padded from R to `extra` channels. The "outside" value is kept above
+        −6e4 so that it stays finite in half precision (for dh > 36 that makes it NEG·√(36/dh) rather than NEG:
+        still a weight of exp(−1e4·6/√dh) = 0)."""
+
+        def make():
+            bias = self.region_bias(n, group) * math.sqrt(dh)  # (F, N, R)
+            ch = torch.zeros(self.ctx.frames, 1, n, extra)
+            ch[:, 0, :, :bias.shape[2]] = bias.clamp(min=-6e4)
+            return ch.repeat(videos, 1, 1, 1).to(device=device, dtype=dtype)
+
+        return self._cache.get(("qch", videos, n, group, dh, extra, dtype, str(device)), make)
+
+
+class RefKeys(NamedTuple):
+    """One layer's reference keys and values, for each timestep the write pass ran at."""
+
+    times: tuple  # (K,) timesteps, as floats
+    keys: torch.Tensor  # (K, heads, R·N', dh + E): reference r's N' keys in block r, a one in channel dh + r
+    values: torch.Tensor  # (K, heads, R·N', dh + E): zeros in the extra channels
+    group: int  # tokens each key stands for (k·k pooling)
+
+
+class _WriteDone(Exception):
+    """Raised by the last layer of a write pass: every layer has stored its tokens, the rest is skipped."""
 
 
 MAX_REF_TOKENS = 64  # per reference and layer: larger layers see the reference average-pooled to this many keys
 
 
-def pool_tokens(tokens: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, int]:
-    """(M, N, D) tokens on a rows×cols grid -> (M, N', D) with N' <= MAX_REF_TOKENS by k×k average pooling, and
-    k·k (how many tokens each pooled key stands for: its logit gets log(k·k) so its total weight is kept)."""
+def pool_tokens(tokens: torch.Tensor, rows: int, cols: int, max_tokens: int = MAX_REF_TOKENS) -> tuple[torch.Tensor, int]:
+    """(M, N, D) tokens on a rows×cols grid -> (M, N', D) with N' <= max_tokens by k×k average pooling (k a power
+    of two dividing rows and cols), and k·k (how many tokens each pooled key stands for: its logit gets log(k·k) so
+    its total weight is kept)."""
     k = 1
-    while (rows // k) * (cols // k) > MAX_REF_TOKENS and rows % (2 * k) == 0 and cols % (2 * k) == 0:
+    while (rows // k) * (cols // k) > max_tokens and rows % (2 * k) == 0 and cols % (2 * k) == 0:
         k *= 2
     if k == 1:
         return tokens, 1
@@ -289,6 +363,14 @@ def pool_tokens(tokens: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tenso
     grid = tokens.transpose(1, 2).reshape(m, d, rows, cols)
     pooled = torch.nn.functional.avg_pool2d(grid, k)  # (M, D, rows/k, cols/k)
     return pooled.flatten(2).transpose(1, 2), k * k
+
+
+def extra_channels(references: int, dh: int, device) -> int:
+    """How many channels the bias adds to each head: R on the CPU; off it, enough to keep dh + E a multiple of 8
+    (what fused GPU attention kernels take)."""
+    if torch.device(device).type == "cpu":
+        return references
+    return -(-(dh + references) // 8) * 8 - dh
 
 
 def _unet_inputs(args, kwargs):
@@ -301,25 +383,44 @@ def _empty(rows) -> bool:
     return rows.start == rows.stop if isinstance(rows, slice) else rows.numel() == 0
 
 
-_PLAIN = None
+def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(M, tokens, heads·dh) -> (M, heads, tokens, dh)."""
+    return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
 
-def _plain(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-    """diffusers' own processor, for the inputs this one does not edit (4-D inputs, norms, masks, cross-attention)."""
-    global _PLAIN
-    if _PLAIN is None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+def _reference_keys(k: torch.Tensor, v: torch.Tensor, references: int, extra: int):
+    """Per-head reference keys and values (M, heads, R·N', dh) -> (M, heads, R·N', dh + extra): keys get a one in
+    channel dh + r for reference r (its keys come in R blocks of N'), values zeros."""
+    m, heads, rk, dh = k.shape
+    one_hot = torch.zeros(rk, extra, dtype=k.dtype, device=k.device)
+    for r in range(references):
+        one_hot[r * (rk // references):(r + 1) * (rk // references), r] = 1
+    k = torch.cat([k, one_hot.expand(m, heads, rk, extra)], 3)
+    v = torch.cat([v, v.new_zeros(m, heads, rk, extra)], 3)
+    return k, v
 
-        _PLAIN = AttnProcessor2_0()
-    return _PLAIN(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+def _own_and_reference(own: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[own (M, heads, N, dh) zero-padded to dh + E ‖ ref (M, heads, R·N', dh + E)] along the tokens, in one copy."""
+    m, heads, n, dh = own.shape
+    out = own.new_empty(m, heads, n + ref.shape[2], ref.shape[3])
+    out[:, :, :n, :dh] = own
+    out[:, :, :n, dh:] = 0
+    out[:, :, n:] = ref
+    return out
 
 
 class RefSelfAttnProcessor:
     """Spatial self-attention that stores its input on the write pass and reads the references on the main pass.
 
     Main pass, rows (videos·(F + extra), N, D): conditional generated frames attend to [own N tokens ‖ R references'
-    tokens] with the references' bias (one fused scaled-dot-product call); every other row (unconditional videos,
-    appended reference frames) gets plain self-attention.
+    N' tokens] with each reference's bias b_r(i) on its keys (log strength·group inside its region, NEG outside);
+    every other row (unconditional videos, appended reference frames) gets plain self-attention.
+
+    The bias rides in E >= R extra head channels instead of an (N, N + R·N') mask: q'_i = [q_i, b(i)·√dh],
+    k'_j = [k_j, 0] for own keys and [k_j, e_r] for reference r's (v' zero-padded likewise, the extra output
+    channels dropped), so with the scale 1/√dh of the true head size, q'_i·k'_j/√dh = q_i·k_j/√dh + b_r(i): the same
+    logits in one unmasked fused call.
     """
 
     def __init__(self, control: ReferenceInjection, name: str):
@@ -327,13 +428,11 @@ class RefSelfAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         ctl = self.control
-        if (encoder_hidden_states is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
-                or attn.group_norm is not None or attention_mask is not None
-                or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None):
-            return _plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if encoder_hidden_states is not None or edits_unsupported(attn, hidden_states, attention_mask):
+            return plain_processor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         ctx = ctl.ctx
         if ctl.writing:
-            ctl.bank[self.name] = hidden_states  # (R, N, D): the references' tokens at this layer
+            ctl.stored(self.name, attn, hidden_states)  # (K·R, N, D): the references' tokens; raises after the last
             return attend(attn, hidden_states, hidden_states)
         if not ctx.extra_frames and self.name not in ctl.bank:
             return attend(attn, hidden_states, hidden_states)
@@ -345,31 +444,33 @@ class RefSelfAttnProcessor:
         R, heads = ctl.latents.shape[0], attn.heads
         first = videos // 2 if ctx.do_cfg else 0
         vc = videos - first  # conditional videos
-        # The references' tokens at this layer: from this batch (temporal mode, per cond video) or the write pass.
-        if ctx.extra_frames:
-            refs = hidden_states.view(videos, per_video, n, d)[first:, F_:]  # (Vc, R, N, D)
-        else:
-            refs = ctl.bank[self.name][None]  # (1, R, N, D), shared by every video
-        pooled, group = pool_tokens(refs.flatten(0, 1), *ctx.layer_size(n))  # (·, N', D): fewer keys on big layers
-        n_keys = pooled.shape[1]
-        pooled = pooled.reshape(refs.shape[0], R * n_keys, d)  # (1 or Vc, R·N', D)
+        q, k, v = (_split(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))  # (rows, heads, N, dh)
+        dh = q.shape[-1]
+        extra = extra_channels(R, dh, q.device)
+        grid = ctx.layer_size(n)
+        if ctx.extra_frames:  # temporal mode: each conditional video's own reference frames, projected above
+            def pooled(t):  # (rows, heads, N, dh) -> (Vc, heads, R·N', dh); pooling commutes with the projection
+                t = t.view(videos, per_video, heads, n, dh)[first:, F_:]  # (Vc, R, heads, N, dh)
+                t, g = pool_tokens(t.permute(0, 2, 1, 3, 4).reshape(-1, n, dh), *grid, ctl.max_tokens)
+                return t.reshape(vc, heads, R * t.shape[1], dh), g
 
-        def split(t):  # (M, tokens, heads·dh) -> (M, heads, tokens, dh)
-            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-        q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))  # (rows, heads, N, dh)
-        k_ref, v_ref = split(attn.to_k(pooled)), split(attn.to_v(pooled))  # projected once, not per frame
-        if k_ref.shape[0] > 1:
-            k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)
-        else:
+            (k_ref, group), (v_ref, _) = pooled(k), pooled(v)
+            k_ref, v_ref = _reference_keys(k_ref, v_ref, R, extra)
+            k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)  # (Vc·F, heads, R·N', ·)
+        else:  # exclude mode: the keys and values the write pass made at the current refresh's timestep
+            written = ctl.bank[self.name]
+            i = written.times.index(ctl.refresh_t)
+            k_ref, v_ref, group = written.keys[i:i + 1], written.values[i:i + 1], written.group
             k_ref, v_ref = k_ref.expand(vc * F_, -1, -1, -1), v_ref.expand(vc * F_, -1, -1, -1)
         cond, rest = ctl.row_split(videos, per_video, q.device)
-        mask = ctl.cond_mask(vc, n, n_keys, group, q.dtype, q.device)  # (Vc·F, 1, N, N + R·N')
-        out = torch.empty_like(q)
+        q_ch = ctl.query_channels(vc, n, group, dh, extra, q.dtype, q.device)  # (Vc·F, 1, N, E)
+        qc = torch.cat([q[cond], q_ch.expand(-1, heads, -1, -1)], 3)  # (Vc·F, heads, N, dh + E)
+        kc, vc_ = (_own_and_reference(t[cond], t_ref) for t, t_ref in ((k, k_ref), (v, v_ref)))
+        read = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc_, scale=dh ** -0.5)[..., :dh]
+        out = torch.empty_like(q)  # laid out like q's projection (rows, N, heads, dh): the reshape below is free
         if not _empty(rest):  # unconditional videos and appended reference frames: plain self-attention
             out[rest] = torch.nn.functional.scaled_dot_product_attention(q[rest], k[rest], v[rest])
-        out[cond] = torch.nn.functional.scaled_dot_product_attention(
-            q[cond], torch.cat([k[cond], k_ref], 2), torch.cat([v[cond], v_ref], 2), attn_mask=mask)
+        out[cond] = read
         out = out.transpose(1, 2).reshape(rows, n, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
