@@ -51,6 +51,53 @@ def test_phrase_tokens_found_by_position_including_multi_piece_words():
         boxes.phrase_token_indices(tok, "a red circle", "blue square")
 
 
+def test_repeated_phrases_take_their_occurrences_in_order():
+    tok = toymodel.build_tokenizer()
+    prompt = "a red circle and a red circle on grass"
+    assert boxes.phrase_occurrences(tok, prompt, "red circle") == [[2, 3], [6, 7]]
+    assert boxes.phrase_token_indices(tok, prompt, "red circle", occurrence=1) == [6, 7]
+    with pytest.raises(ValueError, match="occurs 2 time"):
+        boxes.phrase_token_indices(tok, prompt, "red circle", occurrence=2)
+    # "a a a" holds "a a" once without overlap
+    assert boxes.phrase_occurrences(tok, "a a a", "a a") == [[1, 2]]
+    assert boxes.assign_phrases(tok, prompt, {0: "red circle", 1: "red circle"}) == {0: [2, 3], 1: [6, 7]}
+
+
+def test_a_phrase_inside_another_gets_an_occurrence_of_its_own():
+    tok = toymodel.build_tokenizer()
+    got = boxes.assign_phrases(tok, "a red circle and a circle on grass", {0: "circle", 1: "red circle"})
+    assert got == {0: [6], 1: [2, 3]}  # not the "circle" of "red circle"
+
+
+def test_a_subject_without_tokens_of_its_own_is_refused_by_name():
+    tok = toymodel.build_tokenizer()
+    with pytest.raises(boxes.PhraseError, match=r"already taken by subjects\[0\] \('red circle'\)") as e:
+        boxes.assign_phrases(tok, "a red circle on grass", {0: "red circle", 1: "red circle"})
+    assert e.value.index == 1
+    with pytest.raises(boxes.PhraseError, match="not among") as e:
+        boxes.assign_phrases(tok, "a red circle on grass", {0: "red circle", 1: "blue star"})
+    assert e.value.index == 1
+    # a subject that need not have tokens (no boxes) only takes what is free
+    assert boxes.assign_phrases(tok, "a red circle on grass", {0: "red circle", 1: "circle"}, required=[0]) == {
+        0: [2, 3]}
+
+
+def test_two_subjects_with_one_phrase_get_their_own_tokens_in_a_render(tiny_shot, manager):
+    from studio.controls import compose
+
+    tiny_shot.prompt = "a red circle and a red circle on grass"
+    tiny_shot.subjects = [shotlib.Subject(phrase="red circle", boxes={0: [0.0, 0.0, 0.4, 0.4]}),
+                          shotlib.Subject(phrase="red circle", boxes={0: [0.6, 0.6, 1.0, 1.0]})]
+    shot, preset = engine.prepare(tiny_shot)
+    pipe = manager.get(preset)
+    ctx = compose.context(shot, 8, 8)
+    (ctl,) = compose.build(shot, pipe, ctx)
+    assert ctl.tracks == {0: [2, 3], 1: [6, 7]}
+    shot.prompt = "a red circle on grass"  # one occurrence for two subjects: refused, naming the second
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[1\]\.phrase: .*already taken by subjects\[0\]"):
+        compose.build(shot, pipe, compose.context(shot, 8, 8))
+
+
 def _ctx(frames=2, h=4, w=4, step=0):
     return Context(frames=frames, latent_h=h, latent_w=w, steps=10, do_cfg=True,
                    generator=torch.Generator().manual_seed(0), step=step)

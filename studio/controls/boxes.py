@@ -79,20 +79,83 @@ def box_masks(boxes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # --- tokens ------------------------------------------------------------------------------------------------
 
 
-def phrase_token_indices(tokenizer, prompt: str, phrase: str) -> list[int]:
-    """Positions of the phrase's tokens in the tokenized prompt (BOS at 0), every piece of multi-piece words.
-
-    Raises ValueError if the phrase's tokens do not occur in the (possibly truncated) prompt.
-    """
+def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
+    """Token positions of every non-overlapping occurrence of the phrase in the tokenized prompt (BOS at 0), left
+    to right, every piece of multi-piece words."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     piece = tokenizer(phrase, add_special_tokens=False).input_ids
     n = len(piece)
     if n == 0:
         raise ValueError(f"the phrase {phrase!r} has no tokens")
-    for i in range(len(ids) - n + 1):
+    found, i = [], 0
+    while i <= len(ids) - n:
         if ids[i:i + n] == piece:
-            return list(range(i, i + n))
-    raise ValueError(f"the phrase {phrase!r} is not among the prompt's first {tokenizer.model_max_length} tokens")
+            found.append(list(range(i, i + n)))
+            i += n
+        else:
+            i += 1
+    return found
+
+
+def phrase_token_indices(tokenizer, prompt: str, phrase: str, occurrence: int = 0) -> list[int]:
+    """Positions of the phrase's tokens in the tokenized prompt (BOS at 0): its `occurrence`-th non-overlapping
+    occurrence (0 = the first).
+
+    Raises ValueError if the phrase's tokens do not occur that often in the (possibly truncated) prompt.
+    """
+    found = phrase_occurrences(tokenizer, prompt, phrase)
+    if occurrence < len(found):
+        return found[occurrence]
+    if not found:
+        raise ValueError(f"the phrase {phrase!r} is not among the prompt's first {tokenizer.model_max_length} tokens")
+    raise ValueError(f"the phrase {phrase!r} occurs {len(found)} time(s) among the prompt's first "
+                     f"{tokenizer.model_max_length} tokens, not {occurrence + 1}")
+
+
+class PhraseError(ValueError):
+    """A subject's phrase that cannot be given tokens of its own; `index` is the subject's position."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def assign_phrases(tokenizer, prompt: str, phrases: dict[int, str], required=None) -> dict[int, list[int]]:
+    """Token positions of each subject's phrase {subject index: phrase}, no token given to two subjects.
+
+    Subjects sharing a phrase take its occurrences in order: the k-th subject with "red circle" gets the k-th
+    "red circle" of the prompt. A phrase inside another ("circle" in "red circle") gets an occurrence outside the
+    longer one: longer phrases choose first, each the first occurrence no earlier choice has touched.
+    required: the subjects that must get tokens (default all); the others only take what is free, so that they
+    keep the order of occurrences, and are left out of the result when nothing is.
+    Raises PhraseError naming the first required subject left without tokens of its own.
+    """
+    required = set(phrases) if required is None else set(required)
+    claimed: dict[int, int] = {}  # token position -> subject index
+    tracks: dict[int, list[int]] = {}
+    order = sorted(phrases, key=lambda k: (-len(tokenizer(phrases[k], add_special_tokens=False).input_ids), k))
+    for k in order:
+        try:
+            found = phrase_occurrences(tokenizer, prompt, phrases[k])
+        except ValueError as e:
+            if k not in required:
+                continue
+            raise PhraseError(k, str(e)) from None
+        free = [pos for pos in found if not any(j in claimed for j in pos)]
+        if not free and k not in required:
+            continue
+        if not free:
+            if not found:
+                raise PhraseError(k, f"the phrase {phrases[k]!r} is not among the prompt's first "
+                                     f"{tokenizer.model_max_length} tokens")
+            others = sorted({claimed[j] for pos in found for j in pos if j in claimed})
+            taken = ", ".join(f"subjects[{o}] ({phrases[o]!r})" for o in others)
+            raise PhraseError(k, f"every occurrence of the phrase {phrases[k]!r} in the prompt ({len(found)}) is "
+                                 f"already taken by {taken}: name this subject once more in the prompt, or give it "
+                                 f"a phrase of its own")
+        tracks[k] = free[0]
+        claimed.update({j: k for j in free[0]})
+    return {k: tracks[k] for k in sorted(tracks)}
 
 
 def word_token_indices(tokenizer, prompt: str) -> list[int]:

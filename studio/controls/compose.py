@@ -37,14 +37,16 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
         if not spatial_cross_attention_names(unet):
             raise shotlib.ShotError(f"subjects[{tracked[0]}].boxes", "…",
                                     f"{model} has no spatial cross-attention, which box control edits")
-        from studio.controls.boxes import BoxAttention, phrase_token_indices, word_token_indices
+        from studio.controls.boxes import BoxAttention, PhraseError, assign_phrases, word_token_indices
 
-        tracks = {}
-        for k in tracked:
-            try:
-                tracks[k] = phrase_token_indices(pipe.tokenizer, shot.prompt, shot.subjects[k].phrase)
-            except ValueError as e:
-                raise shotlib.ShotError(f"subjects[{k}].phrase", shot.subjects[k].phrase, str(e)) from None
+        # Each tracked subject's own tokens: subjects sharing a phrase take its occurrences in order (the
+        # untracked ones too, so that the k-th subject keeps the k-th occurrence).
+        try:
+            tokens = assign_phrases(pipe.tokenizer, shot.prompt, {k: s.phrase for k, s in enumerate(shot.subjects)},
+                                    required=tracked)
+        except PhraseError as e:
+            raise shotlib.ShotError(f"subjects[{e.index}].phrase", shot.subjects[e.index].phrase, str(e)) from None
+        tracks = {k: tokens[k] for k in tracked}
         b = shot.box_control
         controls.append(BoxAttention(ctx, tracks, word_token_indices(pipe.tokenizer, shot.prompt), b.strength,
                                      b.amplify_steps, b.suppress))
