@@ -80,6 +80,22 @@ def test_encode_reference_gives_a_latent_at_the_shot_size_from_the_centre(pipe, 
     assert not torch.allclose(z_wide, reference.encode_reference(pipe, np.ascontiguousarray(wide[:, :64]), 64, 64))
 
 
+def test_encodings_are_kept_by_content_and_size(pipe, tmp_path, monkeypatch):
+    calls = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: calls.append(x.shape) or encode(x))
+    path = tmp_path / "ref.png"
+    Image.fromarray(np.full((64, 64, 3), (10, 200, 30), np.uint8)).save(path)
+    first = reference.encode_reference(pipe, path, 64, 64)
+    first.add_(1.0)  # a copy: editing it does not edit what is kept
+    again = reference.encode_reference(pipe, path, 64, 64)
+    assert len(calls) == 1 and torch.allclose(again + 1.0, first)
+    reference.encode_reference(pipe, path, 32, 32)  # another size: encoded
+    Image.fromarray(np.full((64, 64, 3), (200, 10, 30), np.uint8)).save(path)  # same name, new content
+    changed = reference.encode_reference(pipe, path, 64, 64)
+    assert len(calls) == 3 and not torch.allclose(changed, again)
+
+
 # --- the attention processor alone -----------------------------------------------------------------------------
 
 

@@ -38,8 +38,12 @@ Shapes: R references, B videos, F frames, C channels, h×w latent size, N tokens
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import weakref
+from collections import OrderedDict
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -76,14 +80,33 @@ def load_image(path_or_array, width: int, height: int) -> np.ndarray:
     return cover_crop(np.asarray(im.convert("RGB")), width, height)
 
 
+ENCODINGS_KEPT = 8  # per VAE: the latents of the last references encoded, so re-renders skip the encoder
+_ENCODINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # vae -> OrderedDict(key -> latent)
+
+
 @torch.no_grad()
 def encode_reference(pipe, path_or_array, width: int, height: int) -> torch.Tensor:
     """The clean latent (1, C, h, w) of a reference image (a path or an RGB array) at the shot's size, in the
-    pipe's dtype and device: the VAE posterior's mean (no random draw)."""
+    pipe's dtype and device: the VAE posterior's mean (no random draw). The last ENCODINGS_KEPT encodings of each
+    VAE are kept, keyed by the image's bytes (a file's content, not its name), the size, dtype and device."""
+    vae = pipe.vae
+    if isinstance(path_or_array, np.ndarray):
+        data = repr((path_or_array.shape, path_or_array.dtype.str)).encode() + path_or_array.tobytes()
+    else:
+        data = Path(path_or_array).read_bytes()
+    key = (hashlib.sha256(data).hexdigest(), width, height, str(vae.dtype), str(vae.device))
+    kept = _ENCODINGS.setdefault(vae, OrderedDict())
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key].clone()
     rgb = load_image(path_or_array, width, height).copy()
     x = torch.from_numpy(rgb).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]  # (1, 3, H, W) in -1..1
-    x = x.to(pipe.vae.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    x = x.to(vae.device, vae.dtype)
+    latent = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    kept[key] = latent
+    while len(kept) > ENCODINGS_KEPT:
+        kept.popitem(last=False)
+    return latent.clone()
 
 
 def supports(unet) -> bool:
