@@ -82,20 +82,30 @@ def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
 def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress: Progress | None = None,
            cancel: threading.Event | None = None) -> RenderResult:
     """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot."""
-    import torch
+    from studio.subjects import apply as subjects
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # 1. Validate and resolve the shot against its model preset.
+    # 1. Validate and resolve the shot against its model preset; its trained subjects against the library (before
+    #    any weights load: a subject of another base model must not cost a model load first).
     shot, preset = prepare(shot)
-    # 2. Fetch the pipeline (cached by what determines it).
+    plan, records = subjects.plan(shot, preset)
+    # 2. Fetch the pipeline (cached by what determines it) and hold it: a render installs controls and adapters on
+    #    it, so two renders on one pipeline at once would restore each other's state.
     manager = manager or default_manager()
-    pipe = manager.get(preset)
-    # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
-    #     once per pipeline, then switched by adapter weights).
+    with manager.hold(preset) as pipe:
+        return _render_on(pipe, shot, preset, plan, records, manager, progress, cancel, timings, t0)
+
+
+def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: list, manager: PipelineManager,
+               progress: Progress | None, cancel: threading.Event | None, timings: dict, t0: float) -> RenderResult:
+    """Steps 2b-7 of `render` on a pipeline this thread holds."""
+    import torch
+
     from studio.subjects import apply as subjects
 
-    plan, records = subjects.plan(shot, preset)
+    # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
+    #     once per pipeline, then switched by adapter weights).
     if records:
         subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
@@ -126,6 +136,8 @@ def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress:
             new = step_cb(pipe, i, t, {"latents": lat}).get("latents")
             if new is not None and new is not lat:
                 lat.copy_(new)
+            if cancel is not None and cancel.is_set():  # this pipeline has no `_interrupt`: leave its loop
+                raise RenderCancelled("render cancelled")
 
         kwargs.update(callback=legacy, callback_steps=1)
     with torch.inference_mode(), subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):

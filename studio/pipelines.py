@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,18 +209,34 @@ class PipelineManager:
             pipe = load_pipeline(preset, self.device)
             self.loads += 1
             logger.info("loaded %s (%s) in %.1f s", preset.name, key.base, time.perf_counter() - t0)
+            pipe._studio_hold = threading.RLock()  # see hold()
             self._cache[key] = pipe
             while len(self._cache) > self.max_pipelines:
                 old, _ = self._cache.popitem(last=False)
                 logger.info("evicted %s", old.base)
             return pipe
 
+    @contextmanager
+    def hold(self, preset: ModelPreset):
+        """The preset's pipeline, for this thread alone until the block ends.
+
+        A render installs attention processors, hooks and adapter weights on the shared pipeline and restores them
+        after; two renders on one pipeline at once would save and restore each other's state, so each holds it.
+        Other pipelines stay free (the UI's queue already runs one GPU job at a time; the eval harness, tests and
+        scripts sharing a manager across threads rely on this).
+        """
+        pipe = self.get(preset)
+        with pipe._studio_hold:
+            yield pipe
+
     def forget_subject(self, name: str) -> None:
         """Drop a subject's weights from every cached pipeline (after it was retrained or removed)."""
         from studio.subjects import apply
 
         with self._lock:
-            for pipe in self._cache.values():
+            pipes = list(self._cache.values())
+        for pipe in pipes:
+            with pipe._studio_hold:  # not in the middle of someone's render
                 apply.forget(pipe, name)
 
     def loaded(self) -> list[PipelineKey]:
