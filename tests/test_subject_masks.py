@@ -46,13 +46,13 @@ def test_grabcut_finds_the_disc():
 
 def test_grabcut_is_deterministic():
     image, _, box = disc_photo(seed=3)
-    a, b = M.mask_from_box(image, box, "grabcut"), M.mask_from_box(image, box, "grabcut")
+    a, b = M.segment(image, box, "grabcut").mask, M.segment(image, box, "grabcut").mask
     assert np.array_equal(a, b)
 
 
 def test_grabcut_on_a_large_photo_works_downscaled():
     image, disc, box = disc_photo(width=900, height=700, seed=1)  # > GRABCUT_MAX_SIDE: runs on a smaller copy
-    mask = M.mask_from_box(image, box, "grabcut")
+    mask = M.segment(image, box, "grabcut").mask
     assert mask.shape == (700, 900)
     assert iou(mask, disc) > 0.8
 
@@ -97,7 +97,7 @@ def test_grabcut_mask_that_fills_its_box_is_flagged():
 
 def test_box_backend_is_the_box():
     image = np.zeros((40, 50, 3), np.uint8)
-    mask = M.mask_from_box(image, [0.1, 0.25, 0.5, 0.75], "box")
+    mask = M.segment(image, [0.1, 0.25, 0.5, 0.75], "box").mask
     expected = np.zeros((40, 50), bool)
     expected[10:30, 5:25] = True
     assert np.array_equal(mask, expected)
@@ -165,7 +165,7 @@ def test_sam_backend_runs_a_local_model_folder(tmp_path):
 # --- words ---------------------------------------------------------------------------------------------------
 
 
-def test_mask_from_word_offline_uses_the_centre_box():
+def test_segment_word_offline_uses_the_centre_box():
     if M._weights_on_disk(M.OWL_MODEL_ID) or sam_on_disk():
         pytest.skip("detector or SAM weights are in the local cache")
     image, disc, _ = disc_photo()
@@ -173,7 +173,7 @@ def test_mask_from_word_offline_uses_the_centre_box():
     assert result.box == M.CENTRE_BOX and "centre box" in result.note
     assert result.backend == "grabcut"
     assert iou(result.mask, disc) > 0.8
-    assert np.array_equal(M.mask_from_word(image, "ball"), result.mask)
+    assert np.array_equal(M.segment_word(image, "ball").mask, result.mask)  # deterministic
 
 
 def test_word_must_be_a_word():

@@ -41,7 +41,7 @@ GRABCUT_ITERATIONS = 5
 GRABCUT_MAX_SIDE = 512  # GrabCut runs on a copy at most this large; the mask is scaled back up
 GRABCUT_SEED = 0
 OWL_THRESHOLD = 0.1
-MIN_IMAGE_SIDE = 8
+MIN_IMAGE_SIDE = 8  # any image the mask code takes; training has its own floor (tune.check_photos)
 
 Box = tuple[float, float, float, float]
 
@@ -56,7 +56,7 @@ class MaskResult:
     mask: np.ndarray  # (H, W) bool, True on the subject
     backend: str  # the backend that produced the mask: sam | segment-anything | grabcut | box
     note: str = ""  # why a fallback was taken, or what looked wrong; empty when all went as asked
-    box: Box = (0.0, 0.0, 1.0, 1.0)  # the box the mask was cut from (mask_from_word finds one)
+    box: Box = (0.0, 0.0, 1.0, 1.0)  # the box the mask was cut from (segment_word finds one)
 
 
 # --- validation ----------------------------------------------------------------------------------------------
@@ -170,11 +170,6 @@ def segment(image: np.ndarray, box: Sequence[float], backend: str = "auto", *, s
     return _segment_auto(image, box, sam_model, device)
 
 
-def mask_from_box(image: np.ndarray, box: Sequence[float], backend: str = "auto") -> np.ndarray:
-    """(H, W) bool subject mask inside `box`; `segment` without the bookkeeping."""
-    return segment(image, box, backend).mask
-
-
 def segment_word(image: np.ndarray, word: str, backend: str = "auto", *, mask_backend: str = "auto",
                  owl_model: str = OWL_MODEL_ID, sam_model: str = SAM_MODEL_ID,
                  device: str | None = None) -> MaskResult:
@@ -194,11 +189,6 @@ def segment_word(image: np.ndarray, word: str, backend: str = "auto", *, mask_ba
     result = segment(image, box, mask_backend, sam_model=sam_model, device=device)
     note = "; ".join(n for n in (how, result.note) if n)
     return replace(result, note=note, box=box)
-
-
-def mask_from_word(image: np.ndarray, word: str, backend: str = "auto") -> np.ndarray:
-    """(H, W) bool mask of the subject named by `word`; `segment_word` without the bookkeeping."""
-    return segment_word(image, word, backend).mask
 
 
 # --- auto ----------------------------------------------------------------------------------------------------
