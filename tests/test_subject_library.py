@@ -75,12 +75,12 @@ def test_tokens_only_subject_without_masks(tmp_path):
     assert lib.load_masks("pip") == []
     with pytest.raises(SubjectError, match="has no LoRA"):
         lib.load_lora("pip")
-    state_dicts, tokens = lib.textual_inversion_inputs("pip")
-    assert tokens == list(embeds) and all(len(d) == 1 for d in state_dicts)  # one token per dict, as diffusers reads
 
 
-def test_default_root_is_in_the_studio_home(studio_home):
-    assert SubjectLibrary().root == studio_home / "subjects"
+def test_default_root_is_in_the_studio_home(tmp_path, monkeypatch):
+    # A home of its own: the session's studio home holds the subjects other test files trained.
+    monkeypatch.setenv("SHOT_STUDIO_HOME", str(tmp_path))
+    assert SubjectLibrary().root == tmp_path / "subjects"
     assert SubjectLibrary().list() == []
 
 
@@ -196,12 +196,30 @@ def test_pickle_files_make_loading_refuse(tmp_path, monkeypatch, stray):
         lib.load_embeds("rex")
 
 
-def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "lost token"])
+def test_a_subject_with_broken_weights_is_not_listed_but_can_be_removed(tmp_path, caplog, damage):
+    from safetensors.torch import save_file
+
     lib = SubjectLibrary(tmp_path)
     save_rex(lib)
-    (tmp_path / "rex" / L.LORA_FILE).write_bytes(b"garbage")
-    with pytest.raises(SubjectError, match="not readable safetensors"):
+    path = tmp_path / "rex" / (L.EMBEDS_FILE if damage == "lost token" else L.LORA_FILE)
+    if damage == "garbage":
+        path.write_bytes(b"garbage")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-16])
+    else:
+        save_file({"<rex>": torch.zeros(32)}, str(path))  # metadata names <rex> and <rex-2>
+    want = {"garbage": f"{L.LORA_FILE} is not readable safetensors", "truncated": f"{L.LORA_FILE} is not readable",
+            "lost token": f"{L.EMBEDS_FILE} lacks the tokens <rex-2>"}[damage]
+    with caplog.at_level("WARNING", logger="studio.subjects.library"):
+        assert lib.list() == [] and not lib.exists("rex")
+    assert want in caplog.text
+    with pytest.raises(SubjectError, match=f"subjects\\[0\\].subject: subject 'rex': {want}"):
+        lib.get("rex", field="subjects[0].subject")
+    with pytest.raises(SubjectError, match=want):
         lib.load_lora("rex")
+    lib.delete("rex")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "", ".", "..", ".hidden", "a\\b", "c:x", "-flag", "a" * 65,
@@ -272,12 +290,45 @@ def test_inconsistent_metadata_is_not_listed(tmp_path):
         lib.get("rex")
 
 
-def test_base_model_mismatch_message(tmp_path):
-    subject = save_rex(SubjectLibrary(tmp_path))
-    L.check_base_model(subject, "toyworld")
+def _preset(name: str, base: str, **kw):
+    from studio.presets import ModelPreset
+
+    return ModelPreset(name=name, base=base, **kw)
+
+
+def test_base_model_is_compared_by_the_weights_recorded_at_training(tmp_path, monkeypatch):
+    lib = SubjectLibrary(tmp_path / "lib")
+    photos, masks = photos_and_masks()
+    lora, _ = weights()
+    trained_on = _preset("sd15", "org/sd15", motion_adapter="org/motion-v3")
+    subject = lib.save("rex", photos, masks, metadata(base_model="sd15", base_weights=L.base_weights(trained_on)),
+                       lora=lora)
+    # Another preset name on the same weights shares the subject; other weights (base or adapter) do not.
+    L.check_base_model(subject, _preset("sd15-fast", "org/sd15", motion_adapter="org/motion-v3", dtype="float16"))
+    for other, now in ((_preset("sd15", "org/other", motion_adapter="org/motion-v3"), "org/other + org/motion-v3"),
+                       (_preset("sd15", "org/sd15", motion_adapter="org/motion-v2"), "org/sd15 + org/motion-v2")):
+        with pytest.raises(ValueError) as err:
+            L.check_base_model(subject, other, field="subjects[0].subject")
+        assert str(err.value) == (f"subjects[0].subject: 'rex' was trained for base model 'sd15' (org/sd15 + "
+                                  f"org/motion-v3), not 'sd15' ({now}); train it again for this model or change "
+                                  f"`model`")
+    with pytest.raises(ValueError, match=r"trained for base model 'sd15', not 'other'; train it again"):
+        L.check_base_model(subject, _preset("other", "org/other"))
+    # The checkout's own models are recorded as 'models/...', however the preset names the folder.
+    monkeypatch.setenv("SHOT_STUDIO_MODELS", str(tmp_path / "models"))
+    (tmp_path / "models" / "toy").mkdir(parents=True)
+    assert L.base_weights(_preset("a", "models/toy"))["base"] == "models/toy"
+    assert L.base_weights(_preset("b", str(tmp_path / "models" / "toy")))["base"] == "models/toy"
+    assert L.base_weights(_preset("c", "org/x", family="zeroscope", motion_adapter="org/m"))["motion_adapter"] is None
+
+
+def test_base_model_of_older_subjects_is_compared_by_name(tmp_path):
+    subject = save_rex(SubjectLibrary(tmp_path))  # metadata without base_weights
+    L.check_base_model(subject, _preset("toyworld", "anything"))
     with pytest.raises(ValueError) as err:
-        L.check_base_model(subject, "tiny", field="subjects[0].subject")
-    assert str(err.value) == "subjects[0].subject: 'rex' was trained for base model 'toyworld', not 'tiny'"
+        L.check_base_model(subject, "tiny", field="subjects[0].subject")  # a preset by name
+    assert str(err.value) == ("subjects[0].subject: 'rex' was trained for base model 'toyworld', not 'tiny'; train "
+                              "it again for this model or change `model`")
 
 
 # --- photo import --------------------------------------------------------------------------------------------

@@ -121,16 +121,18 @@ def test_unknown_subject_and_wrong_base_model_are_field_errors(trained):
         engine.render(shot, PipelineManager(1, "cpu"))
 
 
-def test_corrupt_lora_file_is_a_field_error_and_the_library_stays(library):
+def test_corrupt_lora_file_is_a_field_error_naming_it_and_the_subject_can_be_removed(library):
     photos, masks = _photos(1)
     lib = library
     lib.save("bad", photos, masks, {"trigger": "sks", "class_word": "dog", "base_model": "tiny"},
              lora={"unet.x.lora_A.weight": torch.zeros(2, 2)})
     (lib.get("bad").lora_path).write_bytes(b"not a safetensors file")
-    with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.subject.*cannot load its weights"):
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.subject: .*pytorch_lora_weights\.safetensors is "
+                                                r"not readable safetensors"):
         engine.render(_shot(subjects=[{"phrase": "dog", "subject": "bad"}]), PipelineManager(1, "cpu"))
-    assert "bad" in lib.names() and lib.get("bad").photos == 1
+    assert "bad" not in lib.names() and not lib.exists("bad")
     lib.delete("bad")
+    assert not (lib.root / "bad").exists()
 
 
 def test_cancel_saves_nothing(tmp_path):

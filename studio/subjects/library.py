@@ -8,7 +8,9 @@ Layout of `<root>/<name>/` (root: studio_home()/subjects unless given):
     pytorch_lora_weights.safetensors    LoRA in diffusers' format, when methods has "lora"
                                         (`pipe.load_lora_weights(subject.path, weight_name=LORA_FILE)`)
     learned_embeds.safetensors          textual-inversion embeddings, token -> (D,) or (n, D), when methods has
-                                        "tokens" (see `textual_inversion_inputs`)
+                                        "tokens" (diffusers' load_textual_inversion takes one token per state
+                                        dict: `pipe.load_textual_inversion([{t: v} for t, v in d.items()],
+                                        token=list(d))` with d = safetensors.torch.load_file(file))
 
 A save builds the whole folder under a hidden temp name (".tmp-<name>-<random>") and renames it into place, so
 a reader sees the old subject or the new one, never half of one; folders starting with "." are never listed.
@@ -111,11 +113,48 @@ def sanitize_name(name: str, field: str = "name") -> str:
     return clean
 
 
-def check_base_model(subject: Subject, model_name: str, field: str = "subject") -> None:
-    """Raise ValueError when a subject was trained for another base model than `model_name`."""
-    if subject.base_model != model_name:
-        raise ValueError(f"{field}: '{subject.name}' was trained for base model '{subject.base_model}', "
-                         f"not '{model_name}'")
+def base_weights(preset) -> dict[str, str | None]:
+    """What a model preset's weights are: its base and motion adapter as the pipeline loads them, with the
+    checkout's own models written 'models/...' (so moving the checkout keeps them the same) and other local
+    folders as absolute paths. Two presets on the same weights share subjects; recorded in metadata at training."""
+    from studio.presets import models_root, resolve_local
+
+    def ref(value: str | None) -> str | None:
+        if not value:
+            return None
+        local = Path(resolve_local(value)).expanduser()
+        if value.startswith("builtin:") or not local.is_dir():
+            return value  # a builtin model or a hub id
+        local = local.resolve()
+        root = Path(models_root()).resolve()
+        return f"models/{local.relative_to(root).as_posix()}" if local.is_relative_to(root) else str(local)
+
+    adapter = preset.motion_adapter if preset.family == "animatediff" else None
+    return {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+
+
+def check_base_model(subject: Subject, model, field: str = "subject") -> None:
+    """Raise ValueError when a subject was trained for other weights than the model's (a preset, or its name).
+
+    Compares the weights recorded at training (base_weights) when the metadata has them, else (subjects saved before
+    that) the preset names."""
+    if isinstance(model, str):
+        from studio.presets import load_model_preset
+
+        model = load_model_preset(model)
+    recorded, current = subject.metadata.get("base_weights"), base_weights(model)
+    same = recorded == current if isinstance(recorded, dict) else subject.base_model == model.name
+    if same:
+        return
+    was, now = f"'{subject.base_model}'", f"'{model.name}'"
+    if was == now:  # one name, other weights: say which
+
+        def desc(w: dict) -> str:
+            return " + ".join(str(v) for v in (w.get("base"), w.get("motion_adapter")) if v)
+
+        was, now = f"{was} ({desc(recorded)})", f"{now} ({desc(current)})"
+    raise ValueError(f"{field}: '{subject.name}' was trained for base model {was}, not {now}; train it again for "
+                     f"this model or change `model`")
 
 
 def import_photos(paths: Sequence[str | Path], max_side: int | None = MAX_PHOTO_SIDE) -> list[np.ndarray]:
@@ -204,7 +243,27 @@ def _subject_from_folder(folder: Path) -> Subject:
     missing = [p.relative_to(folder).as_posix() for p in _expected_files(subject) if not p.is_file()]
     if missing:
         raise SubjectError(f"subject '{folder.name}': incomplete, missing {', '.join(missing[:4])}")
+    _check_weight_headers(subject)
     return subject
+
+
+def _check_weight_headers(subject: Subject) -> None:
+    """Read the weight files' safetensors headers (a few KB, no tensor data): a file that is not safetensors, is
+    cut short, holds no tensors, or lacks a learned token is a SubjectError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in (subject.lora_path, subject.embeds_path):
+        if path is None:
+            continue
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SubjectError(f"subject '{subject.name}': {path.name} is not readable safetensors ({e})") from None
+        lacking = sorted(set(subject.tokens) - keys) if path == subject.embeds_path else []
+        if not keys or lacking:
+            what = f"lacks the tokens {', '.join(lacking[:4])}" if lacking else "holds no tensors"
+            raise SubjectError(f"subject '{subject.name}': {path.name} {what}")
 
 
 def _expected_files(subject: Subject) -> list[Path]:
@@ -228,7 +287,8 @@ class SubjectLibrary:
     # --- reading
 
     def list(self) -> list[Subject]:
-        """Complete subjects, by name; temp folders and folders without valid metadata are skipped."""
+        """Complete subjects, by name; temp folders, folders without valid metadata and subjects whose weight files
+        are not readable safetensors are skipped (logged; `delete` still removes them by name)."""
         if not self.root.is_dir():
             return []
         subjects = []
@@ -282,14 +342,6 @@ class SubjectLibrary:
         embeds = _load_safetensors(subject.embeds_path)
         order = [t for t in subject.tokens if t in embeds] + [t for t in embeds if t not in subject.tokens]
         return {token: embeds[token] for token in order}  # safetensors sorts keys; keep the saved token order
-
-    def textual_inversion_inputs(self, name: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
-        """(state dicts, tokens) for `pipe.load_textual_inversion(state_dicts, token=tokens)`.
-
-        diffusers reads one token per state dict, so a file with several tokens is split into one dict each.
-        """
-        embeds = self.load_embeds(name)
-        return [{token: tensor} for token, tensor in embeds.items()], list(embeds)
 
     def load_photos(self, name: str) -> list[np.ndarray]:
         """The subject's photos, (H, W, 3) uint8 each."""
