@@ -484,7 +484,7 @@ def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | 
             raise ValueError(f"--videos: {str(v)!r} has no sidecar {side_path.name} (needed for its shot)")
         side = json.loads(side_path.read_text())
         ev = side.get("eval") or {}
-        target = _shot_from_json(ev.get("target") or side["shot"])
+        target = shotlib.from_container(ev.get("target") or side["shot"])  # JSON keyframe keys load too
         frames = export.read_video(v)
         row = {"config": ev.get("config") or v.parent.name, "shot": ev.get("shot_id") or v.stem,
                "seed": side.get("seed"), "video": str(v), "size": [int(frames.shape[2]), int(frames.shape[1])],
@@ -495,15 +495,6 @@ def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | 
     info = {"videos": [str(v) for v in videos], "seconds": time.perf_counter() - t0, "mode": "score",
             "configs": list(dict.fromkeys(r["config"] for r in rows))}
     return _finish(rows, scorer, info, Path(out_dir))
-
-
-def _shot_from_json(data: dict) -> shotlib.Shot:
-    """A shot from a sidecar's JSON (JSON made the keyframe indices strings)."""
-    data = copy.deepcopy(data)
-    for s in data.get("subjects") or []:
-        if isinstance(s.get("boxes"), dict):
-            s["boxes"] = {int(k): v for k, v in s["boxes"].items()}
-    return shotlib.from_container(data)
 
 
 def means(rows: list[dict]) -> dict:

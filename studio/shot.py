@@ -112,7 +112,7 @@ class TiledRefine:
     scale: int = 2  # output size = render size × scale
     upscaler: str = "cubic"  # OpenCV resampler for the upscale: cubic | lanczos | linear | nearest
     tile: Optional[int] = None  # tile side in output pixels; None: the model's default frame size
-    overlap: Optional[int] = None  # pixels shared by neighbouring tiles, blended by ramps; None: a quarter tile
+    overlap: Optional[int] = None  # pixels shared by neighbouring tiles, blended by ramps; None: 32 at a 512 tile, scaled (>= 8)
     steps: Optional[int] = None  # None: the shot's steps
 
 

@@ -216,6 +216,7 @@ def test_scheduler_class_replaces_the_shipped_scheduler(tmp_path):
                                                                     scheduler="{timestep_spacing: trailing}"),
                                               "prompt": "a red circle"}), manager)
     assert r.frames.shape == (8, 64, 64, 3) and manager.loads == 2  # same key: the cached pipeline
+    assert r.sidecar()["model"]["scheduler_class"] == "EulerDiscreteScheduler"  # the sidecar names it
 
 
 def test_animatediff_sd15_preset_runs_ddim_from_sd15s_pndm_config():

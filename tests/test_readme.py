@@ -2,7 +2,6 @@
 and the first starts a studio that serves."""
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -31,15 +30,9 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
     assert setup_and_test in ci, ".ci/run must run the README's test command verbatim"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_studio_ui_starts_and_serves(tmp_path):
+def test_studio_ui_starts_and_serves(tmp_path, free_port):
     """`studio ui` (the first command's last step) serves the page on its port."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "ui.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--port", str(port)], stdout=out,
