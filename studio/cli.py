@@ -180,13 +180,18 @@ def cmd_subject_add(args) -> int:
     settings = tune.TuneSettings(method=args.method, class_word=words[-1], trigger=" ".join(words[:-1]),
                                  steps=args.steps, seed=args.seed, preservation=args.preservation)
 
-    def progress(i, n, loss, left):
-        if args.progress:
+    def progress(i, n, loss, left, stage="training"):
+        if not args.progress:
+            return
+        if stage == "preservation":  # the frozen model making its preservation clips (once per base model)
+            print(f"\rpreservation clip {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+        else:
             print(f"\rstep {i}/{n}  loss {loss:.4f}  {left:.0f} s left", end="" if i < n else "\n",
                   file=sys.stderr, flush=True)
 
     subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
-                                       progress=progress, overwrite=args.overwrite)
+                                       progress=progress, overwrite=args.overwrite,
+                                       photo_names=[f.name for f in files])
     print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
           f"'{subject.trigger} {subject.class_word}', {subject.photos} photos, {result.seconds:.0f} s  {subject.path}")
     return 0

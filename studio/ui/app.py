@@ -574,7 +574,10 @@ class Page:
 
         losses, out, failed = [], {}, []
 
-        def on_step(i, n, loss, left):
+        def on_step(i, n, loss, left, stage="training"):
+            if stage == "preservation":  # the frozen model makes its preservation clips first (once per model)
+                progress((i, n), desc=f"preservation clip {i}/{n}")
+                return
             losses.append((i, float(loss)))
             progress((i, n), desc=f"training: loss {loss:.4f}, {left:.0f} s left")
 
