@@ -133,7 +133,7 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     attn = _attention()
     ctx = _ctx(frames=2, size=4)
     ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # top-left 2×2 of a 4×4 layer
-    ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("box", 0))])
+    ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("box", 0))], unconditional="plain")
     proc = reference.RefSelfAttnProcessor(ctl, "layer")
     ref = torch.randn(1, 16, 8)  # (R, N, D) as a write pass sees them
     _bank(ctl, attn, ref)
@@ -148,7 +148,7 @@ def test_processor_reads_the_reference_only_inside_its_region_and_only_on_the_co
     # inside, it is attention over [own ‖ reference] tokens
     assert torch.allclose(out[2:, inside], _manual(attn, x[2:], ref, torch.zeros(16))[:, inside], atol=1e-5)
     # the background region is the complement
-    bg = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("outside",))])
+    bg = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 4, 4), 1.0, ("outside",))], unconditional="plain")
     _bank(bg, attn, ref)
     out_bg = reference.RefSelfAttnProcessor(bg, "layer")(attn, x)
     assert torch.allclose(out_bg[2:, inside], plain[2:, inside], atol=1e-6)
@@ -199,8 +199,9 @@ def _dense(attn, x, refs, biases):
     return attn.to_out[0](out)
 
 
+@pytest.mark.parametrize("unconditional", ["plain", "blank"])
 @pytest.mark.parametrize("temporal", [False, True])
-def test_processor_equals_dense_masked_attention_with_two_pooled_references_and_boxes(temporal):
+def test_processor_equals_dense_masked_attention_with_two_pooled_references_and_boxes(temporal, unconditional):
     from diffusers.models.attention_processor import AttnProcessor2_0, Attention
 
     torch.manual_seed(1)
@@ -211,33 +212,37 @@ def test_processor_equals_dense_masked_attention_with_two_pooled_references_and_
     strengths = (2.5, 0.7)
     ctl = reference.ReferenceInjection(ctx, [(torch.zeros(1, 4, 8, 8), strengths[0], ("box", 0)),
                                              (torch.zeros(1, 4, 8, 8), strengths[1], ("outside",))],
-                                       temporal, max_tokens=16)
+                                       temporal, max_tokens=16, unconditional=unconditional)
     proc = reference.RefSelfAttnProcessor(ctl, "layer")
     if temporal:  # each video: F generated frames, then its R reference frames
         ctx.extra_frames = R
         x = torch.randn(2 * (F_ + R), n, 12)
-        refs = x.view(2, F_ + R, n, 12)[1, F_:]  # (R, N, D): the conditional video's
-        cond_rows = x.view(2, F_ + R, n, 12)[1, :F_]
+        videos = x.view(2, F_ + R, n, 12)
+        refs, blank = videos[1, F_:], videos[0, F_:]  # (R, N, D): the conditional video's; the unconditional's
     else:
         x = torch.randn(2 * F_, n, 12)
-        refs = torch.randn(R, n, 12)
-        _bank(ctl, attn, refs)
-        cond_rows = x[F_:]
-    out = proc(attn, x)
-    pooled = torch.nn.functional.avg_pool2d(refs.transpose(1, 2).reshape(R, 12, 8, 8), 2).flatten(2).transpose(1, 2)
+        videos = x.view(2, F_, n, 12)
+        refs, blank = torch.randn(R, n, 12), torch.randn(1, n, 12).expand(R, -1, -1)  # one blank for the R
+        tokens = torch.cat([blank[:1], refs]) if unconditional == "blank" else refs
+        _bank(ctl, attn, tokens)
+    out = proc(attn, x).view(2, -1, n, 12)
+
+    def pool(t):  # (R, N, D) -> (1, R·16, D)
+        return torch.nn.functional.avg_pool2d(t.transpose(1, 2).reshape(R, 12, 8, 8), 2).flatten(2).transpose(
+            1, 2).reshape(1, R * 16, 12)
+
     inside = reference.box_masks(ctx.boxes[0], 8, 8)  # (F, N)
     allowed = torch.stack([inside, ~inside], 2)  # (F, N, R): subject inside its box, background outside
-    bias = torch.where(allowed, torch.log(torch.tensor(strengths) * 4), torch.tensor(-1e4))  # (F, N, R)
-    expected = _dense(attn, cond_rows, pooled.reshape(1, R * 16, 12).expand(F_, -1, -1),
-                      bias.repeat_interleave(16, 2))
-    plain = AttnProcessor2_0()(attn, x)
-    if temporal:
-        out, plain = out.view(2, F_ + R, n, 12), plain.view(2, F_ + R, n, 12)
-        assert torch.allclose(out[1, :F_], expected, atol=1e-5)
-        assert torch.equal(out[0], plain[0]) and torch.equal(out[1, F_:], plain[1, F_:])  # uncond, reference frames
+    bias = torch.where(allowed, torch.log(torch.tensor(strengths) * 4), torch.tensor(-1e4)).repeat_interleave(16, 2)
+    plain = AttnProcessor2_0()(attn, x).view(2, -1, n, 12)
+    assert torch.allclose(out[1, :F_], _dense(attn, videos[1, :F_], pool(refs).expand(F_, -1, -1), bias), atol=1e-5)
+    if unconditional == "blank":  # the unconditional frames read the blank(s) with the same biases
+        expected = _dense(attn, videos[0, :F_], pool(blank).expand(F_, -1, -1), bias)
+        assert torch.allclose(out[0, :F_], expected, atol=1e-5)
     else:
-        assert torch.allclose(out[F_:], expected, atol=1e-5)
-        assert torch.equal(out[:F_], plain[:F_])
+        assert torch.equal(out[0, :F_], plain[0, :F_])
+    if temporal:
+        assert torch.equal(out[:, F_:], plain[:, F_:])  # the reference frames themselves: plain
 
 
 def test_strength_zero_installs_nothing_and_bad_items_are_refused():
@@ -293,7 +298,8 @@ def test_temporal_mode_appends_the_reference_as_a_frame_and_differs_from_exclude
     handle = pipe.unet.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     try:
         ex = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], False)])
-        assert {x.shape[0] for x in seen} == {16, 1}  # main calls: 2 videos × 8 frames; write passes: 1 frame
+        # main calls: 2 videos × 8 frames; write passes: the blank and the reference, 1 frame each
+        assert {x.shape[0] for x in seen} == {16, 2}
         seen.clear()
         tm = _render(pipe, lambda ctx: [reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], True)])
     finally:
@@ -318,7 +324,8 @@ def test_a_box_region_changes_less_than_everywhere(pipe, purple):
     assert 0 < small < full
 
 
-def test_write_pass_runs_once_per_unet_call_with_the_conditional_prompt(pipe, purple):
+@pytest.mark.parametrize("unconditional", ["plain", "blank"])
+def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purple, unconditional):
     calls = []  # (frames, text) of every UNet call, write passes included
 
     def spy(module, args, kwargs):
@@ -330,7 +337,8 @@ def test_write_pass_runs_once_per_unet_call_with_the_conditional_prompt(pipe, pu
             made = []
 
             def make(ctx):
-                made.append(reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], refresh_every=every))
+                made.append(reference.ReferenceInjection(ctx, [(purple, 1.0, ("all",))], refresh_every=every,
+                                                         unconditional=unconditional))
                 return made
 
             calls.clear()
@@ -343,9 +351,12 @@ def test_write_pass_runs_once_per_unet_call_with_the_conditional_prompt(pipe, pu
             writes = [text for frames, text in calls if frames == 1]
             mains = [text for frames, text in calls if frames == 8]
             assert len(mains) == 4 and len(writes) == ctl.write_calls == 4 // every
-            # each write pass got the main call's conditional text (the last of its per-frame rows), once
-            assert all(w.shape[0] == 1 and torch.equal(w[0], m[-1]) for w, m in zip(writes, mains[::every]))
-            assert not torch.equal(mains[0][0], mains[0][-1])  # ... not the unconditional one
+            # each write pass got the main call's conditional text (the last of its per-frame rows) for the
+            # reference, after the unconditional text (the first row) for the blank when there is one
+            for w, m in zip(writes, mains[::every]):
+                assert torch.equal(w[-1], m[-1])
+                assert w.shape[0] == 1 if unconditional == "plain" else (w.shape[0] == 2 and torch.equal(w[0], m[0]))
+            assert not torch.equal(mains[0][0], mains[0][-1])  # the two texts differ
             assert not ctl.bank  # freed by close()
             stored[(every, prompt)] = mains[0][-1]
     assert not torch.equal(stored[(1, PROMPT)], stored[(1, "a white star on sky")])
@@ -367,7 +378,7 @@ def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_toke
         assert made["apart"].write_calls == 4 // every and made["ahead"].write_calls == 1
         assert np.abs(ahead - apart).max() < 1e-4
     # the batch is split to at most `rows` one-frame videos a call; every layer keeps each timestep's keys in order
-    ctl = reference.ReferenceInjection(_ctx(), items)
+    ctl = reference.ReferenceInjection(_ctx(), items, unconditional="plain")
     sample, text = torch.zeros(2, 4, 8, 8, 8), pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
     with torch.inference_mode(), applied(pipe, [ctl], ctl.ctx):
         ctl._write_pass(pipe.unet, sample, [900.0, 600.0, 300.0], text, None, rows=4)

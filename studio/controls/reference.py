@@ -10,8 +10,11 @@ and values). Used training-free here (METHODS.md §3.3), in the spirit of diffus
    denoising changes, so when the schedule is known the passes of all the refresh steps run ahead as one batch
    (one UNet call of R·K one-frame videos, at most the main call's size) instead of K calls;
 2. read: in the main pass, each spatial self-attention layer lets the conditional pass's tokens attend to
-   [own tokens ‖ reference tokens]; the unconditional pass stays plain (as reference-only does), so guidance
-   pushes toward the reference.
+   [own tokens ‖ reference tokens]; the unconditional pass reads a blank reference (a zero latent's tokens, as
+   VideoMaker's unconditional branch does; default), so guidance pushes from a blank toward the reference, or
+   stays plain (as reference-only does), pushing from no reference toward it. On the toy-world model only the
+   blank carries the reference's colour (purple pixels of "a circle on grass": 1.3% without a reference, 6.0%
+   with blank, 2.3% with plain; 84% vs 18% of the subject's pixels).
 
 Because the write pass is a one-frame video, the reference never enters the motion modules: it is excluded from
 temporal attention (METHODS.md's advice). `temporal_attention=True` instead appends the reference to the main
@@ -118,6 +121,8 @@ def supports(unet) -> bool:
 
 
 REGIONS = ("box", "outside", "all")
+UNCONDITIONAL = ("plain", "blank")  # what the unconditional videos read (see ReferenceInjection)
+UNCONDITIONAL_DEFAULT = "blank"
 
 
 class ReferenceInjection(Control):
@@ -131,14 +136,23 @@ class ReferenceInjection(Control):
     schedule: a function giving the render's timesteps (one per step, e.g. `lambda: pipe.scheduler.timesteps`),
     read at the first write; with it the write passes of every refresh step run in one batch. Without it (or when
     it does not match the steps) each refresh step runs its own write pass.
+    unconditional: what the unconditional videos read. "plain": nothing, plain self-attention (reference-only's
+    convention: guidance pushes from no reference toward the reference). "blank": a blank reference in place of
+    each reference, the tokens of a zero latent (under the unconditional prompt) in the same regions with the same
+    strengths (VideoMaker's: its unconditional branch gets zeros_like(z_ref) as reference, so guidance pushes from
+    a blank reference toward this one). In exclude mode the R blanks are one: they are the same tokens, so one
+    block of keys with the log-sum-exp of the R biases gives the same attention as R copies.
     """
 
     name = "reference"
 
     def __init__(self, ctx: Context, items: list[tuple[torch.Tensor, float, tuple]], temporal_attention: bool = False,
-                 refresh_every: int = 1, max_tokens: int | None = None, schedule=None):
+                 refresh_every: int = 1, max_tokens: int | None = None, schedule=None,
+                 unconditional: str = UNCONDITIONAL_DEFAULT):
         if not items:
             raise ValueError("no references")
+        if unconditional not in UNCONDITIONAL:
+            raise ValueError(f"unconditional must be one of {', '.join(UNCONDITIONAL)}, not {unconditional!r}")
         max_tokens = MAX_REF_TOKENS if max_tokens is None else max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, not {max_tokens!r}")
@@ -159,6 +173,7 @@ class ReferenceInjection(Control):
         self.refresh_every = max(1, int(refresh_every))
         self.max_tokens = max_tokens
         self.schedule = schedule
+        self.blank = unconditional == "blank"
         self.bank: dict[str, RefKeys] = {}  # layer name -> the references' keys and values of the written timesteps
         self.refresh_t: float | None = None  # the timestep whose tokens the main pass reads now
         self.writing = False  # True during the write pass (guards the pre-hook against re-entry)
@@ -224,12 +239,17 @@ class ReferenceInjection(Control):
 
     def _write_pass(self, unet, sample, times: list[float], text, cross_attention_kwargs, rows: int) -> None:
         """Run the UNet on the R references at each timestep of `times` (batched, at most `rows` one-frame videos a
-        call) and keep every spatial self-attention layer's keys and values in the bank."""
-        R = self.latents.shape[0]
+        call) and keep every spatial self-attention layer's keys and values in the bank. With a blank for the
+        unconditional videos, each timestep's batch is [the blank (a zero latent, unconditional prompt), R
+        references]."""
         ref = self.latents.to(sample.device, sample.dtype)[:, :, None]  # (R, C, 1, h, w): R one-frame videos
         # The conditional prompt: the batch is [uncond, cond] (repeated per frame by AnimateDiff, not by zeroscope),
-        # so its last row is always conditional.
-        cond = text[-1:]
+        # so its last row is always conditional, and its first unconditional when there is guidance.
+        prompt = text[-1:].expand(ref.shape[0], *text.shape[1:])
+        if self.writes_blanks:
+            ref = torch.cat([torch.zeros_like(ref[:1]), ref])
+            prompt = torch.cat([text[:1], prompt])
+        R = ref.shape[0]  # one-frame videos per timestep
         per_call = max(1, rows // R)  # timesteps per UNet call
         self._written = {}
         self.writing = self.ctx.side_pass = True
@@ -240,36 +260,55 @@ class ReferenceInjection(Control):
                 self._unwritten = set(self._layers)
                 try:
                     with torch.no_grad():
-                        unet(ref.repeat(len(chunk), 1, 1, 1, 1), ts, encoder_hidden_states=cond.expand(
-                            R * len(chunk), *cond.shape[1:]), cross_attention_kwargs=cross_attention_kwargs)
+                        unet(ref.repeat(len(chunk), 1, 1, 1, 1), ts, encoder_hidden_states=prompt.repeat(
+                            len(chunk), 1, 1), cross_attention_kwargs=cross_attention_kwargs)
                 except _WriteDone:
                     pass  # every layer has its tokens: the rest of the pass would be thrown away
                 self.write_calls += 1
         finally:
             self.writing = self.ctx.side_pass = False
-        self.bank = {name: RefKeys(tuple(times), torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
-                                   chunks[0][2])
+        self.bank = {name: RefKeys(tuple(times), *(None if c[0] is None else torch.cat(c) for c in
+                                                   zip(*[chunk[:4] for chunk in chunks])), chunks[0][4])
                      for name, chunks in self._written.items()}
         self._written = {}
 
     def stored(self, name: str, attn, tokens: torch.Tensor) -> None:
-        """The write pass's processor at layer `name` got the references' tokens (K·R, N, D), timestep-major:
+        """The write pass's processor at layer `name` got the write batch's tokens (K·B, N, D), timestep-major:
         keep their keys and values (pooled); after the last layer, stop the pass."""
         self._written.setdefault(name, []).append(self.project(attn, tokens))
         self._unwritten.discard(name)
         if not self._unwritten:
             raise _WriteDone
 
-    def project(self, attn, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """References' tokens (K·R, N, D), K timesteps of the R references -> (keys, values (K, heads, R·N', dh + E),
-        pooling group): pooled to at most max_tokens keys each, projected by attn, with the bias channels."""
+    @property
+    def writes_blanks(self) -> bool:
+        """Whether the write pass also runs blank references (for the unconditional videos)."""
+        return self.blank and self.ctx.do_cfg
+
+    def first_reader(self, videos: int) -> int:
+        """Index of the first video of a batch whose generated frames read the references themselves (the earlier
+        ones, the unconditional videos, get plain self-attention or, in exclude mode, the blank). In temporal mode
+        with blanks every video reads its own appended frames: the unconditional videos' are zero latents."""
+        return 0 if not self.ctx.do_cfg or (self.blank and self.temporal) else videos // 2
+
+    def project(self, attn, tokens: torch.Tensor) -> tuple:
+        """Write-pass tokens (K·B, N, D), K timesteps of B one-frame videos (the R references, after the blank when
+        the write pass has it) -> (keys, values (K, heads, R·N', dh + E), the blank's keys and values
+        (K, heads, N', dh + E) or None, pooling group), RefKeys' fields after `times`: pooled to at most max_tokens
+        keys each, projected by attn, with the bias channels (the blank's in channel 0)."""
         R = self.latents.shape[0]
+        blank = 1 if self.writes_blanks else 0
         m, n, d = tokens.shape
-        pooled, group = pool_tokens(tokens, *self.ctx.layer_size(n), self.max_tokens)  # (K·R, N', D)
-        pooled = pooled.reshape(m // R, -1, d)  # (K, R·N', D): reference r's keys in block r
-        k, v = _split(attn.to_k(pooled), attn.heads), _split(attn.to_v(pooled), attn.heads)  # (K, heads, R·N', dh)
-        k, v = _reference_keys(k, v, R, extra_channels(R, k.shape[-1], k.device))
-        return k, v, group
+        pooled, group = pool_tokens(tokens, *self.ctx.layer_size(n), self.max_tokens)  # (K·B, N', D)
+        pooled = pooled.reshape(m // (R + blank), -1, d)  # (K, B·N', D): video b's keys in block b
+        k, v = _split(attn.to_k(pooled), attn.heads), _split(attn.to_v(pooled), attn.heads)  # (K, heads, B·N', dh)
+        extra = extra_channels(R, k.shape[-1], k.device)
+        n_keys = k.shape[2] // (R + blank)
+        keys, values = _reference_keys(k[:, :, blank * n_keys:], v[:, :, blank * n_keys:], R, R, extra)
+        if not blank:
+            return keys, values, None, None, group
+        blank_keys, blank_values = _reference_keys(k[:, :, :n_keys], v[:, :, :n_keys], 1, 1, extra)
+        return keys, values, blank_keys, blank_values, group
 
     # --- temporal mode: references appended as frames of the main pass --------------------------------------
 
@@ -305,11 +344,11 @@ class ReferenceInjection(Control):
     # --- rows and biases (cached while the boxes stay where they are) -----------------------------------------
 
     def row_split(self, videos: int, per_video: int, device):
-        """Rows of a spatial-attention batch (video-major, frame-minor): (conditional generated frames, every other
-        row), as slices when they are contiguous (no appended frames), else index tensors."""
+        """Rows of a spatial-attention batch (video-major, frame-minor): (generated frames that read references,
+        every other row), as slices when they are contiguous (no appended frames), else index tensors."""
 
         def make():
-            first = videos // 2 if self.ctx.do_cfg else 0
+            first = self.first_reader(videos)
             if per_video == self.ctx.frames:
                 return slice(first * per_video, videos * per_video), slice(0, first * per_video)
             is_cond = torch.zeros(videos, per_video, dtype=torch.bool)
@@ -317,7 +356,7 @@ class ReferenceInjection(Control):
             flat = is_cond.flatten()
             return flat.nonzero().flatten().to(device), (~flat).nonzero().flatten().to(device)
 
-        return self._cache.get(("rows", videos, per_video, self.ctx.frames, self.ctx.do_cfg, str(device)), make)
+        return self._cache.get(("rows", videos, per_video, self.first_reader(videos), str(device)), make)
 
     def region_bias(self, n: int, group: int = 1) -> torch.Tensor:
         """(F, N, R) float32 logit bias of each frame's queries on each reference's keys: log(strength) (+ log(group)
@@ -343,10 +382,10 @@ class ReferenceInjection(Control):
         return self._cache.get(("bias", n, group), make)
 
     def query_channels(self, videos: int, n: int, group: int, dh: int, extra: int, dtype, device) -> torch.Tensor:
-        """(videos·F, 1, N, extra) extra query channels of the conditional rows: the region bias over the
-        attention scale (so that the scaled q'·k' adds exactly the bias), zero-padded from R to `extra` channels. The "outside" value is kept above
-        −6e4 so that it stays finite in half precision (for dh > 36 that makes it NEG·√(36/dh) rather than NEG:
-        still a weight of exp(−1e4·6/√dh) = 0)."""
+        """(videos·F, 1, N, extra) extra query channels of the rows that read references: the region bias over
+        the attention scale (so that the scaled q'·k' adds exactly the bias), zero-padded from R to `extra`
+        channels. The "outside" value is kept above −6e4 so that it stays finite in half precision (for dh > 36
+        that makes the logit NEG·√(36/dh) rather than NEG: still a weight of exp(−1e4·6/√dh) = 0)."""
 
         def make():
             bias = self.region_bias(n, group) * math.sqrt(dh)  # (F, N, R)
@@ -356,6 +395,18 @@ class ReferenceInjection(Control):
 
         return self._cache.get(("qch", videos, n, group, dh, extra, dtype, str(device)), make)
 
+    def blank_channels(self, videos: int, n: int, group: int, dh: int, extra: int, dtype, device) -> torch.Tensor:
+        """(videos·F, 1, N, extra) extra query channels of the unconditional rows over the one blank block: in
+        channel 0, log Σ_r exp(b_r) (the R blanks' biases on the same tokens, summed), scaled like query_channels."""
+
+        def make():
+            bias = torch.logsumexp(self.region_bias(n, group), 2) * math.sqrt(dh)  # (F, N)
+            ch = torch.zeros(self.ctx.frames, 1, n, extra)
+            ch[:, 0, :, 0] = bias.clamp(min=-6e4)
+            return ch.repeat(videos, 1, 1, 1).to(device=device, dtype=dtype)
+
+        return self._cache.get(("blank", videos, n, group, dh, extra, dtype, str(device)), make)
+
 
 class RefKeys(NamedTuple):
     """One layer's reference keys and values, for each timestep the write pass ran at."""
@@ -363,7 +414,9 @@ class RefKeys(NamedTuple):
     times: tuple  # (K,) timesteps, as floats
     keys: torch.Tensor  # (K, heads, R·N', dh + E): reference r's N' keys in block r, a one in channel dh + r
     values: torch.Tensor  # (K, heads, R·N', dh + E): zeros in the extra channels
-    group: int  # tokens each key stands for (k·k pooling)
+    blank_keys: torch.Tensor | None = None  # (K, heads, N', dh + E): the blank's (unconditional videos), channel dh
+    blank_values: torch.Tensor | None = None
+    group: int = 1  # tokens each key stands for (k·k pooling)
 
 
 class _WriteDone(Exception):
@@ -373,7 +426,8 @@ class _WriteDone(Exception):
 MAX_REF_TOKENS = 64  # per reference and layer: larger layers see the reference average-pooled to this many keys
 
 
-def pool_tokens(tokens: torch.Tensor, rows: int, cols: int, max_tokens: int = MAX_REF_TOKENS) -> tuple[torch.Tensor, int]:
+def pool_tokens(tokens: torch.Tensor, rows: int, cols: int,
+                max_tokens: int = MAX_REF_TOKENS) -> tuple[torch.Tensor, int]:
     """(M, N, D) tokens on a rows×cols grid -> (M, N', D) with N' <= max_tokens by k×k average pooling (k a power
     of two dividing rows and cols), and k·k (how many tokens each pooled key stands for: its logit gets log(k·k) so
     its total weight is kept)."""
@@ -411,16 +465,27 @@ def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
 
-def _reference_keys(k: torch.Tensor, v: torch.Tensor, references: int, extra: int):
-    """Per-head reference keys and values (M, heads, R·N', dh) -> (M, heads, R·N', dh + extra): keys get a one in
-    channel dh + r for reference r (its keys come in R blocks of N'), values zeros."""
-    m, heads, rk, dh = k.shape
-    one_hot = torch.zeros(rk, extra, dtype=k.dtype, device=k.device)
-    for r in range(references):
-        one_hot[r * (rk // references):(r + 1) * (rk // references), r] = 1
-    k = torch.cat([k, one_hot.expand(m, heads, rk, extra)], 3)
-    v = torch.cat([v, v.new_zeros(m, heads, rk, extra)], 3)
+def _reference_keys(k: torch.Tensor, v: torch.Tensor, blocks: int, references: int, extra: int):
+    """Per-head keys and values (M, heads, B·N', dh) in B = `blocks` blocks of N' (block b holds reference
+    b mod R, or its blank) -> (M, heads, B·N', dh + extra): keys get a one in channel dh + (b mod R), values
+    zeros."""
+    m, heads, bk, dh = k.shape
+    one_hot = torch.zeros(blocks, bk // blocks, extra, dtype=k.dtype, device=k.device)
+    for b in range(blocks):
+        one_hot[b, :, b % references] = 1
+    k = torch.cat([k, one_hot.view(bk, extra).expand(m, heads, bk, extra)], 3)
+    v = torch.cat([v, v.new_zeros(m, heads, bk, extra)], 3)
     return k, v
+
+
+def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ch: torch.Tensor, k_ref: torch.Tensor,
+          v_ref: torch.Tensor) -> torch.Tensor:
+    """Rows' queries, keys, values (M, heads, N, dh) over [own ‖ reference] keys, the bias in the extra channels:
+    q_ch (M, 1, N, E), k_ref and v_ref (M, heads, K, dh + E) -> (M, heads, N, dh)."""
+    dh = q.shape[-1]
+    qc = torch.cat([q, q_ch.expand(-1, q.shape[1], -1, -1)], 3)  # (M, heads, N, dh + E)
+    kc, vc = _own_and_reference(k, k_ref), _own_and_reference(v, v_ref)  # (M, heads, N + K, dh + E)
+    return torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, scale=dh ** -0.5)[..., :dh]
 
 
 def _own_and_reference(own: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -438,7 +503,8 @@ class RefSelfAttnProcessor:
 
     Main pass, rows (videos·(F + extra), N, D): conditional generated frames attend to [own N tokens ‖ R references'
     N' tokens] with each reference's bias b_r(i) on its keys (log strength·group inside its region, NEG outside);
-    every other row (unconditional videos, appended reference frames) gets plain self-attention.
+    unconditional ones likewise to the blank references' tokens when the control has them, else plainly, as every
+    other row (appended reference frames) does.
 
     The bias rides in E >= R extra head channels instead of an (N, N + R·N') mask: q'_i = [q_i, b(i)·√dh],
     k'_j = [k_j, 0] for own keys and [k_j, e_r] for reference r's (v' zero-padded likewise, the extra output
@@ -465,33 +531,36 @@ class RefSelfAttnProcessor:
         if videos * per_video != rows:
             raise RuntimeError(f"reference: {rows} rows are not whole videos of {per_video} frames at {self.name}")
         R, heads = ctl.latents.shape[0], attn.heads
-        first = videos // 2 if ctx.do_cfg else 0
-        vc = videos - first  # conditional videos
+        first = ctl.first_reader(videos)  # videos from here on read references (plain attention before)
+        readers = videos - first
         q, k, v = (_split(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))  # (rows, heads, N, dh)
         dh = q.shape[-1]
         extra = extra_channels(R, dh, q.device)
         grid = ctx.layer_size(n)
-        if ctx.extra_frames:  # temporal mode: each conditional video's own reference frames, projected above
-            def pooled(t):  # (rows, heads, N, dh) -> (Vc, heads, R·N', dh); pooling commutes with the projection
-                t = t.view(videos, per_video, heads, n, dh)[first:, F_:]  # (Vc, R, heads, N, dh)
+        if ctx.extra_frames:  # temporal mode: each reading video's own reference frames, projected above
+            def pooled(t):  # (rows, heads, N, dh) -> (readers, heads, R·N', dh); pooling commutes with the projection
+                t = t.view(videos, per_video, heads, n, dh)[first:, F_:]  # (readers, R, heads, N, dh)
                 t, g = pool_tokens(t.permute(0, 2, 1, 3, 4).reshape(-1, n, dh), *grid, ctl.max_tokens)
-                return t.reshape(vc, heads, R * t.shape[1], dh), g
+                return t.reshape(readers, heads, R * t.shape[1], dh), g
 
             (k_ref, group), (v_ref, _) = pooled(k), pooled(v)
-            k_ref, v_ref = _reference_keys(k_ref, v_ref, R, extra)
-            k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)  # (Vc·F, heads, R·N', ·)
+            k_ref, v_ref = _reference_keys(k_ref, v_ref, R, R, extra)
+            k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)  # (readers·F, heads, ·, ·)
         else:  # exclude mode: the keys and values the write pass made at the current refresh's timestep
             written = ctl.bank[self.name]
             i = written.times.index(ctl.refresh_t)
             k_ref, v_ref, group = written.keys[i:i + 1], written.values[i:i + 1], written.group
-            k_ref, v_ref = k_ref.expand(vc * F_, -1, -1, -1), v_ref.expand(vc * F_, -1, -1, -1)
+            k_ref, v_ref = k_ref.expand(readers * F_, -1, -1, -1), v_ref.expand(readers * F_, -1, -1, -1)
         cond, rest = ctl.row_split(videos, per_video, q.device)
-        q_ch = ctl.query_channels(vc, n, group, dh, extra, q.dtype, q.device)  # (Vc·F, 1, N, E)
-        qc = torch.cat([q[cond], q_ch.expand(-1, heads, -1, -1)], 3)  # (Vc·F, heads, N, dh + E)
-        kc, vc_ = (_own_and_reference(t[cond], t_ref) for t, t_ref in ((k, k_ref), (v, v_ref)))
-        read = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc_, scale=dh ** -0.5)[..., :dh]
+        q_ch = ctl.query_channels(readers, n, group, dh, extra, q.dtype, q.device)  # (readers·F, 1, N, E)
+        read = _read(q[cond], k[cond], v[cond], q_ch, k_ref, v_ref)
         out = torch.empty_like(q)  # laid out like q's projection (rows, N, heads, dh): the reshape below is free
-        if not _empty(rest):  # unconditional videos and appended reference frames: plain self-attention
+        if not ctx.extra_frames and ctl.writes_blanks:  # unconditional videos: the blank, one block for the R
+            q_blank = ctl.blank_channels(first, n, group, dh, extra, q.dtype, q.device)  # (first·F, 1, N, E)
+            out[rest] = _read(q[rest], k[rest], v[rest], q_blank,
+                              *(t[i:i + 1].expand(first * F_, -1, -1, -1)
+                                for t in (written.blank_keys, written.blank_values)))
+        elif not _empty(rest):  # unconditional videos and appended reference frames: plain self-attention
             out[rest] = torch.nn.functional.scaled_dot_product_attention(q[rest], k[rest], v[rest])
         out[cond] = read
         out = out.transpose(1, 2).reshape(rows, n, -1).to(q.dtype)
