@@ -83,6 +83,11 @@ class ReferenceControl:
     # Recompute the reference's tokens (a one-frame UNet pass) every this many steps and reuse them in between:
     # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step).
     refresh_every: int = 4
+    # Layers with more tokens than this see the reference average-pooled down to at most this many (cost; 0 < n).
+    max_tokens: int = 64
+    # What the unconditional videos of classifier-free guidance read: "blank" (a zero latent's tokens, VideoMaker's
+    # zeros_like(z_ref), so guidance pushes toward the reference) or "plain" (no reference, as reference-only does).
+    unconditional: str = "blank"
 
 
 @dataclass
@@ -150,6 +155,7 @@ MAX_SUBJECTS = 4  # box control separates subjects by their phrases' tokens; pas
 MAX_REFERENCE_BYTES = 20 * 2**20
 MAX_REFERENCE_SIDE = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_UNCONDITIONAL = ("blank", "plain")  # see ReferenceControl.unconditional
 BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
@@ -474,12 +480,19 @@ def validate(shot: Shot, preset) -> None:
     if b.interpolation not in BOX_INTERPOLATION:
         raise ShotError("box_control.interpolation", b.interpolation,
                         f"must be one of {', '.join(BOX_INTERPOLATION)}")
-    if not 1 <= shot.reference_control.refresh_every <= 1000:
-        raise ShotError("reference_control.refresh_every", shot.reference_control.refresh_every, "must be in 1..1000")
+    rc = shot.reference_control
+    if not 1 <= rc.refresh_every <= 1000:
+        raise ShotError("reference_control.refresh_every", rc.refresh_every, "must be in 1..1000")
+    if not 1 <= rc.max_tokens <= 4096:
+        raise ShotError("reference_control.max_tokens", rc.max_tokens, "must be in 1..4096")
+    if rc.unconditional not in REFERENCE_UNCONDITIONAL:
+        raise ShotError("reference_control.unconditional", rc.unconditional,
+                        f"must be one of {', '.join(REFERENCE_UNCONDITIONAL)}")
     if len(shot.subjects) > MAX_SUBJECTS:
         raise ShotError("subjects", len(shot.subjects), f"at most {MAX_SUBJECTS} subjects per shot")
     for i, s in enumerate(shot.subjects):
         _validate_subject(s, f"subjects[{i}]", shot)
+    _validate_shared_phrases(shot)
     if shot.background.reference is not None:
         validate_image_file(shot.background.reference, "background.reference")
     if not 0.0 <= shot.background.strength <= 10.0:
@@ -492,13 +505,38 @@ def find_phrase(phrase: str, prompt: str) -> re.Match | None:
     words = phrase.split()
     if not words:
         return None
-    pattern = r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
-    return re.search(pattern, prompt, flags=re.IGNORECASE)
+    return re.search(_phrase_pattern(words), prompt, flags=re.IGNORECASE)
+
+
+def _phrase_pattern(words: list[str]) -> str:
+    return r"\b" + r"\s+".join(re.escape(w) for w in words) + r"\b"
 
 
 def phrase_in_prompt(phrase: str, prompt: str) -> bool:
     """Whether the phrase's words appear together in the prompt (case-insensitive, whole words)."""
     return find_phrase(phrase, prompt) is not None
+
+
+def _validate_shared_phrases(shot: Shot) -> None:
+    """Each subject with boxes needs an occurrence of its phrase no other subject takes.
+
+    The word-level twin of box control's token assignment (controls.boxes.assign_phrases), checked here so that a
+    shot short of occurrences ("a red circle", two subjects on "red circle") is refused before any model loads:
+    longer phrases choose first, each the first whole-word occurrence no earlier choice overlaps.
+    """
+    claimed: set[int] = set()  # character positions of the prompt taken by a subject
+    order = sorted(range(len(shot.subjects)), key=lambda k: (-len(shot.subjects[k].phrase.split()), k))
+    for k in order:
+        s = shot.subjects[k]
+        spans = [range(m.start(), m.end())
+                 for m in re.finditer(_phrase_pattern(s.phrase.split()), shot.prompt, flags=re.IGNORECASE)]
+        free = [r for r in spans if not claimed.intersection(r)]
+        if free:
+            claimed.update(free[0])
+        elif s.boxes:
+            raise ShotError(f"subjects[{k}].phrase", s.phrase,
+                            f"the prompt holds it {len(spans)} time(s) and other subjects take every one; each "
+                            "subject with boxes needs an occurrence of its own (repeat the words in the prompt)")
 
 
 def _validate_subject(s: Subject, where: str, shot: Shot) -> None:

@@ -428,6 +428,16 @@ def test_a_shot_reference_reaches_the_render_and_strength_zero_is_off(images, ti
     assert np.array_equal(engine.render(_shot(tiny_shot), manager).frames, plain)  # restored
 
 
+def test_shot_settings_unconditional_and_max_tokens_reach_the_control(images, tiny_shot, manager):
+    s = _shot(tiny_shot, reference=str(images / "purple.png"))
+    blank = engine.render(s, manager).frames
+    s.reference_control.unconditional = "plain"
+    plain = engine.render(s, manager).frames
+    s.reference_control.max_tokens = 4  # pooled harder than the default 64 on the 8x8 layers
+    pooled = engine.render(s, manager).frames
+    assert not np.array_equal(blank, plain) and not np.array_equal(plain, pooled)
+
+
 def test_supports_video_unets_only(pipe):
     assert reference.supports(pipe.unet)
     assert not reference.supports(pipe.vae)

@@ -93,6 +93,9 @@ BAD = [  # (change, field, value): the ShotError's field and value attributes
     ({"seed": -1}, "seed", -1),
     ({"seed": 2**63}, "seed", 2**63),
     ({"fps": 0}, "fps", 0),
+    ({"reference_control": {"max_tokens": 0}}, "reference_control.max_tokens", 0),
+    ({"reference_control": {"unconditional": "zeros"}}, "reference_control.unconditional", "zeros"),
+    ({"reference_control": {"refresh_every": 0}}, "reference_control.refresh_every", 0),
     ({"fps": 121}, "fps", 121),
     ({"guidance_scale": -0.5}, "guidance_scale", -0.5),
     ({"guidance_scale": 50.5}, "guidance_scale", 50.5),
@@ -244,3 +247,23 @@ def test_subject_errors_name_the_subject():
     with pytest.raises(ShotError) as e:
         shot.from_container({"prompt": "x", "subjects": [{"subject": "rex"}]})
     assert e.value.field == "subjects[0].phrase"
+
+
+@pytest.mark.parametrize("prompt, phrases, bad", [
+    ("a red circle and a red circle on grass", ["red circle", "red circle"], None),
+    ("a red circle on grass", ["red circle", "red circle"], 1),
+    ("a red circle and a circle on grass", ["circle", "red circle"], None),  # longer phrases choose first
+    ("a red circle on grass", ["circle", "red circle"], 0),
+])
+def test_subjects_sharing_a_phrase_need_an_occurrence_each(prompt, phrases, bad):
+    box = {0: [0.1, 0.1, 0.5, 0.5]}
+    s = shot.from_container({"model": "tiny", "prompt": prompt,
+                           "subjects": [{"phrase": p, "boxes": box} for p in phrases]})
+    if bad is None:
+        shot.resolve(s, presets.load_model_preset("tiny"))
+        return
+    with pytest.raises(ShotError) as e:
+        shot.resolve(s, presets.load_model_preset("tiny"))
+    assert e.value.field == f"subjects[{bad}].phrase" and "occurrence of its own" in str(e.value)
+    s.subjects[bad].boxes = {}  # without boxes a subject needs no tokens of its own
+    shot.resolve(s, presets.load_model_preset("tiny"))

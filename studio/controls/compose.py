@@ -80,11 +80,9 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
             region = ("outside",) if k is None else ("box", k)
             items.append((latent, strength, region))
         rc = shot.reference_control
-        # max_tokens and unconditional: shot settings to come (studio/shot.py); until then their defaults
         controls.append(reference.ReferenceInjection(
-            ctx, items, rc.temporal_attention, rc.refresh_every, getattr(rc, "max_tokens", reference.MAX_REF_TOKENS),
-            schedule=lambda: pipe.scheduler.timesteps,
-            unconditional=getattr(rc, "unconditional", reference.UNCONDITIONAL_DEFAULT)))
+            ctx, items, rc.temporal_attention, rc.refresh_every, rc.max_tokens,
+            schedule=lambda: pipe.scheduler.timesteps, unconditional=rc.unconditional))
     # 5. Several trained subjects' LoRAs, each confined to its own box.
     from studio.subjects import apply
 
