@@ -84,6 +84,34 @@ class Context:
         return slice(batch // 2, batch) if self.do_cfg else slice(0, batch)
 
 
+class CaptureCrossAttnProcessor:
+    """Cross-attention that keeps its softmax probabilities (MotionBooth's store_attn) for an auxiliary loss: STCA in
+    world and subject training, the binding measure of the toy-world eval. Plain attention otherwise."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·F·heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(ctx))  # (B·F·heads, L, d)
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, attention_mask)  # (B·F·heads, N, L)
+        self.store.append(probs.unflatten(0, (-1, attn.heads)).mean(1))  # (B·F, N, L)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def capture_cross_attention(unet, store: list) -> dict:
+    """Install capturing processors on the spatial cross-attention layers; returns the original processors."""
+    orig = dict(unet.attn_processors)
+    procs = dict(orig)
+    for n in spatial_cross_attention_names(unet):
+        procs[n] = CaptureCrossAttnProcessor(store)
+    unet.set_attn_processor(procs)  # diffusers pops from the dict it is given: procs is a copy
+    return orig
+
+
 def attend(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`attn`'s projections around one scaled-dot-product call: queries from x (M, N, D), keys and values from
     context (M, K, Dc), an optional additive float mask broadcastable to (M, heads, N, K)."""

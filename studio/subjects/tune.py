@@ -466,7 +466,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     from studio.controls.boxes import phrase_token_indices
     from studio.subjects import losses
     from studio.subjects.apply import add_token_rows, keep_global_rng
-    from studio.toyworld.train import CaptureCrossAttnProcessor
+    from studio.controls.base import CaptureCrossAttnProcessor
 
     # 1. Check inputs before any work.
     s = resolve(settings, preset)

@@ -148,7 +148,8 @@ def attention_binding(pipe, prompts: list[dict], t_frac: float = 0.5) -> float:
     import torch
     import torch.nn.functional as F
 
-    from studio.toyworld.train import capture_cross_attention, phrase_token_positions, to_pixels
+    from studio.controls.base import capture_cross_attention
+    from studio.toyworld.train import phrase_token_positions, to_pixels
 
     unet, vae, tok, te = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
     dtype = unet.dtype

@@ -116,40 +116,7 @@ def phrase_token_positions(input_ids: list[int], phrase_ids: list[int], start: i
     return []
 
 
-# --- cross-attention capture for the STCA loss -----------------------------------------------------------
-
-
-class CaptureCrossAttnProcessor:
-    """Cross-attention that keeps its softmax probabilities for an auxiliary loss (plain attention otherwise)."""
-
-    def __init__(self, store: list):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        import torch
-
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·F·heads, N, d)
-        k = attn.head_to_batch_dim(attn.to_k(ctx))  # (B·F·heads, L, d)
-        v = attn.head_to_batch_dim(attn.to_v(ctx))
-        probs = attn.get_attention_scores(q, k, attention_mask)  # (B·F·heads, N, L)
-        self.store.append(probs.unflatten(0, (-1, attn.heads)).mean(1))  # (B·F, N, L)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def capture_cross_attention(unet, store: list) -> dict:
-    """Install capturing processors on the spatial cross-attention layers; returns the original processors."""
-    orig = dict(unet.attn_processors)
-    procs = dict(orig)
-    for n in spatial_cross_attn_names(unet):
-        procs[n] = CaptureCrossAttnProcessor(store)
-    unet.set_attn_processor(procs)  # diffusers pops from the dict it is given: procs is a copy
-    return orig
-
-
-def spatial_cross_attn_names(unet) -> list[str]:
-    return [n for n in unet.attn_processors if n.endswith("attn2.processor") and "motion_modules" not in n]
+# --- the STCA loss of world training --------------------------------------------------------------------
 
 
 def stca_loss(store: list, masks: torch.Tensor, token_pos: list[list[list[int]]], frames: int) -> torch.Tensor:
@@ -286,6 +253,8 @@ class EMA:
 def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
     import torch
     import torch.nn.functional as F
+
+    from studio.controls.base import capture_cross_attention
 
     vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     store: list = []
