@@ -418,12 +418,13 @@ def measure_reference(manager, reference: str, strength: float = 10.0, model: st
             "with": fractions([{"phrase": "circle", "reference": reference, "reference_strength": strength}])}
 
 
-def subject_photos(pattern: str = "striped", shape: str = "star", n: int = 4) -> tuple[list, list]:
-    """n photos of a personal subject (a pattern the model never saw) on varied backgrounds, with true masks."""
+def subject_photos(look: str = "halves", shape: str = "star", n: int = 4) -> tuple[list, list]:
+    """n photos of a personal subject (a look the model never saw: world.HALVES or world.PATTERNS) on varied
+    backgrounds, with true masks."""
     spots = [("grass", 12, 14), ("sand", 20, 18), ("sky", 16, 12), ("grass", 18, 20), ("sand", 14, 20)]
     photos, masks = [], []
     for i, (bg, x, y) in enumerate((spots * 2)[:n]):
-        spec = world.SubjectSpec(pattern, shape, 8.0, np.array([[x, y]] * world.FRAMES, np.float32), None)
+        spec = world.SubjectSpec(look, shape, 8.0, np.array([[x, y]] * world.FRAMES, np.float32), None)
         clip = world.render_clip(bg, [spec], seed=100 + i)
         photos.append(clip.frames[0])
         masks.append(clip.masks[0, 0])
@@ -437,14 +438,23 @@ def colour_histogram(frames: np.ndarray) -> np.ndarray:
     return counts / max(counts.sum(), 1.0)
 
 
-def measure_subject(manager, subject: str | None, pattern: str = "striped", shape: str = "star",
+def colour_balance(frames: np.ndarray, colours: tuple[str, str]) -> float:
+    """2·min(a, b) / (a + b) of the pixels of two subject colours: 1 = both in equal shares (a two-colour subject
+    like the photos of a personal look), 0 = one of them only (every subject the words of this world can name)."""
+    cm = colour_masks(frames)
+    a, b = (float(cm[c].sum()) for c in colours)
+    return 2 * min(a, b) / max(a + b, 1.0)
+
+
+def measure_subject(manager, subject: str | None, look: str = "halves", shape: str = "star",
                     model: str = "toyworld", seeds=range(4)) -> dict:
     """'a <shape> on sky' with a left-to-right box track, the trained subject on the phrase (or None: the untuned
-    model): L1 distance of the generated colour histogram to the photos' (0 = same colours, 2 = disjoint), and
-    hit rate / IoU of the pattern's pixels in the box."""
+    model), means over seeds: `balance` of the look's two colours (colour_balance: the photos score 0.99 for halves),
+    `l1` between the generated and the photos' colour histograms (0 = same colours, 2 = disjoint), and hit rate /
+    IoU of the look's pixels in the box."""
     from studio.controls.boxes import interpolate
 
-    photos, _ = subject_photos(pattern, shape)
+    photos, _ = subject_photos(look, shape)
     target = np.mean([colour_histogram(p[None]) for p in photos], 0)
     colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
     boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
@@ -452,8 +462,8 @@ def measure_subject(manager, subject: str | None, pattern: str = "striped", shap
     for s in seeds:
         subj = {"phrase": shape, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
         frames = _render(manager, model, prompt=f"a {shape} on sky", seed=s, subjects=[subj])
-        rows.append({"l1": float(np.abs(colour_histogram(frames) - target).sum()),
-                     **box_adherence(frames, colours, boxes)})
+        rows.append({"balance": colour_balance(frames, colours),
+                     "l1": float(np.abs(colour_histogram(frames) - target).sum()), **box_adherence(frames, colours, boxes)})
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
