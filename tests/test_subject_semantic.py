@@ -1,6 +1,6 @@
 """A subject taught to the shipped toy-world model from four photos is what it renders, where its box says.
 
-The subject is a star whose left half is yellow and right half purple (world.HALVES): a colour combination no subject
+The subject is a star whose right half is yellow and left half purple (world.HALVES): a colour combination no subject
 of the model's world has and no word names, so words alone cannot produce it. It is trained with the toy-world
 defaults (LoRA, 80 steps, lr 6e-3; ~40 s on 2 CPU cores) and rendered by name in a new scene, "a star on sky", with a
 left-to-right box track. The measurements live in studio.toyworld.evaluate.measure_subject.

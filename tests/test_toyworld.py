@@ -332,3 +332,13 @@ def test_background_prototypes_come_from_the_world():
     assert set(protos) == set(world.BACKGROUNDS)
     for bg in world.BACKGROUNDS:
         assert evaluate.classify_background(world.render_clip(bg, [], seed=99).frames) == bg
+
+
+def test_the_halves_look_is_two_flat_colours_split_at_the_centre_and_never_in_training():
+    spec = world.SubjectSpec("halves", "square", 8.0, np.array([[16.0, 16.0]] * world.FRAMES, np.float32), None)
+    clip = world.render_clip("grass", [spec], seed=3)
+    left, right = clip.frames[0, 12:20, 9:14].reshape(-1, 3), clip.frames[0, 12:20, 18:23].reshape(-1, 3)
+    yellow, purple = world.HALVES["halves"]
+    assert np.abs(right.astype(int) - yellow).max() <= 2 and np.abs(left.astype(int) - purple).max() <= 2
+    assert "halves" not in world.WORDS
+    assert not any(s.color in world.HALVES for i in range(300) for s in world.sample_clip(i, personal=True).subjects)

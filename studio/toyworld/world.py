@@ -36,12 +36,12 @@ PATTERNS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "checkered": ((225, 35, 35), (250, 250, 250)),  # red and white checks
     "striped": ((250, 220, 30), (150, 50, 215)),  # yellow and purple stripes
 }
-# A colour combination no subject of the world has: the shape's left half one colour, its right half another. Unlike
+# A colour combination no subject of the world has: the shape's right half one colour, its left half another. Unlike
 # the patterns it has no word and the VAE never saw it either (flat colour regions, which it does reproduce): the
 # subject-tuning tests teach it from photos (the striped pattern's 2.5-px stripes proved too fine for a LoRA on this
 # 32x32 model to learn reliably).
 HALVES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
-    "halves": ((250, 220, 30), (150, 50, 215)),  # yellow left, purple right
+    "halves": ((250, 220, 30), (150, 50, 215)),  # yellow right, purple left
 }
 TRIGGER_WORDS = ("sks", "zorb", "blick")
 # Every word a caption of this world can hold (the tokenizer makes each one a single token).
@@ -155,7 +155,7 @@ def _paint(color: str, size: int, cx: float, cy: float) -> np.ndarray:
         a, b = (np.array(c, np.float32) for c in {**PATTERNS, **HALVES}[color])
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         if color in HALVES:
-            sel = xx >= cx  # the right half takes the second colour
+            sel = xx >= cx  # the right half (from the centre column) takes the first colour
         elif color == "checkered":
             sel = ((np.floor((xx - cx) / 3) + np.floor((yy - cy) / 3)) % 2).astype(bool)
         else:
