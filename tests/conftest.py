@@ -52,3 +52,26 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+def write_tiny_zeroscope(folder, defaults: str = "{frames: 8, width: 64, height: 64, fps: 8, steps: 4, "
+                                                "guidance_scale: 7.5}", name: str = "tiny-zeroscope"):
+    """A tiny random model of the zeroscope layout (UNet3DConditionModel + TextToVideoSDPipeline, saved as a diffusers
+    folder) and a preset file for it; returns the preset's path. The global RNG is left as it was."""
+    import torch
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from studio.toyworld.model import TINY_ARCH, build_components
+
+    c = build_components(TINY_ARCH, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                    layers_per_block=1, cross_attention_dim=16, attention_head_dim=4,
+                                    norm_num_groups=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+    TextToVideoSDPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
+                          scheduler=c["scheduler"]).save_pretrained(folder / "model")
+    preset = folder / f"{name}.yaml"
+    preset.write_text(f"name: {name}\nfamily: zeroscope\nbase: {folder / 'model'}\ndefaults: {defaults}\n")
+    return preset

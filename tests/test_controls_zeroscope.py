@@ -5,29 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_tiny_zeroscope
 from studio import engine, shot as shotlib
 
 
 @pytest.fixture(scope="module")
 def zeroscope_preset(tmp_path_factory):
-    import torch
-    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
-
-    from studio.toyworld.model import TINY_ARCH, build_components
-
     d = tmp_path_factory.mktemp("zeroscope")
-    c = build_components(TINY_ARCH, seed=0)
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-    TextToVideoSDPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
-                          scheduler=c["scheduler"]).save_pretrained(d / "model")
+    preset = write_tiny_zeroscope(d)
     Image.fromarray(np.full((64, 64, 3), (150, 50, 215), np.uint8)).save(d / "ref.png")
-    preset = d / "tiny-zeroscope.yaml"
-    preset.write_text(f"name: tiny-zeroscope\nfamily: zeroscope\nbase: {d / 'model'}\n"
-                      "defaults: {frames: 8, width: 64, height: 64, fps: 8, steps: 4, guidance_scale: 7.5}\n")
     return preset, d / "ref.png"
 
 

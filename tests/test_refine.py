@@ -301,22 +301,10 @@ def test_engine_refine_cancel(manager):
 
 def test_refine_on_the_zeroscope_layout(tmp_path, manager):
     """VideoToVideoSDPipeline (the legacy step callback) runs both passes on a tiny UNet3D model."""
-    import torch
-    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+    from conftest import write_tiny_zeroscope
 
-    from studio.toyworld.model import TINY_ARCH, build_components
-
-    c = build_components(TINY_ARCH, seed=0)
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-    TextToVideoSDPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
-                          scheduler=c["scheduler"]).save_pretrained(tmp_path / "model")
-    preset = tmp_path / "tz.yaml"
-    preset.write_text(f"name: tz\nfamily: zeroscope\nbase: {tmp_path / 'model'}\n"
-                      "defaults: {frames: 4, width: 32, height: 32, fps: 8, steps: 3, guidance_scale: 7.5}\n")
+    preset = write_tiny_zeroscope(tmp_path, "{frames: 4, width: 32, height: 32, fps: 8, steps: 3, guidance_scale: 7.5}",
+                                  name="tz")
     s = shotlib.from_container({"model": str(preset), "prompt": "a red circle on grass",
                                 "subjects": [{"phrase": "red circle", "boxes": {0: [0, 0, 0.5, 0.5]}}],
                                 "refine": {"tiled": {"enabled": True, "scale": 1},

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_tiny_zeroscope
 from studio import engine, shot as shotlib
 from studio.pipelines import PipelineManager, load_pipeline
 from studio.presets import load_model_preset
@@ -365,25 +366,9 @@ def test_two_presets_on_the_same_weights_share_subjects(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def zeroscope(tmp_path_factory):
-    """A tiny random model of the zeroscope layout (as tests/test_controls_zeroscope.py builds it) and its preset."""
-    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
-
-    from studio.toyworld.model import TINY_ARCH, build_components
-
-    d = tmp_path_factory.mktemp("zeroscope")
-    c = build_components(TINY_ARCH, seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                    layers_per_block=1, cross_attention_dim=16, attention_head_dim=4,
-                                    norm_num_groups=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-    TextToVideoSDPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
-                          scheduler=c["scheduler"]).save_pretrained(d / "model")
-    preset = d / "tiny-zeroscope.yaml"
-    preset.write_text(f"name: tiny-zeroscope\nfamily: zeroscope\nbase: {d / 'model'}\n"
-                      "defaults: {frames: 8, width: 64, height: 64, fps: 8, steps: 3, guidance_scale: 7.5}\n")
-    return str(preset)
+    """A tiny random model of the zeroscope layout and its preset (3 steps)."""
+    return str(write_tiny_zeroscope(tmp_path_factory.mktemp("zeroscope"),
+                                    "{frames: 8, width: 64, height: 64, fps: 8, steps: 3, guidance_scale: 7.5}"))
 
 
 def test_lora_trains_and_renders_on_the_zeroscope_layout(zeroscope, library, monkeypatch):

@@ -512,7 +512,7 @@ def test_photos_get_masks_and_a_trained_subject_enters_the_library(tmp_path, man
                              **{**_kw(), "model": "tiny", "prompt": "a red circle on grass"})
     assert shotlib.loads(y).subjects[0].subject == "dot"
     sj.delete_subject_event("dot", manager=manager)
-    assert sj.library_rows() == []
+    assert "dot" not in [row[0] for row in sj.library_rows()]  # other tests may have left subjects of their own
     with pytest.raises(ui.UserError, match="library subject"):
         sj.delete_subject_event(sj.NO_SUBJECT)
     with pytest.raises(ui.UserError, match="phrase"):  # a failure in the worker thread reaches the event
