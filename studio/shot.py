@@ -85,6 +85,9 @@ class ReferenceControl:
     refresh_every: int = 4
     # Layers with more tokens than this see the reference average-pooled down to at most this many (cost; 0 < n).
     max_tokens: int = 64
+    # And at most 1/token_ratio of a layer's own tokens (never below 16): bounds the cost on every layer (a 16×16
+    # layer of 256 tokens reads 16 keys per reference); pooling to 16 keys carried colour better on the toy model.
+    token_ratio: int = 16
     # What the unconditional videos of classifier-free guidance read: "blank" (a zero latent's tokens, VideoMaker's
     # zeros_like(z_ref), so guidance pushes toward the reference) or "plain" (no reference, as reference-only does).
     unconditional: str = "blank"
@@ -485,6 +488,8 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("reference_control.refresh_every", rc.refresh_every, "must be in 1..1000")
     if not 1 <= rc.max_tokens <= 4096:
         raise ShotError("reference_control.max_tokens", rc.max_tokens, "must be in 1..4096")
+    if not 1 <= rc.token_ratio <= 4096:
+        raise ShotError("reference_control.token_ratio", rc.token_ratio, "must be in 1..4096")
     if rc.unconditional not in REFERENCE_UNCONDITIONAL:
         raise ShotError("reference_control.unconditional", rc.unconditional,
                         f"must be one of {', '.join(REFERENCE_UNCONDITIONAL)}")

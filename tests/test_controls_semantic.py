@@ -36,18 +36,19 @@ def test_camera_pan_moves_the_background_against_the_camera(manager, cx, cy, axi
 
 def test_reference_pulls_the_subject_toward_its_colour(manager, tmp_path):
     # The prompt names no colour; a purple-circle reference on "circle" at strength 1 (6 seeds): purple pixels
-    # 1.34% without -> 6.0% with, 84% of the subject's pixels purple (51% without). What carries the colour is the
+    # 1.34% without -> 10.9% with, 98% of the subject's pixels purple (51% without). What carries the colour is the
     # unconditional videos reading a blank reference (VideoMaker's zeros_like(z_ref)): guidance then pushes toward
-    # the reference; with `unconditional: plain` (reference-only's convention) purple stayed at 2.3%.
+    # the reference; with `unconditional: plain` (reference-only's convention) purple stayed at 2.4%. The reference
+    # pooled to 16 keys a layer (the default key budget) carries it better than 64 keys did (6.0%, 84%).
     m = evaluate.measure_reference(manager, evaluate.reference_image(tmp_path / "purple.png"), strength=1.0)
     purple, without = m["with"]["purple"], m["without"]["purple"]
-    assert purple >= 0.035 and purple >= 2.5 * without, m
-    assert purple >= 0.6 * m["with"]["subject"], m
+    assert purple >= 0.07 and purple >= 4 * without, m
+    assert purple >= 0.8 * m["with"]["subject"], m
 
 
 def test_reference_brings_its_subject_into_the_phrase(manager, tmp_path):
     # The prompt names no colour, and the model then barely draws a subject (1.8% subject-coloured pixels); a
-    # reference on "circle" at strength 10 brings one in (19%), but red: at high strength the reference's layout
+    # reference on "circle" at strength 10 brings one in (18.5%), but red: at high strength the reference's layout
     # carries over and its colour does not (purple 1.3% -> 0.0%); strength 1 carries the colour (test above).
     m = evaluate.measure_reference(manager, evaluate.reference_image(tmp_path / "purple.png"))
     assert m["with"]["subject"] >= 0.08 and m["with"]["subject"] >= 4 * m["without"]["subject"], m

@@ -261,6 +261,19 @@ def test_strength_zero_installs_nothing_and_bad_items_are_refused():
             reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], max_tokens=bad)
 
 
+def test_key_budget_is_a_share_of_the_layer_within_a_floor_and_max_tokens():
+    ctx = _ctx()
+    z = torch.zeros(1, 4, 8, 8)
+    ctl = reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))])  # defaults: 1/16 of the layer, 16..64 keys
+    assert [ctl.key_budget(n) for n in (16, 64, 256, 1024, 4096)] == [16, 16, 16, 64, 64]
+    wide = reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], max_tokens=256, token_ratio=4)
+    assert [wide.key_budget(n) for n in (16, 64, 256, 4096)] == [16, 16, 64, 256]
+    assert reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], max_tokens=4).key_budget(4096) == 4
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="token_ratio"):
+            reference.ReferenceInjection(ctx, [(z, 1.0, ("all",))], token_ratio=bad)
+
+
 def test_pooling_keeps_at_most_max_tokens_keys_each_standing_for_its_group():
     tokens = torch.arange(2 * 64 * 3, dtype=torch.float32).view(2, 64, 3)  # (M, N, D) on an 8×8 grid
     assert reference.pool_tokens(tokens, 8, 8)[1] == 1  # 64 <= MAX_REF_TOKENS: kept
@@ -433,9 +446,12 @@ def test_shot_settings_unconditional_and_max_tokens_reach_the_control(images, ti
     blank = engine.render(s, manager).frames
     s.reference_control.unconditional = "plain"
     plain = engine.render(s, manager).frames
-    s.reference_control.max_tokens = 4  # pooled harder than the default 64 on the 8x8 layers
+    s.reference_control.max_tokens = 4  # pooled harder than the default budget (16 keys on the 8x8 layers)
     pooled = engine.render(s, manager).frames
     assert not np.array_equal(blank, plain) and not np.array_equal(plain, pooled)
+    s.reference_control.max_tokens, s.reference_control.token_ratio = 64, 1  # a budget of 64 keys: no pooling
+    unpooled = engine.render(s, manager).frames
+    assert not np.array_equal(unpooled, plain) and not np.array_equal(unpooled, pooled)
 
 
 def test_supports_video_unets_only(pipe):

@@ -94,6 +94,7 @@ BAD = [  # (change, field, value): the ShotError's field and value attributes
     ({"seed": 2**63}, "seed", 2**63),
     ({"fps": 0}, "fps", 0),
     ({"reference_control": {"max_tokens": 0}}, "reference_control.max_tokens", 0),
+    ({"reference_control": {"token_ratio": 0}}, "reference_control.token_ratio", 0),
     ({"reference_control": {"unconditional": "zeros"}}, "reference_control.unconditional", "zeros"),
     ({"reference_control": {"refresh_every": 0}}, "reference_control.refresh_every", 0),
     ({"fps": 121}, "fps", 121),

@@ -82,7 +82,7 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
         rc = shot.reference_control
         controls.append(reference.ReferenceInjection(
             ctx, items, rc.temporal_attention, rc.refresh_every, rc.max_tokens,
-            schedule=lambda: pipe.scheduler.timesteps, unconditional=rc.unconditional))
+            schedule=lambda: pipe.scheduler.timesteps, unconditional=rc.unconditional, token_ratio=rc.token_ratio))
     # 5. Several trained subjects' LoRAs, each confined to its own box.
     from studio.subjects import apply
 

@@ -13,8 +13,8 @@ and values). Used training-free here (METHODS.md §3.3), in the spirit of diffus
    [own tokens ‖ reference tokens]; the unconditional pass reads a blank reference (a zero latent's tokens, as
    VideoMaker's unconditional branch does; default), so guidance pushes from a blank toward the reference, or
    stays plain (as reference-only does), pushing from no reference toward it. On the toy-world model only the
-   blank carries the reference's colour (purple pixels of "a circle on grass": 1.3% without a reference, 6.0%
-   with blank, 2.3% with plain; 84% vs 18% of the subject's pixels).
+   blank carries the reference's colour (purple pixels of "a circle on grass": 1.3% without a reference, 10.9%
+   with blank, 2.4% with plain; 98% vs 18% of the subject's pixels).
 
 Because the write pass is a one-frame video, the reference never enters the motion modules: it is excluded from
 temporal attention (METHODS.md's advice). `temporal_attention=True` instead appends the reference to the main
@@ -26,12 +26,17 @@ region: a subject's reference is read only by query tokens inside that subject's
 boxes); the background reference only by tokens outside every subject box (Video Alchemist's separation of
 subjects and background, done by masking). Strength 0 drops a reference (none left: nothing is installed).
 
-Cost: on layers with more than `max_tokens` tokens (default MAX_REF_TOKENS) the reference's tokens are
-average-pooled to at most that many keys (each with log(k·k) added to its logit, so the reference keeps its total
-attention weight). The references' keys and values are projected once, in the write pass, not at every layer call.
+Cost: on each layer a reference gets a key budget, `key_budget(N)`: at most 1/`token_ratio` of the layer's own N
+tokens (default TOKEN_RATIO = 16, but never below MIN_REF_TOKENS), and never more than `max_tokens` (default
+MAX_REF_TOKENS). A reference over budget is average-pooled k×k (each pooled key gets log(k·k) on its logit, so the
+reference keeps its total attention weight). The budget bounds what the references add to each layer's attention
+(at most R·N/16 keys on large layers) and keeps the 8×8 and 16×16 layers of small models from tripling their keys;
+on the toy-world model pooling to 16 keys also carried the reference's colour better than 64 did (purple pixels
+10.9% vs 6.0%). The references' keys and values are projected once, in the write pass, not at every layer call.
 The per-query bias is never an N×N mask: queries and keys get R extra head channels, query i carrying its bias for
 each reference and every key of reference r a one in channel r (own keys zeros), so q'·k' adds exactly the bias
-(see `RefSelfAttnProcessor`); each layer stays one unmasked fused attention call for each half of the batch.
+(see `RefSelfAttnProcessor`); each layer stays one unmasked fused attention call (the unconditional videos read
+the blank in the same call).
 
 Works on diffusers' UNetMotionModel (AnimateDiff: text repeated per frame) and UNet3DConditionModel (zeroscope: text
 per video); `supports(unet)` says whether a UNet is one of them.
@@ -132,7 +137,8 @@ class ReferenceInjection(Control):
     everywhere if it has no boxes), ("outside",) for the background (outside every subject box; everywhere if there
     are no boxes) or ("all",). References of strength 0 are dropped: with none left the control installs nothing.
     refresh_every: read tokens written at every that many steps and reuse them in between (exclude mode only).
-    max_tokens: keys per reference and layer; larger layers see the reference average-pooled to at most this many.
+    max_tokens: keys per reference and layer at most; token_ratio: and at most 1/token_ratio of the layer's tokens
+    (but not below MIN_REF_TOKENS): see `key_budget`. A reference over budget is average-pooled.
     schedule: a function giving the render's timesteps (one per step, e.g. `lambda: pipe.scheduler.timesteps`),
     read at the first write; with it the write passes of every refresh step run in one batch. Without it (or when
     it does not match the steps) each refresh step runs its own write pass.
@@ -140,15 +146,15 @@ class ReferenceInjection(Control):
     convention: guidance pushes from no reference toward the reference). "blank": a blank reference in place of
     each reference, the tokens of a zero latent (under the unconditional prompt) in the same regions with the same
     strengths (VideoMaker's: its unconditional branch gets zeros_like(z_ref) as reference, so guidance pushes from
-    a blank reference toward this one). In exclude mode the R blanks are one: they are the same tokens, so one
-    block of keys with the log-sum-exp of the R biases gives the same attention as R copies.
+    a blank reference toward this one). In exclude mode the blank's tokens are projected once and sit in each of
+    the R key blocks under that block's bias, so unconditional and conditional rows share one attention call.
     """
 
     name = "reference"
 
     def __init__(self, ctx: Context, items: list[tuple[torch.Tensor, float, tuple]], temporal_attention: bool = False,
                  refresh_every: int = 1, max_tokens: int | None = None, schedule=None,
-                 unconditional: str = UNCONDITIONAL_DEFAULT):
+                 unconditional: str = UNCONDITIONAL_DEFAULT, token_ratio: int | None = None):
         if not items:
             raise ValueError("no references")
         if unconditional not in UNCONDITIONAL:
@@ -156,6 +162,9 @@ class ReferenceInjection(Control):
         max_tokens = MAX_REF_TOKENS if max_tokens is None else max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, not {max_tokens!r}")
+        token_ratio = TOKEN_RATIO if token_ratio is None else token_ratio
+        if isinstance(token_ratio, bool) or not isinstance(token_ratio, int) or token_ratio < 1:
+            raise ValueError(f"token_ratio must be an integer >= 1, not {token_ratio!r}")
         for z, strength, region in items:
             if not (math.isfinite(float(strength)) and float(strength) >= 0):
                 raise ValueError(f"reference strength must be a finite number >= 0, not {strength}")
@@ -171,7 +180,7 @@ class ReferenceInjection(Control):
         self.regions = [tuple(r) for _, _, r in items]
         self.temporal = bool(temporal_attention)
         self.refresh_every = max(1, int(refresh_every))
-        self.max_tokens = max_tokens
+        self.max_tokens, self.token_ratio = max_tokens, token_ratio
         self.schedule = schedule
         self.blank = unconditional == "blank"
         self.bank: dict[str, RefKeys] = {}  # layer name -> the references' keys and values of the written timesteps
@@ -280,6 +289,10 @@ class ReferenceInjection(Control):
         if not self._unwritten:
             raise _WriteDone
 
+    def key_budget(self, n: int) -> int:
+        """Keys a reference may have on a layer of n tokens: min(max_tokens, max(MIN_REF_TOKENS, n // token_ratio))."""
+        return min(self.max_tokens, max(MIN_REF_TOKENS, n // self.token_ratio))
+
     @property
     def writes_blanks(self) -> bool:
         """Whether the write pass also runs blank references (for the unconditional videos)."""
@@ -293,13 +306,13 @@ class ReferenceInjection(Control):
 
     def project(self, attn, tokens: torch.Tensor) -> tuple:
         """Write-pass tokens (K·B, N, D), K timesteps of B one-frame videos (the R references, after the blank when
-        the write pass has it) -> (keys, values (K, heads, R·N', dh + E), the blank's keys and values
-        (K, heads, N', dh + E) or None, pooling group), RefKeys' fields after `times`: pooled to at most max_tokens
-        keys each, projected by attn, with the bias channels (the blank's in channel 0)."""
+        the write pass has it) -> (keys, values (K, heads, R·N', dh + E), the blank's keys and values laid out the
+        same way (the blank in every block) or None, pooling group), RefKeys' fields after `times`: pooled to at
+        most max_tokens keys each, projected by attn, with the bias channels."""
         R = self.latents.shape[0]
         blank = 1 if self.writes_blanks else 0
         m, n, d = tokens.shape
-        pooled, group = pool_tokens(tokens, *self.ctx.layer_size(n), self.max_tokens)  # (K·B, N', D)
+        pooled, group = pool_tokens(tokens, *self.ctx.layer_size(n), self.key_budget(n))  # (K·B, N', D)
         pooled = pooled.reshape(m // (R + blank), -1, d)  # (K, B·N', D): video b's keys in block b
         k, v = _split(attn.to_k(pooled), attn.heads), _split(attn.to_v(pooled), attn.heads)  # (K, heads, B·N', dh)
         extra = extra_channels(R, k.shape[-1], k.device)
@@ -307,7 +320,10 @@ class ReferenceInjection(Control):
         keys, values = _reference_keys(k[:, :, blank * n_keys:], v[:, :, blank * n_keys:], R, R, extra)
         if not blank:
             return keys, values, None, None, group
-        blank_keys, blank_values = _reference_keys(k[:, :, :n_keys], v[:, :, :n_keys], 1, 1, extra)
+        # The blank once in each of the R blocks, so that an unconditional row reads it under the same R biases as
+        # a conditional row reads the references: both halves of the batch then share one attention call.
+        blank_keys, blank_values = _reference_keys(k[:, :, :n_keys].repeat(1, 1, R, 1),
+                                                   v[:, :, :n_keys].repeat(1, 1, R, 1), R, R, extra)
         return keys, values, blank_keys, blank_values, group
 
     # --- temporal mode: references appended as frames of the main pass --------------------------------------
@@ -395,18 +411,6 @@ class ReferenceInjection(Control):
 
         return self._cache.get(("qch", videos, n, group, dh, extra, dtype, str(device)), make)
 
-    def blank_channels(self, videos: int, n: int, group: int, dh: int, extra: int, dtype, device) -> torch.Tensor:
-        """(videos·F, 1, N, extra) extra query channels of the unconditional rows over the one blank block: in
-        channel 0, log Σ_r exp(b_r) (the R blanks' biases on the same tokens, summed), scaled like query_channels."""
-
-        def make():
-            bias = torch.logsumexp(self.region_bias(n, group), 2) * math.sqrt(dh)  # (F, N)
-            ch = torch.zeros(self.ctx.frames, 1, n, extra)
-            ch[:, 0, :, 0] = bias.clamp(min=-6e4)
-            return ch.repeat(videos, 1, 1, 1).to(device=device, dtype=dtype)
-
-        return self._cache.get(("blank", videos, n, group, dh, extra, dtype, str(device)), make)
-
 
 class RefKeys(NamedTuple):
     """One layer's reference keys and values, for each timestep the write pass ran at."""
@@ -414,7 +418,7 @@ class RefKeys(NamedTuple):
     times: tuple  # (K,) timesteps, as floats
     keys: torch.Tensor  # (K, heads, R·N', dh + E): reference r's N' keys in block r, a one in channel dh + r
     values: torch.Tensor  # (K, heads, R·N', dh + E): zeros in the extra channels
-    blank_keys: torch.Tensor | None = None  # (K, heads, N', dh + E): the blank's (unconditional videos), channel dh
+    blank_keys: torch.Tensor | None = None  # (K, heads, R·N', dh + E): the blank's (unconditional videos), in each block
     blank_values: torch.Tensor | None = None
     group: int = 1  # tokens each key stands for (k·k pooling)
 
@@ -424,6 +428,8 @@ class _WriteDone(Exception):
 
 
 MAX_REF_TOKENS = 64  # per reference and layer: larger layers see the reference average-pooled to this many keys
+TOKEN_RATIO = 16  # and at most 1/16 of the layer's own tokens,
+MIN_REF_TOKENS = 16  # but never fewer than this (a 4×4 grid)
 
 
 def pool_tokens(tokens: torch.Tensor, rows: int, cols: int,
@@ -456,10 +462,6 @@ def _unet_inputs(args, kwargs):
     return vals[0], vals[1], vals[2]
 
 
-def _empty(rows) -> bool:
-    return rows.start == rows.stop if isinstance(rows, slice) else rows.numel() == 0
-
-
 def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(M, tokens, heads·dh) -> (M, heads, tokens, dh)."""
     return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
@@ -478,23 +480,29 @@ def _reference_keys(k: torch.Tensor, v: torch.Tensor, blocks: int, references: i
     return k, v
 
 
-def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ch: torch.Tensor, k_ref: torch.Tensor,
-          v_ref: torch.Tensor) -> torch.Tensor:
+def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ch: torch.Tensor, k_refs: list, v_refs: list
+          ) -> torch.Tensor:
     """Rows' queries, keys, values (M, heads, N, dh) over [own ‖ reference] keys, the bias in the extra channels:
-    q_ch (M, 1, N, E), k_ref and v_ref (M, heads, K, dh + E) -> (M, heads, N, dh)."""
+    q_ch (M, 1, N, E); k_refs and v_refs: consecutive row blocks [(block (1 or M_b, heads, K, dh + E), M_b)],
+    Σ M_b = M, each block's references read by its M_b rows -> (M, heads, N, dh)."""
     dh = q.shape[-1]
     qc = torch.cat([q, q_ch.expand(-1, q.shape[1], -1, -1)], 3)  # (M, heads, N, dh + E)
-    kc, vc = _own_and_reference(k, k_ref), _own_and_reference(v, v_ref)  # (M, heads, N + K, dh + E)
+    kc, vc = _own_and_reference(k, k_refs), _own_and_reference(v, v_refs)  # (M, heads, N + K, dh + E)
     return torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, scale=dh ** -0.5)[..., :dh]
 
 
-def _own_and_reference(own: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """[own (M, heads, N, dh) zero-padded to dh + E ‖ ref (M, heads, R·N', dh + E)] along the tokens, in one copy."""
+def _own_and_reference(own: torch.Tensor, refs: list) -> torch.Tensor:
+    """[own (M, heads, N, dh) zero-padded to dh + E ‖ the references' keys (K of dh + E)] along the tokens, in one
+    buffer; refs: [(block (1 or M_b, heads, K, dh + E), M_b)], consecutive row blocks covering the M rows."""
     m, heads, n, dh = own.shape
-    out = own.new_empty(m, heads, n + ref.shape[2], ref.shape[3])
+    width = refs[0][0].shape[3]
+    out = own.new_empty(m, heads, n + refs[0][0].shape[2], width)
     out[:, :, :n, :dh] = own
     out[:, :, :n, dh:] = 0
-    out[:, :, n:] = ref
+    start = 0
+    for block, rows in refs:
+        out[start:start + rows, :, n:] = block
+        start += rows
     return out
 
 
@@ -540,29 +548,30 @@ class RefSelfAttnProcessor:
         if ctx.extra_frames:  # temporal mode: each reading video's own reference frames, projected above
             def pooled(t):  # (rows, heads, N, dh) -> (readers, heads, R·N', dh); pooling commutes with the projection
                 t = t.view(videos, per_video, heads, n, dh)[first:, F_:]  # (readers, R, heads, N, dh)
-                t, g = pool_tokens(t.permute(0, 2, 1, 3, 4).reshape(-1, n, dh), *grid, ctl.max_tokens)
+                t, g = pool_tokens(t.permute(0, 2, 1, 3, 4).reshape(-1, n, dh), *grid, ctl.key_budget(n))
                 return t.reshape(readers, heads, R * t.shape[1], dh), g
 
             (k_ref, group), (v_ref, _) = pooled(k), pooled(v)
             k_ref, v_ref = _reference_keys(k_ref, v_ref, R, R, extra)
             k_ref, v_ref = k_ref.repeat_interleave(F_, 0), v_ref.repeat_interleave(F_, 0)  # (readers·F, heads, ·, ·)
+            k_blocks, v_blocks = [(k_ref, readers * F_)], [(v_ref, readers * F_)]
         else:  # exclude mode: the keys and values the write pass made at the current refresh's timestep
             written = ctl.bank[self.name]
             i = written.times.index(ctl.refresh_t)
-            k_ref, v_ref, group = written.keys[i:i + 1], written.values[i:i + 1], written.group
-            k_ref, v_ref = k_ref.expand(readers * F_, -1, -1, -1), v_ref.expand(readers * F_, -1, -1, -1)
-        cond, rest = ctl.row_split(videos, per_video, q.device)
-        q_ch = ctl.query_channels(readers, n, group, dh, extra, q.dtype, q.device)  # (readers·F, 1, N, E)
-        read = _read(q[cond], k[cond], v[cond], q_ch, k_ref, v_ref)
-        out = torch.empty_like(q)  # laid out like q's projection (rows, N, heads, dh): the reshape below is free
-        if not ctx.extra_frames and ctl.writes_blanks:  # unconditional videos: the blank, one block for the R
-            q_blank = ctl.blank_channels(first, n, group, dh, extra, q.dtype, q.device)  # (first·F, 1, N, E)
-            out[rest] = _read(q[rest], k[rest], v[rest], q_blank,
-                              *(t[i:i + 1].expand(first * F_, -1, -1, -1)
-                                for t in (written.blank_keys, written.blank_values)))
-        elif not _empty(rest):  # unconditional videos and appended reference frames: plain self-attention
+            group = written.group
+            k_blocks, v_blocks = [(written.keys[i:i + 1], readers * F_)], [(written.values[i:i + 1], readers * F_)]
+            if ctl.writes_blanks:  # the unconditional videos (before the readers) read the blank in each block
+                k_blocks.insert(0, (written.blank_keys[i:i + 1], first * F_))
+                v_blocks.insert(0, (written.blank_values[i:i + 1], first * F_))
+        if sum(b for _, b in k_blocks) == rows:  # every row reads (the blank or the references): one fused call
+            q_ch = ctl.query_channels(videos, n, group, dh, extra, q.dtype, q.device)  # (rows, 1, N, E)
+            out = _read(q, k, v, q_ch, k_blocks, v_blocks)
+        else:  # plain self-attention for the unconditional videos (or appended reference frames)
+            cond, rest = ctl.row_split(videos, per_video, q.device)
+            q_ch = ctl.query_channels(readers, n, group, dh, extra, q.dtype, q.device)  # (readers·F, 1, N, E)
+            out = torch.empty_like(q)  # laid out like q's projection (rows, N, heads, dh): the reshape below is free
             out[rest] = torch.nn.functional.scaled_dot_product_attention(q[rest], k[rest], v[rest])
-        out[cond] = read
+            out[cond] = _read(q[cond], k[cond], v[cond], q_ch, k_blocks, v_blocks)
         out = out.transpose(1, 2).reshape(rows, n, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
