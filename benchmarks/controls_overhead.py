@@ -28,9 +28,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-logger = logging.getLogger("controls_overhead")
-
-
 def reference_images(folder: Path) -> tuple[str, str]:
     """A purple square on white (subject) and a sand background, as PNG files."""
     from PIL import Image

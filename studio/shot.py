@@ -438,6 +438,12 @@ def resolve(shot: Shot, preset) -> Shot:
     return out
 
 
+def _check_range(field: str, value, lo: int, hi: int) -> None:
+    """ShotError naming the field unless lo <= value <= hi."""
+    if not lo <= value <= hi:
+        raise ShotError(field, value, f"must be in {lo}..{hi}")
+
+
 def validate(shot: Shot, preset) -> None:
     """Check a resolved shot's values against each other and the model preset."""
     if not shot.prompt.strip():
@@ -454,12 +460,9 @@ def validate(shot: Shot, preset) -> None:
             raise ShotError(name, v, f"must be a positive multiple of {m} for model '{preset.name}'")
         if v > preset.max_size:
             raise ShotError(name, v, f"model '{preset.name}' renders at most {preset.max_size} pixels")
-    if not 1 <= shot.fps <= 120:
-        raise ShotError("fps", shot.fps, "must be in 1..120")
-    if not 1 <= shot.steps <= 1000:
-        raise ShotError("steps", shot.steps, "must be in 1..1000")
-    if not 0.0 <= shot.guidance_scale <= 50.0:
-        raise ShotError("guidance_scale", shot.guidance_scale, "must be in 0..50")
+    _check_range("fps", shot.fps, 1, 120)
+    _check_range("steps", shot.steps, 1, 1000)
+    _check_range("guidance_scale", shot.guidance_scale, 0, 50)
     g = shot.noise_prior.gamma
     if not 0.0 <= g < 1.0:
         raise ShotError("noise_prior.gamma", g, "must be in [0, 1): gamma = 1 would repeat one noise frame")
@@ -474,8 +477,7 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("camera.shift_steps", c.shift_steps,
                         f"must be in 1..{shot.steps - (c.start_step or 0)} (the steps left after camera.start_step)")
     b = shot.box_control
-    if not 0.0 <= b.strength <= 100.0:
-        raise ShotError("box_control.strength", b.strength, "must be in 0..100")
+    _check_range("box_control.strength", b.strength, 0, 100)
     if b.amplify_steps is not None and not 0 <= b.amplify_steps <= shot.steps:
         raise ShotError("box_control.amplify_steps", b.amplify_steps, f"must be in 0..{shot.steps} (steps)")
     if b.suppress not in BOX_SUPPRESS:
@@ -484,12 +486,9 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("box_control.interpolation", b.interpolation,
                         f"must be one of {', '.join(BOX_INTERPOLATION)}")
     rc = shot.reference_control
-    if not 1 <= rc.refresh_every <= 1000:
-        raise ShotError("reference_control.refresh_every", rc.refresh_every, "must be in 1..1000")
-    if not 1 <= rc.max_tokens <= 4096:
-        raise ShotError("reference_control.max_tokens", rc.max_tokens, "must be in 1..4096")
-    if not 1 <= rc.token_ratio <= 4096:
-        raise ShotError("reference_control.token_ratio", rc.token_ratio, "must be in 1..4096")
+    _check_range("reference_control.refresh_every", rc.refresh_every, 1, 1000)
+    _check_range("reference_control.max_tokens", rc.max_tokens, 1, 4096)
+    _check_range("reference_control.token_ratio", rc.token_ratio, 1, 4096)
     if rc.unconditional not in REFERENCE_UNCONDITIONAL:
         raise ShotError("reference_control.unconditional", rc.unconditional,
                         f"must be one of {', '.join(REFERENCE_UNCONDITIONAL)}")
@@ -500,8 +499,7 @@ def validate(shot: Shot, preset) -> None:
     _validate_shared_phrases(shot)
     if shot.background.reference is not None:
         validate_image_file(shot.background.reference, "background.reference")
-    if not 0.0 <= shot.background.strength <= 10.0:
-        raise ShotError("background.strength", shot.background.strength, "must be in 0..10")
+    _check_range("background.strength", shot.background.strength, 0, 10)
     _validate_refine(shot, preset)
 
 
@@ -555,8 +553,7 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
             raise ShotError(f"{where}.{name}", v, "must be null or non-empty")
     if s.reference is not None:
         validate_image_file(s.reference, f"{where}.reference")
-    if not 0.0 <= s.reference_strength <= 10.0:
-        raise ShotError(f"{where}.reference_strength", s.reference_strength, "must be in 0..10")
+    _check_range(f"{where}.reference_strength", s.reference_strength, 0, 10)
     for f, box in s.boxes.items():
         key = f"{where}.boxes.{f}"
         if not 0 <= f < shot.frames:
@@ -606,8 +603,7 @@ def _validate_refine(shot: Shot, preset) -> None:
         raise ShotError("refine.face.detector", f.detector, f"must be one of {', '.join(FACE_DETECTORS)}")
     if f.detector_model is not None and not Path(f.detector_model).is_file():
         raise ShotError("refine.face.detector_model", f.detector_model, "file not found")
-    if not 1.0 <= f.crop_factor <= 8.0:
-        raise ShotError("refine.face.crop_factor", f.crop_factor, "must be in 1..8")
+    _check_range("refine.face.crop_factor", f.crop_factor, 1, 8)
     if not 0 <= f.feather <= 64:
         raise ShotError("refine.face.feather", f.feather, "must be in 0..64 pixels")
     m = preset.size_multiple
@@ -616,8 +612,7 @@ def _validate_refine(shot: Shot, preset) -> None:
                         f"must be a positive multiple of {m}, at most {preset.max_size}, for model '{preset.name}'")
     if f.prompt is not None and not f.prompt.strip():
         raise ShotError("refine.face.prompt", f.prompt, "must be null (the shot's prompt) or non-empty")
-    if not 1 <= t.scale <= 4:
-        raise ShotError("refine.tiled.scale", t.scale, "must be in 1..4")
+    _check_range("refine.tiled.scale", t.scale, 1, 4)
     if max(shot.width, shot.height) * t.scale > MAX_REFINED_SIDE:
         raise ShotError("refine.tiled.scale", t.scale,
                         f"{shot.width}x{shot.height} x {t.scale} exceeds {MAX_REFINED_SIDE} pixels a side")
