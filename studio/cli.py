@@ -49,9 +49,20 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+EXIT_MISMATCH = 1
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
+    if args.verify:
+        if args.shot or args.out:
+            raise ValueError("--verify: give only the sidecar (the shot and outputs are the sidecar's)")
+        return cmd_verify(args)
+    if not args.shot:
+        raise ValueError("studio render: give a shot file (or --verify SIDECAR.json)")
+    if not args.out:
+        raise ValueError("--out: required: the .mp4 to write (its sidecar goes beside it as .json)")
     shot = shotlib.load(args.shot, args.set + [f"refine.{r}.enabled=true" for r in args.refine])
     last = [-1]
 
@@ -65,6 +76,15 @@ def cmd_render(args) -> int:
     print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Re-render a sidecar's shot; exit 0 when the frames match, 1 when they do not."""
+    from studio import verify
+
+    v = verify.verify(args.verify)
+    print(verify.format_report(v, args.verify))
+    return 0 if v.frames_match else EXIT_MISMATCH
 
 
 def cmd_eval(args) -> int:
@@ -224,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("render", help="render a shot file to an MP4 (+ JSON sidecar)")
-    r.add_argument("shot", help="shot YAML file")
-    r.add_argument("--out", required=True, help="output .mp4 (the sidecar goes beside it as .json)")
+    r.add_argument("shot", nargs="?", help="shot YAML file")
+    r.add_argument("--out", help="output .mp4 (the sidecar goes beside it as .json); required with a shot")
+    r.add_argument("--verify", metavar="SIDECAR", help="render a render's JSON sidecar again and report whether the "
+                                                       "frames match and which weights or settings differ (exit 0 "
+                                                       "match, 1 differ, 2 bad input)")
     r.add_argument("--frames-dir", help="also write PNG frames into this folder")
     r.add_argument("--gif", help="also write a GIF here")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

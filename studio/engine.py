@@ -54,22 +54,46 @@ class RenderResult:
     preset: ModelPreset
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     info: dict = field(default_factory=dict)  # device, dtype, pipeline class, latent shape
+    identity: dict = field(default_factory=dict)  # weights and inputs by content hash (studio.identity)
+    settings: dict = field(default_factory=dict)  # pixel-changing machine settings (studio.machine)
 
     def sidecar(self) -> dict:
-        """Everything needed to reproduce this video."""
+        """Everything needed to reproduce this video: the shot, the model by name and by content hash, the machine
+        settings that change pixels, and the frames' own hash (what `studio render --verify` compares)."""
         from studio.export import package_versions
 
         p = self.preset
         return {
+            "version": shotlib.SHOT_VERSION,
             "shot": shotlib.to_dict(self.shot),
             "seed": self.shot.seed,
             "model": {"preset": p.name, "family": p.family, "base": p.base, "motion_adapter": p.motion_adapter,
                       "revision": p.revision, "variant": p.variant, "scheduler_class": p.scheduler_class,
                       "scheduler": dict(p.scheduler)},
             "render": self.info,
+            "identity": self.identity,
+            "settings": self.settings,
+            "frames": frames_record(self.frames),
             "timings": self.timings,
             "versions": package_versions(),
         }
+
+
+def frames_record(frames: np.ndarray) -> dict:
+    """The frames' shape and SHA-256 of their uint8 bytes: equal hashes are identical videos, before encoding."""
+    import hashlib
+
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    return {"shape": list(frames.shape), "sha256": hashlib.sha256(frames.tobytes()).hexdigest()}
+
+
+def input_files(shot: shotlib.Shot) -> dict[str, str]:
+    """{shot field: path} of the files a shot names that change pixels (reference images, a face detector)."""
+    named = {f"subjects[{i}].reference": s.reference for i, s in enumerate(shot.subjects)}
+    named["background.reference"] = shot.background.reference
+    if shot.refine.face.enabled:
+        named["refine.face.detector_model"] = shot.refine.face.detector_model
+    return {k: v for k, v in named.items() if v}
 
 
 def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
@@ -103,8 +127,14 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     """Steps 2b-7 of `render` on a pipeline this thread holds."""
     import torch
 
+    from studio import identity, machine
     from studio.subjects import apply as subjects
 
+    # 2a. What exactly renders: the components by content hash (hashed once per pipeline, before any subject's
+    #     adapter is added), each subject's files and the shot's input files (cached by size and mtime).
+    ident = {"components": identity.of_pipeline(pipe, preset.variant),
+             "subjects": {rec.name: identity.subject_identity(rec) for _, rec in records},
+             "inputs": {k: identity.file_sha256(v) for k, v in input_files(shot).items()}}
     # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
     #     once per pipeline, then switched by adapter weights).
     if records:
@@ -170,7 +200,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
-    return RenderResult(frames, shot, preset, timings, info)
+    return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe))
 
 
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):

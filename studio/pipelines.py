@@ -207,6 +207,9 @@ class PipelineManager:
                 return self._cache[key]
             t0 = time.perf_counter()
             pipe = load_pipeline(preset, self.device)
+            from studio import identity
+
+            identity.of_pipeline(pipe, preset.variant)  # hashed while the pipeline is as loaded (see identity)
             self.loads += 1
             logger.info("loaded %s (%s) in %.1f s", preset.name, key.base, time.perf_counter() - t0)
             pipe._studio_hold = threading.RLock()  # see hold()

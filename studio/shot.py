@@ -20,6 +20,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DEFAULT_MODEL = "toyworld"  # the embedded model shipped in models/toyworld
+# The shot-file format this studio reads and writes (shot files and sidecars carry it as `version`). A file without
+# one is version 1; a newer one is refused, since its fields may mean what this studio cannot render.
+SHOT_VERSION = 1
 
 
 class ShotError(ValueError):
@@ -134,6 +137,7 @@ class Refine:
 
 @dataclass
 class Shot:
+    version: int = SHOT_VERSION  # the shot-file format (see SHOT_VERSION)
     model: str = DEFAULT_MODEL  # a model preset: presets/models/<name>.yaml, or a path to such a file
     prompt: str = ""
     negative_prompt: str = ""
@@ -195,6 +199,7 @@ def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
         data = OmegaConf.to_container(data, resolve=False)
     if not isinstance(data, Mapping):
         raise ShotError("shot", type(data).__name__, "a shot file must be a mapping of fields")
+    check_version(data.get("version"))
     data = _conform(data, Shot, "")
     _check_subject_items(data)
     try:
@@ -205,7 +210,23 @@ def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
     except OmegaConfBaseException as e:
         raise _config_error(e) from None
     _check_subjects(shot)
+    check_version(shot.version)  # an override may have set it
     return shot
+
+
+def check_version(version) -> None:
+    """Refuse a shot-file format this studio does not know (None: a file from before versions, read as 1)."""
+    if version is None:
+        return
+    if isinstance(version, bool) or not isinstance(version, int):
+        if isinstance(version, str) and re.fullmatch(r"\s*\d+\s*", version):
+            return check_version(int(version))
+        raise ShotError("version", version, f"the shot-file format version is a whole number ({SHOT_VERSION})")
+    if version > SHOT_VERSION:
+        raise ShotError("version", version, f"this shot file is format version {version}, newer than this Shot "
+                                            f"Studio reads (up to {SHOT_VERSION}): upgrade Shot Studio to render it")
+    if version < 1:
+        raise ShotError("version", version, f"shot-file format versions start at 1 (this studio: {SHOT_VERSION})")
 
 
 # --- container kinds against the schema (omegaconf reports these without the key) -------------------------

@@ -426,7 +426,7 @@ class Page:
     def history_tab(self):
         import gradio as gr
 
-        with gr.Tab("History", id="history"):
+        with gr.Tab("History", id="history") as self.history_tab_item:
             self.history_table = gr.Dataframe([], headers=ev.HISTORY_COLUMNS, interactive=False,
                                               label="this session's renders", elem_id="history-table")
             with gr.Row():
@@ -665,6 +665,10 @@ class Page:
                      self.first_frame], api_name="render", concurrency_limit=1, concurrency_id="gpu")
         self.then_canvas(rendered)  # the new first frame behind the boxes; the previews follow the shot file's change
         self.cancel_btn.click(self.canceller("render"), outputs=self.status, queue=False, api_visibility="private")
+
+        # the History tab says, whenever it is opened, which renders' weights changed since
+        self.history_tab_item.select(guarded(ev.history_rows, "history"), inputs_kwargs={"history": self.history},
+                                     outputs=self.history_table, **QUIET)
 
         def load_back(history, number):
             h = ev.history_entry(history, number)

@@ -43,7 +43,7 @@ FORM_FIELDS = {
 FORM = tuple(FORM_FIELDS)
 INT_FIELDS = ("seed", "steps", "frames", "width", "height", "refine_tiled_scale")  # sliders, number boxes send floats
 KEEP_EMPTY = ("negative_prompt",)  # fields where "" is a value; elsewhere "" keeps the shot file's value
-HISTORY_COLUMNS = ["#", "time", "prompt", "model", "seed", "frames", "size", "γ", "pan", "seconds"]
+HISTORY_COLUMNS = ["#", "time", "prompt", "model", "seed", "frames", "size", "γ", "pan", "seconds", "weights"]
 
 
 class UserError(Exception):
@@ -302,7 +302,8 @@ def render_event(shot_yaml: str, progress=None, manager=None, cancel: threading.
     entry = {"time": time.strftime("%H:%M:%S"), "prompt": r.shot.prompt, "model": r.preset.name, "seed": r.shot.seed,
              "frames": r.shot.frames, "size": f"{r.shot.width}×{r.shot.height}", "gamma": r.shot.noise_prior.gamma,
              "pan": f"{r.shot.camera.cx:+.2f}, {r.shot.camera.cy:+.2f}", "seconds": round(t["total"], 2),
-             "video": str(out), "shot_file": str(shot_file), "shot_yaml": shotlib.dumps(r.shot)}
+             "video": str(out), "shot_file": str(shot_file), "shot_yaml": shotlib.dumps(r.shot),
+             "identity": r.identity}
     logger.info("studio render %s: %s", out.name, status)
     return Rendered(video=str(out), gif=str(files.gif), frames_zip=frames_zip, sidecar=str(files.sidecar),
                     shot_file=str(shot_file), shot_yaml=entry["shot_yaml"], status=status, first_frame=str(first),
@@ -321,12 +322,29 @@ def _status(r) -> str:
 
 
 def history_rows(history: list[dict]) -> list[list]:
-    """The session history as table rows (newest first), columns HISTORY_COLUMNS."""
+    """The session history as table rows (newest first), columns HISTORY_COLUMNS. "weights" says whether the files
+    that made a render (model weights, subjects, reference images) are still the ones on disk."""
     rows = []
     for i, h in reversed(list(enumerate(history))):
         rows.append([i + 1, h["time"], h["prompt"], h["model"], h["seed"], h["frames"], h["size"], h["gamma"],
-                     h["pan"], h["seconds"]])
+                     h["pan"], h["seconds"], weights_state(h)])
     return rows
+
+
+def weights_state(entry: dict) -> str:
+    """'as rendered', or 'changed: <what>' when a component, subject or input file is no longer the one that made
+    the render (re-rendering it would not give the same video)."""
+    from studio import identity
+
+    recorded = entry.get("identity")
+    if not recorded:
+        return "not recorded"
+    try:
+        shot = shotlib.loads(entry.get("shot_yaml", ""))
+    except shotlib.ShotError:
+        shot = None
+    changed = [what for what, _, _ in identity.differences(recorded, identity.on_disk(recorded, shot))]
+    return "changed: " + ", ".join(changed) if changed else "as rendered"
 
 
 def history_entry(history: list[dict], number) -> dict:
