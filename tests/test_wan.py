@@ -277,3 +277,52 @@ def test_the_real_1_3b_layout_renders_through_the_studio(tmp_path):
     pipe = manager.get(r.preset)
     assert sum(p.numel() for p in pipe.transformer.parameters()) / 1e9 == pytest.approx(1.42, abs=0.01)
     assert len(families.get("wan").cross_attention_names(pipe.transformer)) == 30
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+
+def test_slider_rules_and_snapping_follow_the_model():
+    from studio.ui import events as ev
+
+    assert ev.preset_rules_event("wan2.1-t2v-1.3b") == {"frames": {"minimum": 1, "maximum": 161, "step": 4},
+                                                         "size": {"minimum": 16, "maximum": 1280, "step": 16}}
+    assert ev.preset_rules_event("wan2.2-ti2v-5b")["size"] == {"minimum": 32, "maximum": 1280, "step": 32}
+    assert ev.preset_rules_event("toyworld")["frames"] == {"minimum": 1, "maximum": 32, "step": 1}
+    assert ev.snap_event("wan2.1-t2v-1.3b", frames=80, width=840, height=470) == {
+        "frames": 81, "width": 848, "height": 464}  # a tie (840: 832 | 848) goes to the larger
+    assert ev.snap_event("wan2.1-t2v-1.3b", frames=78.0, width=2000) == {"frames": 77, "width": 1280, "height": None}
+    assert ev.snap_event("wan2.2-ti2v-5b", width=700) == {"frames": None, "width": 704, "height": None}
+    assert ev.snap_event("toyworld", frames=10, width=36) == {"frames": 10, "width": 40, "height": None}
+
+
+def test_gamma_preview_shows_the_latent_frames_the_model_gets():
+    from studio.ui import events as ev
+
+    heat_wan, strip_wan = ev.gamma_preview_event(0.8, model="wan2.1-t2v-1.3b", frames=17)
+    assert strip_wan.shape == (64, 5 * 64 + 4 * 4, 3)  # 17 frames = 5 latent frames, 32 px each shown twice as large
+    _, strip_unet = ev.gamma_preview_event(0.8, model="toyworld", frames=17)
+    assert strip_unet.shape == (64, 17 * 64 + 16 * 4, 3)  # one noise frame per video frame
+    heat_plain, _ = ev.gamma_preview_event(0.8, frames=5)  # 5 frames one apart: stronger neighbours than latents
+    assert heat_plain.shape == heat_wan.shape and heat_plain.mean() > heat_wan.mean()
+    caption = ev.gamma_caption_event(0.8, model="wan2.1-t2v-1.3b", frames=17)
+    assert "17 frames = 5 latent frames" in caption and "γ^2.5 = 0.57" in caption and "γ^4 = 0.41" in caption
+    assert ev.gamma_caption_event(0.8, model="toyworld", frames=8).startswith("8 frames, one noise frame each")
+    _, default = ev.gamma_preview_event(0.5)  # the public endpoint's old call: 8 frames
+    assert default.shape == (64, 8 * 64 + 7 * 4, 3)
+
+
+def test_the_page_gives_the_sliders_the_models_grid(manager):
+    import gradio as gr
+
+    from studio.ui.app import Page
+
+    page = Page(manager)
+    page.build()
+    assert all(isinstance(c, gr.Slider) for c in (page.frames, page.width, page.height))
+    assert page.width.step == 8 and page.frames.step == 1  # the opening shot's toy model
+    rules = page.slider_rules("wan2.2-ti2v-5b")
+    assert rules[page.frames]["step"] == 4 and rules[page.width] == {"minimum": 32, "step": 32,
+                                                                     "__type__": "update"}
+    snapped = page.snap("wan2.2-ti2v-5b", frames=81, width=700, height=704)
+    assert snapped[page.width] == 704 and snapped[page.frames] == snapped[page.height] == gr.skip()  # valid: kept
