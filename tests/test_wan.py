@@ -115,6 +115,34 @@ def test_latent_noise_correlates_as_gamma_at_the_latent_times():
     assert torch.equal(c, torch.randn((1, 16, 3, 4, 4), generator=torch.Generator().manual_seed(2)))
 
 
+def test_family_adapters_answer_for_their_pipelines(manager):
+    """What the engine and (next) the controls ask the family instead of assuming a UNet."""
+    from studio.controls.base import Context
+
+    wan_pipe = manager.get(load_model_preset("tiny-wan"))
+    unet_pipe = manager.get(load_model_preset("tiny"))
+    wan, unet = families.of(wan_pipe), families.of(unet_pipe)
+    assert (wan.name, unet.name) == ("wan", "animatediff") and families.denoiser(wan_pipe) is wan_pipe.transformer
+    assert (wan.cfg_batched, unet.cfg_batched) == (False, True)
+    assert (wan.scheduler_kind(wan_pipe), unet.scheduler_kind(unet_pipe)) == ("flow", "diffusion")
+    assert wan.cross_attention_names(wan_pipe.transformer) == ["blocks.0.attn2.processor", "blocks.1.attn2.processor"]
+    assert wan.self_attention_names(wan_pipe.transformer) == ["blocks.0.attn1.processor", "blocks.1.attn1.processor"]
+    assert wan.temporal_attention_names(wan_pipe.transformer) == []  # attn1 is joint over frames and pixels
+    assert unet.temporal_attention_names(unet_pipe.unet) and unet.cross_attention_names(unet_pipe.unet)
+    assert (wan.spatial_factor(wan_pipe), wan.temporal_factor(wan_pipe), unet.temporal_factor(unet_pipe)) == (8, 4, 1)
+    assert wan.latent_dtype(wan_pipe) == torch.float32 and wan.text_length(wan_pipe) == 512
+    assert wan.latent_shape(wan_pipe, 81, 480, 832) == (1, 16, 21, 60, 104)
+    assert unet.latent_shape(unet_pipe, 8, 64, 64) == (1, 4, 8, 8, 8)
+    assert "callback_on_step_end" in wan.call_kwargs(wan_pipe, None, lambda: None)
+    assert "callback" in families.get("zeroscope").call_kwargs(unet_pipe, None, lambda: None)  # the legacy one
+    with pytest.raises(TypeError, match="no model family runs"):
+        families.of(object())
+    ctx = Context(frames=9, latent_h=4, latent_w=4, steps=2, do_cfg=True, generator=torch.Generator())
+    assert ctx.cond_slice(6) == slice(3, 6)  # [uncond, cond] in one batch
+    ctx.cfg_batched = False
+    assert ctx.cond_slice(3) == slice(0, 3)  # a call of its own
+
+
 # --- rules and refusals -----------------------------------------------------------------------------------------
 
 

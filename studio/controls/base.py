@@ -84,8 +84,9 @@ class Context:
         raise ValueError(f"no latent downsampling of {self.latent_h}x{self.latent_w} has {n_tokens} tokens")
 
     def cond_slice(self, batch: int) -> slice:
-        """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass."""
-        return slice(batch // 2, batch) if self.do_cfg else slice(0, batch)
+        """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass (all of them when
+        guidance runs the conditional pass as a call of its own, cfg_batched False)."""
+        return slice(batch // 2, batch) if self.do_cfg and self.cfg_batched else slice(0, batch)
 
 
 class CaptureCrossAttnProcessor:
