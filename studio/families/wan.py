@@ -38,9 +38,9 @@ class WanFamily(Family):
         import torch
 
         note(preset.base)
-        vae = diffusers.AutoencoderKLWan.from_pretrained(base, subfolder="vae", dtype=torch.float32,
-                                                         revision=kw.get("revision"))
-        return diffusers.WanPipeline.from_pretrained(base, vae=vae, **kw)
+        # one call, the VAE in float32 and the rest in the preset's dtype (diffusers takes a dtype per component)
+        return diffusers.WanPipeline.from_pretrained(base, **{**kw, "dtype": {"vae": torch.float32,
+                                                                             "default": kw["dtype"]}})
 
     def check_pipeline(self, pipe, preset) -> None:
         """The preset's frame and size rules must be the model's: F = T·k + 1 and sizes a multiple of the VAE's
