@@ -45,7 +45,6 @@ FORM_FIELDS = {
 FORM = tuple(FORM_FIELDS)
 INT_FIELDS = ("seed", "steps", "frames", "width", "height", "refine_tiled_scale")  # sliders, number boxes send floats
 KEEP_EMPTY = ("negative_prompt",)  # fields where "" is a value; elsewhere "" keeps the shot file's value
-MAX_STRIP_FRAMES = 24  # noise frames shown side by side under the γ slider
 HISTORY_COLUMNS = ["#", "time", "prompt", "model", "seed", "frames", "size", "γ", "pan", "seconds"]
 
 
@@ -378,6 +377,9 @@ def history_entry(history: list[dict], number) -> dict:
 
 
 # --- previews ------------------------------------------------------------------------------------------------
+
+
+MAX_STRIP_FRAMES = 24  # noise frames shown side by side under the γ slider
 
 
 @user_errors
