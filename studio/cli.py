@@ -120,7 +120,10 @@ def cmd_presets(args) -> int:
     for name in presets.list_model_presets():
         p = presets.load_model_preset(name)
         d = p.defaults
-        print(f"  {name:18s} {d.width}x{d.height}, {d.frames} frames, {d.steps} steps  {p.description}")
+        rule = f" ({p.frame_step}k+{p.frame_offset})" if p.frame_step > 1 else ""
+        memory = f", peak memory {p.peak_memory}" if p.peak_memory else ""
+        print(f"  {name:18s} {d.width}x{d.height}, {d.frames} frames{rule}, {d.steps} steps, {p.family}{memory}  "
+              f"{p.description}")
     print("shot presets:")
     for name in presets.list_shot_presets():
         print(f"  {name:18s} {presets.shot_preset_path(name)}")

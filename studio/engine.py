@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from studio import refine, shot as shotlib
+from studio import families, refine, shot as shotlib
 from studio.controls import compose, noise_prior
 from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
@@ -140,15 +140,19 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     if records:
         subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
-    # 3. Initial noise from the 3D Gaussian prior, drawn on the CPU from the shot's seed.
+    # 3. Initial noise from the 3D Gaussian prior over the model's latent frames, drawn on the CPU from the shot's
+    #    seed. The family says the latent layout (B, C, F', h, w) and when each latent frame stands in video time.
     t1 = time.perf_counter()
-    unet = pipe.unet
-    scale = pipe.vae_scale_factor
-    shape = (1, unet.config.in_channels, shot.frames, shot.height // scale, shot.width // scale)  # (B, C, F, h, w)
+    family = families.get(preset.family)
+    denoiser = family.denoiser(pipe)
+    shape = family.latent_shape(pipe, shot.frames, shot.height, shot.width)  # (B, C, F', h, w)
     generator = torch.Generator("cpu").manual_seed(shot.seed)
-    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
+    prior = latent_prior(shot, family, family.temporal_factor(pipe))
+    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator, times=prior["times"])
+    latents = latents.to(pipe.device, family.latent_dtype(pipe))
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
+    ctx.latent_frames, ctx.cfg_batched = shape[2], family.cfg_batched
     controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
     regional = any(c.name == subjects.RegionalLora.name for c in controls)
     chain = step_end_chain(ctx, controls)
@@ -157,31 +161,25 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 5. Denoise, reporting progress and honouring cancellation between steps.
     t2 = time.perf_counter()
     step_cb = _step_callback(shot.steps, progress, cancel, chain)
+
+    def check_cancel():
+        if cancel is not None and cancel.is_set():
+            raise RenderCancelled("render cancelled")
+
     kwargs = dict(prompt=plan.shot.prompt, negative_prompt=shot.negative_prompt or None, num_frames=shot.frames,
                   height=shot.height, width=shot.width, num_inference_steps=shot.steps,
                   guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
-    if preset.family == "animatediff":
-        kwargs.update(callback_on_step_end=step_cb, callback_on_step_end_tensor_inputs=["latents"])
-    else:  # TextToVideoSDPipeline only has the legacy per-step callback: edit its latents in place
-        def legacy(i, t, lat):
-            new = step_cb(pipe, i, t, {"latents": lat}).get("latents")
-            if new is not None and new is not lat:
-                lat.copy_(new)
-            if cancel is not None and cancel.is_set():  # this pipeline has no `_interrupt`: leave its loop
-                raise RenderCancelled("render cancelled")
-
-        kwargs.update(callback=legacy, callback_steps=1)
+    kwargs.update(family.call_kwargs(pipe, step_cb, check_cancel))
     with torch.inference_mode(), subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
         out = pipe(**kwargs).frames
-    if cancel is not None and cancel.is_set():
-        raise RenderCancelled("render cancelled")
+    check_cancel()
     timings["denoise"] = time.perf_counter() - t2
     # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
+    info = {"device": str(pipe.device), "dtype": str(denoiser.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
-            "controls": [c.name for c in controls]}
+            "controls": [c.name for c in controls], "noise_prior": prior}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
     #    prompt and subjects (box/camera/reference controls are not applied to these passes).
     if refine.enabled(shot):
@@ -201,6 +199,17 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
     return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe))
+
+
+def latent_prior(shot: shotlib.Shot, family, temporal: int) -> dict:
+    """How the shot's per-video-frame γ reaches the model's latent frames (recorded in the sidecar, render.noise_prior):
+    each latent frame stands at the time of the frames it encodes (times; None: one latent per frame, t_k = k), and
+    neighbouring latents correlate by step_gamma = γ^(t_k − t_{k−1}) (Wan: γ^2.5 between latents 0 and 1, γ⁴ after)."""
+    times = family.latent_times(shot.frames, temporal)
+    gamma = shot.noise_prior.gamma
+    return {"gamma": gamma, "latent_frames": len(times), "frames_per_latent": temporal,
+            "times": None if temporal == 1 else times,
+            "step_gamma": noise_prior.step_gammas(gamma, times)}
 
 
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):

@@ -21,7 +21,7 @@ from studio.presets import ModelPreset, resolve_local, scheduler_class
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "tiny-wan")
 
 
 class ModelLoadError(RuntimeError):
@@ -39,11 +39,15 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_dtype(name: str, device: str):
+def torch_dtype(name: str, device: str, family: str = "animatediff"):
+    """The torch dtype of a preset's `dtype` on a device; `auto` is the family's choice (fp16 on CUDA for the UNets,
+    bf16 for Wan; fp32 on a CPU)."""
     import torch
 
     if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+        from studio import families
+
+        name = families.get(family).auto_dtype(device)
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
@@ -63,7 +67,7 @@ class PipelineKey:
 
 
 def key_for(preset: ModelPreset, device: str) -> PipelineKey:
-    dtype = str(torch_dtype(preset.dtype, device)).removeprefix("torch.")
+    dtype = str(torch_dtype(preset.dtype, device, preset.family)).removeprefix("torch.")
     return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
                        preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())),
                        preset.scheduler_class)
@@ -82,18 +86,29 @@ def builtin_folder(name: str) -> Path:
     """The folder of a builtin random-weight model, built on first use."""
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"unknown builtin model 'builtin:{name}' (known: {', '.join(BUILTIN_MODELS)})")
-    from studio.toyworld.model import TINY_ARCH, save_random_model
-
     import hashlib
 
     import diffusers
 
-    tag = hashlib.sha1(f"{TINY_ARCH!r} {diffusers.__version__}".encode()).hexdigest()[:10]
+    if name == "tiny-wan":
+        from studio.families import wan_build
+
+        tag = wan_build.spec_tag(wan_build.TINY)
+
+        def build(folder):
+            wan_build.save_random_model(folder, wan_build.TINY, seed=0)
+    else:
+        from studio.toyworld.model import TINY_ARCH, save_random_model
+
+        tag = hashlib.sha1(f"{TINY_ARCH!r} {diffusers.__version__}".encode()).hexdigest()[:10]
+
+        def build(folder):
+            save_random_model(folder, TINY_ARCH, seed=0)
     folder = studio_home() / "builtin" / f"{name}-{tag}"  # a new architecture or library gets a new folder
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         logger.info("building the random-weight '%s' model in %s", name, folder)
-        save_random_model(folder, TINY_ARCH, seed=0)
+        build(folder)
     return folder
 
 
@@ -154,33 +169,30 @@ def _is_missing_weights(e: Exception) -> bool:
 
 
 def load_pipeline(preset: ModelPreset, device: str):
-    """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager)."""
-    import diffusers
+    """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager).
 
+    The one load path of every preset: the family (studio.families) names the pipeline class and loads its parts.
+    """
+    from studio import families
+
+    family = families.get(preset.family)
     scheduler_class(preset)  # a bad class name fails before any weights load
-    dtype = torch_dtype(preset.dtype, device)
+    dtype = torch_dtype(preset.dtype, device, preset.family)
     base = resolve_local(preset.base)
     if base.startswith("builtin:"):
         base = str(builtin_folder(base.removeprefix("builtin:")))
     kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
-    adapter = resolve_local(preset.motion_adapter) if preset.family == "animatediff" and preset.motion_adapter else None
-    for r in filter(None, (adapter, base)):
+    for r in [resolve_local(r) for r in family.weight_refs(preset)] + [base]:
         _check_reference(preset, r)
-    ref = base
+    loading = [preset.base]  # the reference being loaded, for the error
     try:
-        if preset.family == "animatediff":
-            extra = {}
-            if adapter:
-                ref = preset.motion_adapter
-                extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(adapter, dtype=dtype)
-            ref = base
-            pipe = diffusers.AnimateDiffPipeline.from_pretrained(base, **kw, **extra)
-        else:
-            pipe = diffusers.TextToVideoSDPipeline.from_pretrained(base, **kw)
+        pipe = family.load(preset, base, kw, loading.append)
     except Exception as e:  # only missing weights become a ModelLoadError; any other fault keeps its traceback
         if _is_missing_weights(e):
-            raise _load_error(preset, ref, e) from None
+            ref = loading[-1]
+            raise _load_error(preset, base if ref == preset.base else ref, e) from None
         raise
+    family.check_pipeline(pipe, preset)
     pipe.scheduler = build_scheduler(pipe.scheduler, preset)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -45,7 +45,7 @@ class ShotDefaults:
 class ModelPreset:
     name: str = MISSING
     description: str = ""
-    family: str = "animatediff"  # animatediff | zeroscope: which diffusers pipeline class runs it
+    family: str = "animatediff"  # animatediff | zeroscope | wan: the model family (studio.families), its pipeline
     # Where weights come from: a Hugging Face id, a local folder ('models/...' is relative to the checkout),
     # or 'builtin:<name>' for a random-weight model the studio builds in code (tests, plumbing).
     base: str = MISSING
@@ -62,9 +62,22 @@ class ModelPreset:
     max_size: int = 1024
     min_frames: int = 1
     max_frames: int = 32
+    # Frame rule: valid frame counts are frame_offset + k * frame_step (in min_frames..max_frames). The UNet
+    # families take any count (1, 0); Wan's causal VAE takes 4k + 1 (4, 1): frame 0, then 4 frames per latent frame.
+    frame_step: int = 1
+    frame_offset: int = 0
+    # Expected peak accelerator memory of a render at the defaults (e.g. "18.5 GB on an H100, bf16"), or
+    # "not measured" until a GPU measures it.
+    peak_memory: str = ""
 
 
-FAMILIES = ("animatediff", "zeroscope")
+def _families() -> tuple[str, ...]:
+    from studio.families import NAMES
+
+    return NAMES
+
+
+FAMILIES = _families()
 
 
 def _load_yaml(path: Path, schema, what: str):
@@ -89,10 +102,51 @@ def load_model_preset(model: str) -> ModelPreset:
     preset = _load_yaml(path, ModelPreset, "model")
     if preset.family not in FAMILIES:
         raise ShotError("model", model, f"preset family must be one of {FAMILIES}, not {preset.family!r}")
+    _check_frame_rule(preset, model)
     if preset.scheduler_class is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", preset.scheduler_class):
         raise ShotError("model", model, f"scheduler_class must be a diffusers class name such as DDIMScheduler, "
                                         f"not {preset.scheduler_class!r}")
     return preset
+
+
+def valid_frames(preset: ModelPreset, frames: int) -> bool:
+    """Whether the preset renders that many frames (its range and frame rule)."""
+    return (preset.min_frames <= frames <= preset.max_frames
+            and (frames - preset.frame_offset) % preset.frame_step == 0)
+
+
+def nearest_frames(preset: ModelPreset, frames: int) -> list[int]:
+    """The valid frame counts nearest to `frames`: one, or the two either side of it."""
+    lo, hi, step = preset.min_frames, preset.max_frames, preset.frame_step
+    first = lo + (preset.frame_offset - lo) % step  # the smallest valid count
+    last = first + (hi - first) // step * step  # the largest
+    if frames <= first:
+        return [first]
+    if frames >= last:
+        return [last]
+    below = first + (frames - first) // step * step
+    return [below] if below == frames else [below, below + step]
+
+
+def nearest_sizes(preset: ModelPreset, size: int) -> list[int]:
+    """The valid widths/heights nearest to `size` (positive multiples of size_multiple up to max_size)."""
+    m = preset.size_multiple
+    last = preset.max_size // m * m
+    if size <= m:
+        return [m]
+    if size >= last:
+        return [last]
+    below = size // m * m
+    return [below] if below == size else [below, below + m]
+
+
+def _check_frame_rule(preset: ModelPreset, model: str) -> None:
+    if preset.frame_step < 1 or not 0 <= preset.frame_offset < preset.frame_step:
+        raise ShotError("model", model, f"frame_step must be >= 1 and frame_offset in 0..frame_step-1, not "
+                                        f"{preset.frame_step} and {preset.frame_offset}")
+    if not any(valid_frames(preset, f) for f in range(preset.min_frames, preset.max_frames + 1)):
+        raise ShotError("model", model, f"no frame count in {preset.min_frames}..{preset.max_frames} is "
+                                        f"{preset.frame_offset} + k·{preset.frame_step} (the frame rule)")
 
 
 def scheduler_class(preset: ModelPreset):

@@ -1,7 +1,8 @@
 """Cheap pictures of what a shot's controls will do, without rendering: for the UI's live previews.
 
 - trajectory(shot): every frame with each subject's interpolated box drawn over a backdrop;
-- camera(shot): a grid and the boxes moving as the latent shift will move them.
+- camera(shot): a grid and the boxes moving as the latent shift will move them;
+- noise(gamma, frames, frames_per_latent): the noise prior as the model gets it, over its latent frames.
 Pure functions of the shot (no model); uint8 RGB frames (F, H, W, 3).
 """
 
@@ -77,3 +78,39 @@ def camera(shot: shotlib.Shot, long_side: int = 256, cells: int = 8) -> np.ndarr
         _draw_boxes(frame, moved, f)
         out[f] = frame
     return out
+
+
+def noise(gamma: float, frames: int = 8, frames_per_latent: int = 1, size: int = 32,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """What the noise prior hands the model: (F', F') covariance of its latent frames, F' sampled noise frames
+    (F', size, size) in 0..1, and the video time each latent frame stands at.
+
+    frames_per_latent: the model's temporal factor (1 on the UNet families: F' = F; 4 on Wan: latent 0 is frame 0,
+    latent k >= 1 frames 4k-3..4k, so F' = (F − 1)/4 + 1). Pure and cheap (no model).
+    """
+    from studio.controls import noise_prior
+    from studio.families import latent_times
+
+    times = latent_times(frames, frames_per_latent)
+    cov, noise_frames = noise_prior.preview(gamma, len(times), size, seed,
+                                            times=None if frames_per_latent == 1 else times)
+    return cov, noise_frames, times
+
+
+def noise_caption(gamma: float, frames: int, frames_per_latent: int = 1) -> str:
+    """One line saying how γ reaches the model's latent frames (the preview's caption)."""
+    from studio.families import latent_times
+
+    times = latent_times(frames, frames_per_latent)
+    if frames_per_latent == 1:
+        return (f"{frames} frames, one noise frame each: neighbours correlate γ = {gamma:.2f}, "
+                f"frames i and j γ^|i−j|.")
+    t = frames_per_latent
+    text = (f"{frames} frames = {len(times)} latent frames (latent 0 is frame 0 alone, latent k covers frames "
+            f"{t}k−{t - 1}..{t}k); each latent stands at the centre of its frames, so latents i and j correlate "
+            f"γ^|t_i − t_j|")
+    if len(times) > 1:
+        text += f": latent 0↔1 γ^{times[1]:g} = {gamma ** times[1]:.2f}"
+    if len(times) > 2:
+        text += f", then γ^{t} = {gamma ** t:.2f} per latent"
+    return text + "."

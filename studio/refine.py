@@ -52,13 +52,15 @@ def v2v_pipeline(pipe):
     """The video-to-video pipeline sharing `pipe`'s modules (diffusers `from_pipe`: no weights copied)."""
     import diffusers
 
+    from studio import families
+
+    family = families.of(pipe)
+    if family.video_to_video is None:
+        raise ValueError(f"refine: no video-to-video pass on the {family.name} family yet")
     with _V2V_LOCK:
         v2v = _V2V.get(pipe)
-        if v2v is None:
-            if isinstance(pipe, diffusers.AnimateDiffPipeline):
-                v2v = diffusers.AnimateDiffVideoToVideoPipeline.from_pipe(pipe)
-            else:  # Zeroscope / ModelScope (UNet3D)
-                v2v = diffusers.VideoToVideoSDPipeline.from_pipe(pipe)
+        if v2v is None:  # AnimateDiff: AnimateDiffVideoToVideoPipeline; Zeroscope / ModelScope: VideoToVideoSD
+            v2v = getattr(diffusers, family.video_to_video).from_pipe(pipe)
             v2v.set_progress_bar_config(disable=True)
             _V2V[pipe] = v2v
         return v2v

@@ -471,16 +471,7 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("prompt", shot.prompt, "the prompt must not be empty")
     if shot.seed < 0 or shot.seed >= 2**63:
         raise ShotError("seed", shot.seed, "the seed must be in 0..2**63-1")
-    lo, hi = preset.min_frames, preset.max_frames
-    if not lo <= shot.frames <= hi:
-        raise ShotError("frames", shot.frames, f"model '{preset.name}' renders {lo}..{hi} frames")
-    for name in ("width", "height"):
-        v = getattr(shot, name)
-        m = preset.size_multiple
-        if v <= 0 or v % m:
-            raise ShotError(name, v, f"must be a positive multiple of {m} for model '{preset.name}'")
-        if v > preset.max_size:
-            raise ShotError(name, v, f"model '{preset.name}' renders at most {preset.max_size} pixels")
+    _validate_frames_and_size(shot, preset)
     _check_range("fps", shot.fps, 1, 120)
     _check_range("steps", shot.steps, 1, 1000)
     _check_range("guidance_scale", shot.guidance_scale, 0, 50)
@@ -522,6 +513,35 @@ def validate(shot: Shot, preset) -> None:
         validate_image_file(shot.background.reference, "background.reference")
     _check_range("background.strength", shot.background.strength, 0, 10)
     _validate_refine(shot, preset)
+    from studio import families
+
+    families.get(preset.family).check_shot(shot, preset)  # settings the model's family does not take (yet)
+
+
+def _nearest(values: list[int]) -> str:
+    return f"nearest valid: {' or '.join(map(str, values))}"
+
+
+def _validate_frames_and_size(shot: Shot, preset) -> None:
+    """frames by the preset's range and frame rule, width and height by its size_multiple and max_size; the message
+    names the nearest valid values."""
+    from studio.presets import nearest_frames, nearest_sizes, valid_frames
+
+    lo, hi = preset.min_frames, preset.max_frames
+    if not valid_frames(preset, shot.frames):
+        step, offset = preset.frame_step, preset.frame_offset
+        counts = f"{lo}..{hi} frames" if step == 1 else f"{step}k+{offset} frames ({lo}..{hi})"
+        raise ShotError("frames", shot.frames, f"model '{preset.name}' renders {counts}; "
+                                               f"{_nearest(nearest_frames(preset, shot.frames))}")
+    for name in ("width", "height"):
+        v = getattr(shot, name)
+        m = preset.size_multiple
+        if v <= 0 or v % m:
+            raise ShotError(name, v, f"must be a positive multiple of {m} for model '{preset.name}'; "
+                                     f"{_nearest(nearest_sizes(preset, v))}")
+        if v > preset.max_size:
+            raise ShotError(name, v, f"model '{preset.name}' renders at most {preset.max_size} pixels; "
+                                     f"{_nearest(nearest_sizes(preset, v))}")
 
 
 def find_phrase(phrase: str, prompt: str) -> re.Match | None:

@@ -184,9 +184,9 @@ def test_box_settings_are_validated(tiny_shot, field, value, message):
 
 
 def test_a_model_without_spatial_cross_attention_refuses_boxes(tiny_shot, manager, monkeypatch):
-    from studio.controls import compose
+    from studio.families.unet import UNetFamily
 
-    monkeypatch.setattr(compose, "spatial_cross_attention_names", lambda unet: [])
+    monkeypatch.setattr(UNetFamily, "cross_attention_names", lambda self, unet: [])  # where compose asks
     with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.boxes: .*no spatial cross-attention"):
         engine.render(tiny_shot, manager)
 

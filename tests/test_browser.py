@@ -128,3 +128,52 @@ def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
           "the history's steps back in the form")
     assert not errors, errors
     page.close()
+
+
+def _slider_value(page, label: str) -> float:
+    return float(page.locator(f"input[type=number][aria-label='number input for {label}']").input_value())
+
+
+def test_frames_and_size_sliders_snap_to_a_wan_models_values(browser, studio_url):
+    """Picking a Wan preset gives the frames slider the model's grid (4k+1) and the size sliders its multiple;
+    values typed into their boxes move to the nearest valid one, and dragging lands on valid values only. The γ
+    preview's caption follows the model's latent frames. No weights load: nothing renders."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1150})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(studio_url)
+    page.wait_for_selector("#canvas canvas", timeout=60_000)
+    model = page.get_by_label("model preset")
+    model.click()
+    page.get_by_role("option", name="wan2.1-t2v-1.3b", exact=True).click()
+    _wait(lambda: _slider_value(page, "frames") == 81 and _slider_value(page, "width") == 832, 30,
+          "the Wan preset's defaults in the form")
+    step = page.locator("#frames input[type=range]")
+    _wait(lambda: step.get_attribute("step") == "4", 30, "the frames slider's step of 4")
+    assert page.locator("#width input[type=range]").get_attribute("step") == "16"
+    for typed, snapped in ((80, 81), (78, 77), (2, 1), (200, 161)):  # 200: under the slider, over the model
+        _set_number(page, "frames", typed)
+        _wait(lambda: _slider_value(page, "frames") == snapped, 30, f"frames {typed} to snap to {snapped}")
+    _set_number(page, "width", 840)
+    _wait(lambda: _slider_value(page, "width") == 848, 30, "width 840 to snap to 848 (a tie goes up)")
+    _set_number(page, "height", 470)
+    _wait(lambda: _slider_value(page, "height") == 464, 30, "height 470 to snap to 464")
+    r = step.bounding_box()  # drag the slider: wherever it stops, the value is 4k+1
+    for x in (0.23, 0.61):
+        page.mouse.click(r["x"] + x * r["width"], r["y"] + r["height"] / 2)
+        time.sleep(0.5)
+        assert (_slider_value(page, "frames") - 1) % 4 == 0, _slider_value(page, "frames")
+    page.get_by_role("tab", name="Noise").click()
+    _set_number(page, "frames", 17)
+    caption = page.locator("#gamma-caption")
+    _wait(lambda: "17 frames = 5 latent frames" in caption.inner_text(), 30, "the γ caption for 5 latent frames")
+    # back on a UNet model every frame count is valid again
+    model.click()
+    page.get_by_role("option", name="toyworld", exact=True).click()
+    _wait(lambda: step.get_attribute("step") == "1" and _slider_value(page, "frames") == 8, 30,
+          "the toy model's frames slider")
+    _set_number(page, "frames", 10)
+    time.sleep(1.0)
+    assert _slider_value(page, "frames") == 10
+    assert not errors, errors
+    page.close()

@@ -69,6 +69,10 @@ class Context:
     # temporal mode); attention processors treat them as unedited
     extra_frames: int = 0
     side_pass: bool = False  # a UNet call that is not the render's own (a reference write pass): no edits
+    latent_frames: int | None = None  # F': latent frames (None: one per video frame, as on the UNet families)
+    # True: classifier-free guidance is one denoiser call on [uncond videos, cond videos] (UNets); False: two calls
+    # per step, the conditional one first (Wan). From the model's family (studio.families).
+    cfg_batched: bool = True
 
     def layer_size(self, n_tokens: int) -> tuple[int, int]:
         """(rows, cols) of an attention layer with n_tokens spatial tokens (the latent downsampled by 2^k)."""
@@ -80,8 +84,9 @@ class Context:
         raise ValueError(f"no latent downsampling of {self.latent_h}x{self.latent_w} has {n_tokens} tokens")
 
     def cond_slice(self, batch: int) -> slice:
-        """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass."""
-        return slice(batch // 2, batch) if self.do_cfg else slice(0, batch)
+        """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass (all of them when
+        guidance runs the conditional pass as a call of its own, cfg_batched False)."""
+        return slice(batch // 2, batch) if self.do_cfg and self.cfg_batched else slice(0, batch)
 
 
 class CaptureCrossAttnProcessor:
@@ -197,8 +202,11 @@ class Control:
 
 @contextlib.contextmanager
 def applied(pipe, controls: list[Control], ctx: Context):
-    """Install the controls' processors and hooks on pipe.unet; restore the original processors afterwards."""
-    unet = pipe.unet
+    """Install the controls' processors and hooks on the pipeline's denoiser (pipe.unet, or pipe.transformer on Wan);
+    restore the original processors afterwards."""
+    from studio import families
+
+    unet = families.denoiser(pipe)
     if not controls:
         yield
         return

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from studio import shot as shotlib
-from studio.controls.base import Context, Control, spatial_cross_attention_names, spatial_self_attention_names
+from studio import families, shot as shotlib
+from studio.controls.base import Context, Control
 
 
 def context(shot: shotlib.Shot, latent_h: int, latent_w: int) -> Context:
@@ -29,12 +29,13 @@ def context(shot: shotlib.Shot, latent_h: int, latent_w: int) -> Context:
 def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapters=()) -> list[Control]:
     """adapters: (LoRA adapter name, subject index) of the shot's trained subjects (studio.subjects.apply.plan)."""
     controls: list[Control] = []
-    unet = pipe.unet
+    family = families.of(pipe)
+    unet = family.denoiser(pipe)
     model = f"model '{preset_name}'" if preset_name else "this model"
     # 1. Box trajectories: cross-attention editing.
     tracked = [k for k, s in enumerate(shot.subjects) if s.boxes]
     if tracked:
-        if not spatial_cross_attention_names(unet):
+        if not family.cross_attention_names(unet):
             raise shotlib.ShotError(f"subjects[{tracked[0]}].boxes", "…",
                                     f"{model} has no spatial cross-attention, which box control edits")
         from studio.controls.boxes import BoxAttention, PhraseError, assign_phrases, word_token_indices
@@ -62,7 +63,7 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
         refs.append((None, shot.background.reference, shot.background.strength))
     if refs:
         where = f"subjects[{refs[0][0]}].reference" if refs[0][0] is not None else "background.reference"
-        if not spatial_self_attention_names(unet):
+        if not family.self_attention_names(unet):
             raise shotlib.ShotError(where, refs[0][1], f"{model} has no spatial self-attention to inject into")
         from studio.controls import reference
 

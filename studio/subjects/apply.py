@@ -243,7 +243,9 @@ def _activate(unet, names: list[str]) -> None:
 
 
 def _adapters(pipe) -> set[str]:
-    cfg = getattr(pipe.unet, "peft_config", None)
+    from studio import families
+
+    cfg = getattr(families.denoiser(pipe), "peft_config", None)
     return set(cfg or {})
 
 
@@ -291,7 +293,7 @@ def activated(pipe, adapters: list[tuple[str, int]], regional: bool):
     if not _adapters(pipe):
         yield
         return
-    unet = pipe.unet
+    unet = pipe.unet  # trained subjects exist on the UNet families only (studio.families: "subjects")
     try:
         if adapters:
             _activate(unet, [n for n, _ in adapters])

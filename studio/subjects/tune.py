@@ -110,6 +110,9 @@ def defaults(preset) -> dict:
 
 def resolve(settings: TuneSettings, preset) -> TuneSettings:
     """Fill the base model's defaults in and check every field (ValueError naming the field and value)."""
+    from studio import families
+
+    families.get(preset.family).require("subject_tuning", "model", preset)  # LoRA / tokens on the UNets only (yet)
     d = defaults(preset)
     s = dataclasses.replace(settings, **{k: v for k, v in d.items() if getattr(settings, k) is None})
     if s.method not in METHODS:

@@ -226,8 +226,10 @@ class Page:
             self.wire_background()
             self.wire_shot_file()
             self.wire_render()
-            demo.load(guarded(ev.gamma_preview_event), inputs_kwargs={"gamma": self.gamma},
+            demo.load(guarded(ev.gamma_preview_event), inputs_kwargs=self.noise_in,
                       outputs=[self.heat, self.noise_strip], **QUIET)
+            demo.load(guarded(ev.gamma_caption_event), inputs_kwargs=self.noise_in, outputs=self.noise_caption,
+                      **QUIET)
             demo.load(guarded(self.refresh_views, "preview"), inputs_kwargs=self.views_in, outputs=self.views,
                       **QUIET)
             demo.load(guarded(self.slot_view), inputs_kwargs={"shot_yaml": self.shot_yaml, "slot": self.slot},
@@ -353,10 +355,12 @@ class Page:
             self.gamma = gr.Slider(0.0, 0.99, value=self.start["gamma"], step=0.01, label="noise correlation γ",
                                    elem_id="gamma")
             gr.Markdown(ev.GAMMA_HELP)
+            self.noise_caption = gr.Markdown(elem_id="gamma-caption")
             with gr.Row():
-                self.heat = gr.Image(label="Cov(frame i, frame j)", height=180, interactive=False,
-                                     elem_id="gamma-heat")
-                self.noise_strip = gr.Image(label="sampled noise frames", height=180, interactive=False)
+                self.heat = gr.Image(label="Cov(noise frame i, noise frame j), as the model gets it", height=180,
+                                     interactive=False, elem_id="gamma-heat")
+                self.noise_strip = gr.Image(label="sampled noise frames (the model's latent frames)", height=180,
+                                            interactive=False)
 
     def shot_file_tab(self):
         import gradio as gr
@@ -383,12 +387,18 @@ class Page:
                                       scale=3)
                 self.dice = gr.Button("random", scale=0, min_width=90, elem_id="dice")
                 self.steps = gr.Slider(1, 100, value=s["steps"], step=1, label="steps", scale=4)
+            rules = ev.preset_rules_event(s["model"])  # the start model's valid frames and sizes (see slider_rules)
+            top = _slider_maxima()
             with gr.Row():
                 self.guidance = gr.Slider(0.0, 20.0, value=s["guidance_scale"], step=0.5, label="guidance scale")
-                self.frames = gr.Slider(1, 32, value=s["frames"], step=1, label="frames")
+                self.frames = gr.Slider(rules["frames"]["minimum"], top["frames"], value=s["frames"],
+                                        step=rules["frames"]["step"], label="frames", elem_id="frames",
+                                        info="snaps to the frame counts the model takes")
             with gr.Row():
-                self.width = gr.Number(s["width"], precision=0, minimum=8, step=8, label="width")
-                self.height = gr.Number(s["height"], precision=0, minimum=8, step=8, label="height")
+                self.width = gr.Slider(rules["size"]["minimum"], top["size"], value=s["width"],
+                                       step=rules["size"]["step"], label="width", elem_id="width")
+                self.height = gr.Slider(rules["size"]["minimum"], top["size"], value=s["height"],
+                                        step=rules["size"]["step"], label="height", elem_id="height")
             self.refine_panel()
             with gr.Row():
                 self.render_btn = gr.Button("Render", variant="primary", elem_id="render")
@@ -480,9 +490,19 @@ class Page:
         for c in (self.shot_yaml, self.frames, self.cx, self.cy, self.model, self.width, self.height):
             c.change(refresh, inputs_kwargs=self.views_in, outputs=self.views, **QUIET, trigger_mode="always_last")
         self.prompt.blur(refresh, inputs_kwargs=self.views_in, outputs=self.views, **QUIET)
-        self.gamma.change(guarded(ev.gamma_preview_event), inputs_kwargs={"gamma": self.gamma},
+        self.gamma.change(guarded(ev.gamma_preview_event), inputs_kwargs=self.noise_in,
                           outputs=[self.heat, self.noise_strip], api_name="gamma_preview", show_progress="hidden",
                           trigger_mode="always_last")
+        for c in (self.model, self.frames):  # the latent frames the model gets follow the model and the length
+            c.change(guarded(ev.gamma_preview_event), inputs_kwargs=self.noise_in,
+                     outputs=[self.heat, self.noise_strip], **QUIET, trigger_mode="always_last")
+        for c in (self.gamma, self.model, self.frames):
+            c.change(guarded(ev.gamma_caption_event), inputs_kwargs=self.noise_in, outputs=self.noise_caption,
+                     **QUIET, trigger_mode="always_last")
+
+    @property
+    def noise_in(self) -> dict:
+        return {"gamma": self.gamma, "model": self.model, "frames": self.frames}
 
     def wire_trajectory(self):
         self.canvas.change(guarded(tj.boxes_event), inputs_kwargs=self.with_form(
@@ -655,6 +675,15 @@ class Page:
 
         self.model.input(guarded(on_model, "model preset"), inputs_kwargs={"model": self.model},
                          outputs=[self.form[k] for k in picked], **QUIET)
+        sized = [self.frames, self.width, self.height]
+        # the sliders take the model's steps (frames 4k+1 on Wan, sizes its multiple), however the model changed
+        self.model.change(guarded(self.slider_rules, "model preset"), inputs_kwargs={"model": self.model},
+                          outputs=sized, **QUIET)
+        # a value typed into a slider's box (or left over from another model) moves to the nearest valid one
+        for c in sized:
+            c.input(guarded(self.snap, "frames and size"), inputs_kwargs={
+                "model": self.model, "frames": self.frames, "width": self.width, "height": self.height},
+                outputs=sized, **QUIET, trigger_mode="always_last")
         self.dice.click(random_seed, outputs=self.seed, api_visibility="private")
         def render(shot_yaml, history, request: gr.Request, progress=gr.Progress(), **form):
             return self.render(shot_yaml, history, _session(request), progress, **form)
@@ -678,6 +707,25 @@ class Page:
             "history": self.history, "number": self.pick}, outputs=[self.shot_yaml, self.video, *self.form.values()],
             **QUIET))
 
+    def slider_rules(self, model) -> dict:
+        """The frames and size sliders' ranges and steps for a model preset (values unchanged)."""
+        import gradio as gr
+
+        rules = ev.preset_rules_event(model)
+        # the slider's grid is minimum + k·step, so the minimum is the model's; the maximum stays the widest
+        # preset's, so that a value of the next model is never out of bounds while the ranges catch up (snapping
+        # moves a value past the model's own maximum back to it)
+        frames, size = ({"minimum": rules[k]["minimum"], "step": rules[k]["step"]} for k in ("frames", "size"))
+        return {self.frames: gr.update(**frames), self.width: gr.update(**size), self.height: gr.update(**size)}
+
+    def snap(self, model, frames, width, height) -> dict:
+        """frames, width and height moved to the nearest values the model takes (unchanged ones skipped)."""
+        import gradio as gr
+
+        snapped = ev.snap_event(model, frames=frames, width=width, height=height)
+        now = {"frames": frames, "width": width, "height": height}
+        return {self.form[k]: gr.skip() if now[k] is None or v == now[k] else v for k, v in snapped.items()}
+
     def render(self, shot_yaml, history, session: str, progress, **form) -> dict:
         """The Render button: the shot on the GPU side, progress per step labelled by stage, Cancel by session."""
         def report(i, n, stage):
@@ -691,6 +739,14 @@ class Page:
         history = history + [r.entry]
         return {self.video: r.video, self.downloads: r.downloads, self.shot_yaml: r.shot_yaml, self.status: r.status,
                 self.history: history, self.history_table: ev.history_rows(history), self.first_frame: r.first_frame}
+
+
+def _slider_maxima() -> dict:
+    """The largest frame count and size of any model preset: the frames and size sliders' maximum."""
+    from studio.presets import list_model_presets
+
+    rules = [ev.preset_rules_event(m) for m in list_model_presets()]
+    return {k: max(r[k]["maximum"] for r in rules) for k in ("frames", "size")}
 
 
 def _model_choices() -> list[str]:

@@ -28,7 +28,9 @@ from studio.pipelines import ModelLoadError, studio_home
 logger = logging.getLogger(__name__)
 
 GAMMA_HELP = ("γ correlates the initial noise across frames: Cov(frame i, frame j) = γ^|i−j|. 0 = independent "
-              "noise per frame (more motion, more flicker); near 1 = shared noise (steadier, less motion).")
+              "noise per frame (more motion, more flicker); near 1 = shared noise (steadier, less motion). On a model "
+              "whose latent frames span several video frames (Wan: 4) the noise is drawn per latent frame at the "
+              "same correlation per video frame; the preview shows the latent frames the model gets.")
 MAX_SEED = 2**31 - 1
 DEFAULT_SHOT = "toyworld-star"  # the shot the page opens with: presets/shots/<name>.yaml, on the embedded model
 # The form's fields: the name the page passes each by (a keyword) -> the shot field it shows (dotted path).
@@ -158,6 +160,38 @@ def preset_defaults_event(model: str) -> dict:
     d = load_model_preset(model).defaults
     return {"frames": d.frames, "width": d.width, "height": d.height, "steps": d.steps,
             "guidance_scale": d.guidance_scale}
+
+
+@user_errors
+def preset_rules_event(model: str) -> dict:
+    """The valid frames and sizes of a model preset, as slider ranges: {"frames": {minimum, maximum, step},
+    "size": {...}}. A slider from `minimum` in steps of `step` holds exactly the valid values (frames = 4k+1 on Wan)."""
+    from studio.presets import load_model_preset, nearest_frames
+
+    p = load_model_preset(model)
+    first = nearest_frames(p, p.min_frames)[0]  # the smallest valid frame count
+    return {"frames": {"minimum": first, "maximum": nearest_frames(p, p.max_frames)[-1], "step": p.frame_step},
+            "size": {"minimum": p.size_multiple, "maximum": p.max_size // p.size_multiple * p.size_multiple,
+                     "step": p.size_multiple}}
+
+
+def _closest(value: float, candidates: list[int]) -> int:
+    """The candidate nearest to value; a tie goes to the larger."""
+    return min(candidates, key=lambda c: (abs(c - value), -c))
+
+
+@user_errors
+def snap_event(model: str, frames=None, width=None, height=None) -> dict:
+    """The frames, width and height the page's sliders snap to for a model preset: each value moved to the nearest
+    valid one (None stays None). What a shot file says is never snapped: there an invalid value is refused."""
+    from studio.presets import load_model_preset, nearest_frames, nearest_sizes
+
+    p = load_model_preset(model)
+    out = {}
+    for name, v, nearest in (("frames", frames, nearest_frames), ("width", width, nearest_sizes),
+                             ("height", height, nearest_sizes)):
+        out[name] = None if v is None else _closest(float(v), nearest(p, int(round(float(v)))))
+    return out
 
 
 @user_errors
@@ -363,25 +397,53 @@ def history_entry(history: list[dict], number) -> dict:
 # --- previews ------------------------------------------------------------------------------------------------
 
 
+MAX_STRIP_FRAMES = 24  # noise frames shown side by side under the γ slider
+
+
 @user_errors
-def gamma_preview_event(gamma: float):
-    """The prior's covariance as a heat map and a strip of sampled noise frames (uint8 images)."""
+def gamma_preview_event(gamma: float, model: str | None = None, frames: int | None = None):
+    """The prior's covariance as a heat map and a strip of sampled noise frames (uint8 images), over the latent frames
+    the model gets: a model preset's (with its default frame count unless `frames` is given); without a model, 8
+    frames of one latent each."""
     import cv2
     import numpy as np
 
-    from studio.controls import noise_prior
+    from studio import previews
 
     if gamma is None:
         raise UserError("noise_prior.gamma: no value given")
     # the shot's own validation of γ, on the smallest shot that has one
     engine.prepare(shotlib.Shot(prompt="noise preview", noise_prior=shotlib.NoisePrior(gamma=float(gamma))))
-    cov, frames = noise_prior.preview(float(gamma), frames=8, size=32, seed=0)  # (F, F), (F, size, size) in 0..1
+    frames, per_latent = _noise_frames(model, frames)
+    cov, noise, _ = previews.noise(float(gamma), frames, per_latent, size=32, seed=0)  # (F', F'), (F', s, s)
     heat = cv2.applyColorMap((np.asarray(cov) * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1]
     heat = cv2.resize(heat, (160, 160), interpolation=cv2.INTER_NEAREST)
-    grey = np.repeat((frames[..., None] * 255).round().astype(np.uint8), 3, axis=-1)  # (F, size, size, 3)
-    noise = strip(grey)
-    noise = cv2.resize(noise, (noise.shape[1] * 2, noise.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    return heat, noise
+    noise = noise[:MAX_STRIP_FRAMES]  # the strip shows the first ones; the heat map all of them
+    grey = np.repeat((noise[..., None] * 255).round().astype(np.uint8), 3, axis=-1)  # (F', size, size, 3)
+    strip_ = strip(grey)
+    strip_ = cv2.resize(strip_, (strip_.shape[1] * 2, strip_.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    return heat, strip_
+
+
+def _noise_frames(model: str | None, frames) -> tuple[int, int]:
+    """(video frames, video frames per latent frame) for the γ preview."""
+    if not model:
+        return int(frames or 8), 1
+    from studio import families
+    from studio.presets import load_model_preset
+
+    p = load_model_preset(model)
+    frames = int(round(float(frames))) if frames else p.defaults.frames
+    return frames, families.get(p.family).temporal_factor(p)
+
+
+@user_errors
+def gamma_caption_event(gamma: float, model: str | None = None, frames: int | None = None) -> str:
+    """One line under the γ preview: how γ reaches the model's latent frames."""
+    from studio import previews
+
+    frames, per_latent = _noise_frames(model, frames)
+    return previews.noise_caption(float(gamma or 0.0), frames, per_latent)
 
 
 def strip(frames):
