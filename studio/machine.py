@@ -18,16 +18,9 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 
-def denoiser(pipe):
-    """The pipeline's denoising network (UNet or transformer)."""
-    for name in ("unet", "transformer"):
-        net = getattr(pipe, name, None)
-        if net is not None:
-            return net
-    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
-
-
 def _dtype(pipe) -> str:
+    from studio.families import denoiser
+
     return str(denoiser(pipe).dtype).removeprefix("torch.")
 
 
