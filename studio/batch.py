@@ -28,7 +28,6 @@ Shapes: frames (F, H, W, 3) uint8.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -41,11 +40,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,8 +56,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
-CONTACT_SHEET = "contact_sheet.png"
-RESERVED_STEMS = {Path(n).stem.lower() for n in (MANIFEST_JSON, CONTACT_SHEET)}
+CONTACT_SHEET = "contact_sheet.png"  # then contact_sheet-2.png, ...: SHEET_ROWS jobs a page
+SHEET_ROWS = 100
+RESERVED_STEMS = {Path(MANIFEST_JSON).stem.lower()}  # a job's sidecar must not be the manifest
 MAX_JOBS = 10_000
 MAX_NAME = 120  # characters of a job's file stem (then shortened, with a hash)
 
@@ -173,10 +174,6 @@ class Plan:
     jobs: list[Job]  # product order
     order: list[Job]  # execution order: grouped by pipeline, then by subjects
 
-    @property
-    def groups(self) -> int:
-        return len({j.group for j in self.jobs})
-
 
 def show_value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
@@ -248,6 +245,9 @@ def plan(shot_files: list[str], out: str | Path, sweeps: list[str | Sweep] = (),
     out = Path(out)
     if not shot_files:
         raise BatchError("studio batch: give at least one shot file")
+    for path in shot_files:
+        if shot_files.count(path) > 1:
+            raise shotlib.ShotError("shot", path, "the same shot file is given twice")
     _check_out_dir(out)
     sweeps = [parse_sweep(s) if isinstance(s, str) else s for s in sweeps]
     fields = [s.field for s in sweeps]
@@ -259,7 +259,7 @@ def plan(shot_files: list[str], out: str | Path, sweeps: list[str | Sweep] = (),
         raise BatchError(f"studio batch: {n} jobs (shots × sweep values); a batch has at most {MAX_JOBS}")
     overrides = list(overrides)
     data = {}
-    for path in dict.fromkeys(shot_files):
+    for path in shot_files:
         try:
             data[path] = _read_shot_file(path)
             shotlib.from_container(data[path], overrides)  # --set itself, before the product multiplies its errors
@@ -282,16 +282,22 @@ def plan(shot_files: list[str], out: str | Path, sweeps: list[str | Sweep] = (),
         jobs.append(Job(k, name, path, values, sets, shot, preset.name, used, (key_for(preset, "cpu"), used)))
     if errors:
         raise BatchError(_invalid_jobs(errors, len(items)))
-    first_seen = {}
-    for job in jobs:
-        first_seen.setdefault(job.group[0], len(first_seen))
-        first_seen.setdefault(job.group, len(first_seen))
-    order = sorted(jobs, key=lambda j: (first_seen[j.group[0]], first_seen[j.group], j.index))
     for job in jobs:
         video = out / job.video
         if video.is_file() and export.sidecar_path(video).is_file():
             job.previous_hash = sidecar_hash(export.sidecar_path(video))
-    return Plan(out, list(shot_files), sweeps, overrides, jobs, order)
+    return Plan(out, list(shot_files), sweeps, overrides, jobs, order_jobs(jobs))
+
+
+def order_jobs(jobs: list[Job]) -> list[Job]:
+    """The jobs grouped by pipeline, and within a pipeline by trained subjects (each group in the order it first
+    appears, each job in product order within its group): each model loads once and each set of subject weights
+    is switched to once."""
+    first_seen: dict = {}
+    for job in jobs:
+        first_seen.setdefault(("model", job.group[0]), len(first_seen))
+        first_seen.setdefault(("group", job.group), len(first_seen))
+    return sorted(jobs, key=lambda j: (first_seen["model", j.group[0]], first_seen["group", j.group], j.index))
 
 
 def _invalid_jobs(errors: list[tuple[str, str]], total: int) -> str:
@@ -422,6 +428,17 @@ class Executor(Protocol):
             on_step: StepProgress | None = None) -> None: ...
 
 
+def _steps_of(job: Job, on_step: StepProgress | None) -> Callable[[int, int], None] | None:
+    """The engine's per-step progress (i, n) of one job, as the batch's (job, i, n)."""
+    if on_step is None:
+        return None
+
+    def step(i: int, n: int) -> None:
+        on_step(job, i, n)
+
+    return step
+
+
 class LocalExecutor:
     """Jobs one after another in this process, in the given order, on one pipeline manager (one pipeline kept: the
     plan's order loads each model once)."""
@@ -441,11 +458,9 @@ class LocalExecutor:
         for job in jobs:
             if stop.is_set():
                 return
-            step = None
             if on_step is not None:
                 on_step(job, 0, 1)  # the job starts (its model may load first)
-                step = lambda i, n, job=job: on_step(job, i, n)  # noqa: E731
-            deliver(job, execute(job, self.manager, step, cancel))
+            deliver(job, execute(job, self.manager, _steps_of(job, on_step), cancel))
 
 
 # --- the driver: outputs, manifest, contact sheet ----------------------------------------------------------------
@@ -462,7 +477,7 @@ class Report:
     interrupted: bool
     manifest: Path
     csv: Path
-    contact_sheet: Path | None
+    contact_sheets: list[Path]
     seconds: float
 
     @property
@@ -481,7 +496,8 @@ class Recorder:
       id, hash and swept values);
     - manifest.json and manifest.csv, rewritten (atomically) at the start and after every job, so they are
       consistent whenever the batch stops;
-    - contact_sheet.png at the end: first / middle / last frame of every job, labelled by its swept values.
+    - contact_sheet.png at the end: first / middle / last frame of every job, labelled by its swept values
+      (contact_sheet-2.png, ... beyond SHEET_ROWS jobs).
     """
 
     def __init__(self, plan: Plan, loads: Callable[[], int] = lambda: 0):
@@ -492,9 +508,9 @@ class Recorder:
         self.rows = {j.id: {"id": j.id, "index": j.index, "shot": j.shot_file, "values": j.values, "model": j.model,
                             "job_hash": None, "status": PENDING, "seconds": None, "video": None, "sidecar": None,
                             "error": None} for j in plan.jobs}
-        self.thumbs: dict[str, list[np.ndarray]] = {}
+        self.thumbs: dict[str, list[bytes]] = {}  # job id -> its contact-sheet thumbnails as PNG (memory is bounded)
         self.status = "running"
-        self.contact_sheet: Path | None = None
+        self.contact_sheets: list[Path] = []
         plan.out.mkdir(parents=True, exist_ok=True)
         self.write_manifest()
 
@@ -510,7 +526,7 @@ class Recorder:
                     "job_id": job.id, "job_hash": outcome.job_hash, "values": job.values, "shot_file": job.shot_file,
                     "manifest": MANIFEST_JSON}})
                 row.update(status=DONE, video=job.video, sidecar=job.sidecar)
-                self.thumbs[job.id] = thumbnails(outcome.result.frames)
+                self.thumbs[job.id] = [_png(t) for t in thumbnails(outcome.result.frames)]
             except Exception as e:  # a full disk, a folder gone: this job fails, the batch goes on
                 logger.info("job %s: writing failed", job.id, exc_info=True)
                 row.update(status=FAILED, error=_error_text(e))
@@ -541,7 +557,7 @@ class Recorder:
             "counts": self.counts(),
             "pipeline_loads": self.loads(),
             "order": [j.id for j in self.plan.order],
-            "contact_sheet": self.contact_sheet.name if self.contact_sheet else None,
+            "contact_sheets": [p.name for p in self.contact_sheets],
             "jobs": [self.rows[j.id] for j in self.plan.jobs],
         }
 
@@ -577,42 +593,45 @@ class Recorder:
 
         self.status = "interrupted" if interrupted else "finished"
         try:
-            image = contact_sheet(self._sheet_rows())
-            path = self.plan.out / CONTACT_SHEET
+            jobs = self.plan.jobs
+            pages = [jobs[i:i + SHEET_ROWS] for i in range(0, len(jobs), SHEET_ROWS)]
+            paths = [self.plan.out / sheet_name(k) for k in range(len(pages))]
             outputs = export.OutputSet()
             try:
-                tmp = outputs.file(path)
-                image.save(tmp, format="PNG")
-                tmp.chmod(0o644)
+                for page, path in zip(pages, paths):  # one page's frames in memory at a time
+                    tmp = outputs.file(path)
+                    contact_sheet([self._sheet_row(job) for job in page]).save(tmp, format="PNG")
+                    tmp.chmod(0o644)
                 outputs.commit()
             except BaseException:
                 outputs.discard()
                 raise
-            self.contact_sheet = path
+            self.contact_sheets = paths
+            k = len(pages)
+            while (self.plan.out / sheet_name(k)).is_file():  # pages of an earlier, longer batch
+                (self.plan.out / sheet_name(k)).unlink()
+                k += 1
         except Exception:  # the sheet only summarises: its failure must not lose the manifest
             logger.warning("could not write the contact sheet", exc_info=True)
         self.write_manifest()
         return Report(self.counts(), self.loads(), interrupted, self.plan.out / MANIFEST_JSON,
-                      self.plan.out / MANIFEST_CSV, self.contact_sheet, time.perf_counter() - self.t0)
+                      self.plan.out / MANIFEST_CSV, self.contact_sheets, time.perf_counter() - self.t0)
 
-    def _sheet_rows(self) -> list[tuple[list[str], list[np.ndarray] | None]]:
+    def _sheet_row(self, job: Job) -> tuple[list[str], list[np.ndarray] | None]:
+        """A job's contact-sheet label and thumbnails (a skipped job's from its video)."""
         from studio import export
 
-        several = len(self.plan.shot_files) > 1
-        rows = []
-        for job in self.plan.jobs:
-            r = self.rows[job.id]
-            thumbs = self.thumbs.get(job.id)
-            if thumbs is None and r["status"] == SKIPPED:
-                try:
-                    thumbs = thumbnails(export.read_video(self.plan.out / job.video))
-                except Exception:
-                    logger.info("job %s: could not read its video for the contact sheet", job.id, exc_info=True)
-            label = job.label(several) or [job.id]
-            if r["status"] not in (DONE, SKIPPED):
-                label.append(r["status"] + (f": {r['error']}" if r["error"] else ""))
-            rows.append((label, thumbs))
-        return rows
+        r = self.rows[job.id]
+        thumbs = [_unpng(b) for b in self.thumbs[job.id]] if job.id in self.thumbs else None
+        if thumbs is None and r["status"] == SKIPPED:
+            try:
+                thumbs = thumbnails(export.read_video(self.plan.out / job.video))
+            except Exception:
+                logger.info("job %s: could not read its video for the contact sheet", job.id, exc_info=True)
+        label = job.label(len(self.plan.shot_files) > 1) or [job.id]
+        if r["status"] not in (DONE, SKIPPED):
+            label.append(r["status"] + (f": {r['error']}" if r["error"] else ""))
+        return label, thumbs
 
 
 # --- contact sheet -----------------------------------------------------------------------------------------------
@@ -623,6 +642,21 @@ LABEL_WIDTH = 260
 PAD = 6
 HEADER = 20
 COLUMNS = ("first", "middle", "last")
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _unpng(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def frame_indices(n: int) -> list[int]:
@@ -656,6 +690,11 @@ def sheet_cells(n_rows: int, widths: list[int]) -> list[list[tuple[int, int]]]:
             x += w + PAD
         cells.append(row)
     return cells
+
+
+def sheet_name(page: int) -> str:
+    """contact_sheet.png, contact_sheet-2.png, ... (page counts from 0)."""
+    return CONTACT_SHEET if page == 0 else f"{Path(CONTACT_SHEET).stem}-{page + 1}.png"
 
 
 def contact_sheet(rows: list[tuple[list[str], list[np.ndarray] | None]]):
@@ -694,21 +733,23 @@ def contact_sheet(rows: list[tuple[list[str], list[np.ndarray] | None]]):
 
 
 def _clock(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 class ProgressBar:
     """Progress across the batch's jobs on a stream (stderr): a bar redrawn at each denoising step on a terminal,
-    one line per finished job otherwise. ETA: the mean time of the rendered jobs so far times the work left."""
+    one line per finished job otherwise. ETA: the mean time of the rendered jobs so far times the work left.
+    A failed job is always a line of its own; `quiet`: nothing else (no bar, no per-job lines)."""
 
     WIDTH = 24
 
-    def __init__(self, total: int, stream=None, tty: bool | None = None):
+    def __init__(self, total: int, stream=None, tty: bool | None = None, quiet: bool = False):
         self.total = total
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.quiet = quiet
+        self.tty = False if quiet else self.stream.isatty() if tty is None else tty
         self.finished = 0
         self.rendered_s = 0.0
         self.rendered = 0
@@ -729,7 +770,7 @@ class ProgressBar:
 
     def line(self) -> str:
         done = (self.finished + self.fraction) / max(1, self.total)
-        filled = int(round(done * self.WIDTH))
+        filled = round(done * self.WIDTH)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
         counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
         eta = self.eta()
@@ -759,7 +800,7 @@ class ProgressBar:
         self.job, self.fraction = None, 0.0
         if status == FAILED:
             self._print(f"job {job.id} failed: {row['error']}")
-        elif not self.tty:
+        elif not self.tty and not self.quiet:
             eta = self.eta()
             self._print(f"[{self.finished}/{self.total}] {job.id}: {status} {row['seconds'] or 0:.1f} s"
                         + (f"  ETA {_clock(eta)}" if eta is not None and self.finished < self.total else ""))
@@ -856,4 +897,5 @@ def summary(report: Report) -> str:
     parts += [f"{c[k]} {k}" for k in (CANCELLED, PENDING) if c[k]]
     head = "interrupted: " if report.interrupted else ""
     return (f"{head}{sum(c.values())} jobs: {', '.join(parts)}; {report.loads} model load(s), {report.seconds:.1f} s  "
-            f"manifest {report.manifest}" + (f"  contact sheet {report.contact_sheet}" if report.contact_sheet else ""))
+            f"manifest {report.manifest}"
+            + (f"  contact sheet {', '.join(map(str, report.contact_sheets))}" if report.contact_sheets else ""))

@@ -102,9 +102,8 @@ def cmd_batch(args) -> int:
     diffusers_logging.disable_progress_bar()  # their loading bars would break the batch's own
     transformers_logging.disable_progress_bar()
     stop, cancel = threading.Event(), threading.Event()
-    bar = batch.ProgressBar(len(plan.jobs)) if args.progress else None
-    notify = bar.note if bar is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    with batch.sigint_stops(stop, cancel, notify):
+    bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
+    with batch.sigint_stops(stop, cancel, bar.note):
         report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
     print(batch.summary(report))
     return report.exit_status
@@ -300,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of every job's shot, as studio render --set (applied before the sweeps)")
     b.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
                    help="also run a refinement pass on every job; same as --set refine.NAME.enabled=true")
-    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr (failed jobs are still reported there)")
     b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
