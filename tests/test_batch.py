@@ -152,6 +152,26 @@ def test_job_hash_covers_shot_weights_subjects_inputs_and_settings():
     assert batch.job_hash({**shot, "seed": 2}, ident, settings) != h
 
 
+def test_progress_bar_redraws_on_a_terminal_with_an_eta(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(batch.time, "perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    bar = batch.ProgressBar(4, stream, tty=True)
+    jobs = [batch.Job(i, f"star__seed={i}", "s.yaml", {"seed": i}, [], None, "m", (), ("m", ())) for i in range(4)]
+    bar.step(jobs[0], 0, 1)
+    assert "0/4 jobs" in stream.getvalue() and "ETA --:--" in stream.getvalue()
+    clock[0] += 10
+    bar.step(jobs[0], 5, 10)  # half of the first job in 10 s: 3.5 jobs of 20 s left
+    assert stream.getvalue().endswith("ETA 1:10  star__seed=0")
+    clock[0] += 10
+    bar.done(jobs[0], {"status": "done", "seconds": 20.0, "error": None})
+    bar.done(jobs[1], {"status": "failed", "seconds": 1.0, "error": "boom"})
+    text = stream.getvalue()
+    assert "job star__seed=1 failed: boom\n" in text  # a line of its own
+    assert text.rsplit("\r", 1)[-1].endswith("2/4 jobs (1 done, 1 failed)  ETA 0:40")  # 2 left at 20 s a render
+    assert "\x1b[2K[############------------]" in text
+
+
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------------------------
 
 
@@ -312,6 +332,38 @@ def test_a_retrained_model_renders_again(tmp_path):
     m = manifest(out)
     assert m["counts"]["done"] == 2 and m["pipeline_loads"] == 1
     assert all(j["job_hash"] != old[j["id"]] for j in m["jobs"])
+
+
+def test_jobs_group_by_subject_and_a_retrained_subject_renders_again(tmp_path):
+    import torch
+
+    from studio.subjects.library import SubjectLibrary
+
+    lib, name = SubjectLibrary(), "batch-pip"  # the studio home's library: the one renders read
+    photos = [np.full((32, 32, 3), 200, np.uint8)]
+
+    def save(seed: int):
+        embeds = {"<batch-pip>": torch.randn(16, generator=torch.Generator().manual_seed(seed))}  # tiny: text_dim 16
+        lib.save(name, photos, None, {"trigger": "<batch-pip>", "class_word": "circle", "base_model": "tiny"},
+                 embeds=embeds, overwrite=True)
+
+    save(0)
+    try:
+        out = tmp_path / "out"
+        args = ["batch", EXAMPLE, "--out", str(out), "--sweep", "seed=0..1", "--sweep",
+                f"subjects.0.subject=[null, {name}]", *FAST_TINY, "--no-progress"]
+        assert cli.main(args) == 0
+        m = manifest(out)
+        assert m["order"] == ["example__seed=0__subjects.0.subject=null", "example__seed=1__subjects.0.subject=null",
+                              f"example__seed=0__subjects.0.subject={name}",
+                              f"example__seed=1__subjects.0.subject={name}"]
+        side = json.loads((out / f"example__seed=0__subjects.0.subject={name}.json").read_text())
+        assert list(side["identity"]["subjects"]) == [name]
+        save(1)  # "retrained": other token weights
+        assert cli.main(args) == 0
+        assert [statuses(out)[i] for i in m["order"]] == ["skipped", "skipped", "done", "done"]
+    finally:
+        lib.delete(name)
 
 
 # --- failures do not stop the batch -------------------------------------------------------------------------------
