@@ -92,13 +92,13 @@ def cmd_batch(args) -> int:
     130 when stopped by Ctrl-C (see studio.batch)."""
     import threading
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     from studio import batch
 
     overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
     plan = batch.plan(args.shots, args.out, args.sweep, overrides)
+    from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()  # their loading bars would break the batch's own
     transformers_logging.disable_progress_bar()
     stop, cancel = threading.Event(), threading.Event()
