@@ -25,6 +25,18 @@ EXAMPLE = str(ROOT / "presets/shots/example.yaml")  # tiny random model
 FAST_TINY = ["--set", "width=32", "--set", "height=32", "--set", "steps=2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These renders are tiny: one torch thread is about as fast on an idle machine and far faster on a busy one,
+    where torch's two threads wait on each other (README, Models). Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def manifest(out: Path) -> dict:
     return json.loads((out / batch.MANIFEST_JSON).read_text())
 
@@ -434,7 +446,8 @@ def _batch_args(out):
 def test_sigint_to_a_child_stops_after_the_current_job_with_a_consistent_manifest(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-c", CHILD.format(signal_at=(1,)), *_batch_args(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # as this module's own renders (see above)
     assert p.returncode == batch.EXIT_INTERRUPTED, p.stderr[-3000:]
     assert "stopping after the current job" in p.stderr and "interrupted" in p.stdout
     m = manifest(out)
