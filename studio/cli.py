@@ -87,6 +87,28 @@ def cmd_verify(args) -> int:
     return 0 if v.frames_match else EXIT_MISMATCH
 
 
+def cmd_batch(args) -> int:
+    """Render every shot file × sweep value; resumable; exit 0 all done, 2 bad input, 10 + N when N jobs failed,
+    130 when stopped by Ctrl-C (see studio.batch)."""
+    import threading
+
+    from studio import batch
+
+    overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
+    plan = batch.plan(args.shots, args.out, args.sweep, overrides)
+    from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # their loading bars would break the batch's own
+    transformers_logging.disable_progress_bar()
+    stop, cancel = threading.Event(), threading.Event()
+    bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
+    with batch.sigint_stops(stop, cancel, bar.note):
+        report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
+    print(batch.summary(report))
+    return report.exit_status
+
+
 def cmd_eval(args) -> int:
     from studio import evaluation
 
@@ -260,6 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
     r.set_defaults(func=cmd_render)
+
+    b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
+                                     "manifest (JSON, CSV) and a contact sheet; re-running skips finished jobs",
+                       description="Render the cartesian product of the shot files and the sweeps. Every job is "
+                                   "checked before the first render. Re-running the same command skips jobs whose "
+                                   "outputs exist and whose hash (resolved shot, weights, machine settings) matches. "
+                                   "Ctrl-C stops after the current job (twice: cancels it). Exit status: 0 every "
+                                   "job done or skipped; 2 bad input (nothing rendered); 10 + N when N jobs failed "
+                                   "(110: 100 or more); 130 stopped by Ctrl-C.")
+    b.add_argument("shots", nargs="+", metavar="SHOT.yaml", help="shot files")
+    b.add_argument("--out", required=True, metavar="DIR", help="output folder (created): <job>.mp4 + <job>.json "
+                                                               "per job, manifest.json, manifest.csv, "
+                                                               "contact_sheet.png")
+    b.add_argument("--sweep", action="append", default=[], metavar="FIELD=VALUES",
+                   help="render each value of a field: a YAML list (noise_prior.gamma=[0, 0.2, 0.5]) or an "
+                        "inclusive integer range (seed=1..16); several sweeps multiply")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every job's shot, as studio render --set (applied before the sweeps)")
+    b.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
+                   help="also run a refinement pass on every job; same as --set refine.NAME.enabled=true")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr (failed jobs are still reported there)")
+    b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
                                      "metrics: JSON, markdown table, PNG plot")

@@ -4,6 +4,7 @@
                           return uint8 frames (F, H, W, 3) and what the sidecar needs
     render_to_files(...)  the same, then MP4 (+ GIF, PNG frames) and the JSON sidecar, all or nothing
                           (output paths checked before rendering; previous files intact on failure)
+    write_outputs(result)  the writing half of render_to_files, for a render made elsewhere (studio batch)
 
 Shapes: B=1 video, C latent channels, F frames, h×w latent size, H×W pixels.
 """
@@ -127,14 +128,12 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     """Steps 2b-7 of `render` on a pipeline this thread holds."""
     import torch
 
-    from studio import identity, machine
+    from studio import machine
     from studio.subjects import apply as subjects
 
     # 2a. What exactly renders: the components by content hash (hashed once per pipeline, before any subject's
     #     adapter is added), each subject's files and the shot's input files (cached by size and mtime).
-    ident = {"components": identity.of_pipeline(pipe, preset.variant),
-             "subjects": {rec.name: identity.subject_identity(rec) for _, rec in records},
-             "inputs": {k: identity.file_sha256(v) for k, v in input_files(shot).items()}}
+    ident = render_identity(pipe, shot, preset, records)
     # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
     #     once per pipeline, then switched by adapter weights).
     if records:
@@ -212,6 +211,17 @@ def latent_prior(shot: shotlib.Shot, family, temporal: int) -> dict:
             "step_gamma": noise_prior.step_gammas(gamma, times)}
 
 
+def render_identity(pipe, shot: shotlib.Shot, preset: ModelPreset, records: list) -> dict:
+    """The sidecar's "identity" of a render of `shot` on `pipe`: its components, the trained subjects `records`
+    (from subjects.plan) and the shot's input files, by content hash (see studio.identity). Cheap when warm: the
+    components are hashed once per pipeline, files once per version."""
+    from studio import identity
+
+    return {"components": identity.of_pipeline(pipe, preset.variant),
+            "subjects": {rec.name: identity.subject_identity(rec) for _, rec in records},
+            "inputs": {k: identity.file_sha256(v) for k, v in input_files(shot).items()}}
+
+
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):
     def on_step_end(pipe, i, t, kw):
         out = {}
@@ -244,13 +254,23 @@ def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path 
     nothing: every output is written under a temporary name and they replace their targets together at the
     end; if any write fails, the previous files stay as they were and the error is a ShotError naming the output.
     """
-    from studio import export
-
     out = Path(out)
     gif = Path(gif) if gif is not None else None
     frames_dir = Path(frames_dir) if frames_dir is not None else None
     check_outputs(out, gif, frames_dir)
     result = render(shot, manager, progress, cancel)
+    return write_outputs(result, out, frames_dir, gif)
+
+
+def write_outputs(result: RenderResult, out: str | Path, frames_dir: str | Path | None = None,
+                  gif: str | Path | None = None, extra: dict | None = None) -> RenderFiles:
+    """Write a render's MP4 and JSON sidecar (and optional GIF / PNG frames), all or nothing (see render_to_files).
+    `extra`: more top-level keys for the sidecar (e.g. a batch's job record)."""
+    from studio import export
+
+    out = Path(out)
+    gif = Path(gif) if gif is not None else None
+    frames_dir = Path(frames_dir) if frames_dir is not None else None
     t0 = time.perf_counter()
     files = RenderFiles(video=out, sidecar=export.sidecar_path(out), gif=gif, frames_dir=frames_dir, result=result)
     outputs = export.OutputSet()
@@ -268,6 +288,7 @@ def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path 
             data = result.sidecar()
             data["files"] = {"video": out.name, "gif": str(gif) if gif else None,
                              "frames_dir": str(frames_dir) if frames_dir else None}
+            data.update(extra or {})
             step = ("--out", files.sidecar)
             export.write_json(outputs.file(files.sidecar), data)
             step = ("--out", out)

@@ -317,7 +317,12 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ShotError("--set", item, "the key must be a dotted field name, e.g. noise_prior.gamma")
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    except OmegaConfBaseException:
+        raise
+    except Exception as e:  # the YAML parser's errors ('seed=[1,2' leaves a list open)
+        raise ShotError("--set", item, f"the value is not valid YAML: {str(e).splitlines()[0]}") from None
     node, tp, where = cfg, Shot, ""
     for i, part in enumerate(parts):
         k, tp, name = _child(node, tp, part, where)

@@ -40,6 +40,7 @@ def test_render_example_on_tiny_writes_mp4_and_sidecar(tmp_path, capsys):
     ("subjects.0.boxes=[[0, 0, 1, 1]]", "subjects[0].boxes"),
     ("subjects.3.phrase=star", "subjects[3]"),
     ("subjects.0.phrase=star", "subjects[0].phrase"),  # a valid override, but "star" is not in the prompt
+    ("seed=[1, 2", "--set"),  # not valid YAML
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, capsys, override, field):
     out = tmp_path / "bad.mp4"
