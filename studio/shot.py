@@ -19,15 +19,18 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from studio import trust
+
 DEFAULT_MODEL = "toyworld"  # the embedded model shipped in models/toyworld
 
 
 class ShotError(ValueError):
-    """Invalid shot input; names the field (dotted path) and the offending value."""
+    """Invalid shot input; names the field (dotted path) and the offending value (unless `show_value` is False:
+    a value that is not the user's own words, e.g. a key of a file that is not a shot file)."""
 
-    def __init__(self, field: str, value: Any, problem: str):
+    def __init__(self, field: str, value: Any, problem: str, show_value: bool = True):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}: {problem} (got {value!r})")
+        super().__init__(f"{field}: {problem}" + (f" (got {value!r})" if show_value else ""))
 
 
 @dataclass
@@ -164,6 +167,7 @@ BOX_INTERPOLATION = ("linear", "smooth")
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # what an unknown key must look like to be quoted
 
 
 # --- load / save -----------------------------------------------------------------------------------------
@@ -175,7 +179,10 @@ def _config_error(e: OmegaConfBaseException) -> ShotError:
     msg = getattr(e, "msg", None) or str(e)
     msg = msg.splitlines()[0]
     if isinstance(e, ConfigKeyError):
-        return ShotError(str(key), str(key).rsplit(".", 1)[-1], "unknown field")
+        name = str(key).rsplit(".", 1)[-1]
+        if not re.fullmatch(r"[A-Za-z0-9_.\[\]]{1,200}", str(key)) or not FIELD_NAME.fullmatch(name):
+            return _unknown_key("", key)  # not a field's name: never quoted
+        return ShotError(str(key), name, "unknown field")
     value = getattr(e, "value", None)
     m = re.search(r"Value '(.*?)'", msg)
     if value is None and m:
@@ -205,6 +212,7 @@ def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
     except OmegaConfBaseException as e:
         raise _config_error(e) from None
     _check_subjects(shot)
+    trust.current().check_shot(shot)  # over the web: only names of presets, uploads, library subjects, detectors
     return shot
 
 
@@ -242,7 +250,8 @@ def _conform(value, tp, where: str):
     """Check that `value` has the container kind the schema type `tp` asks for, naming the dotted key.
 
     Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
-    Unknown fields and scalar types are left to omegaconf, which names them itself.
+    Unknown fields are refused here (quoted only when they look like a field name); scalar types are left to
+    omegaconf, which names them itself.
     """
     tp = _unwrap_optional(tp)
     if value is None:
@@ -255,7 +264,10 @@ def _conform(value, tp, where: str):
             fields = ", ".join(f.name for f in dataclasses.fields(tp))
             raise ShotError(where, value, f"must be a mapping of fields ({fields}), not {_kind(value)}")
         hints = _hints(tp)
-        return {k: _conform(v, hints[k], _join(where, k)) if k in hints else v for k, v in value.items()}
+        for k in value:
+            if k not in hints:
+                raise _unknown_key(where, k)
+        return {k: _conform(v, hints[k], _join(where, k)) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ShotError(where, value, f"must be a list, not {_kind(value)}")
@@ -275,6 +287,14 @@ def _conform(value, tp, where: str):
     if isinstance(value, (Mapping, list, tuple)):
         raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
     return value
+
+
+def _unknown_key(where: str, key) -> ShotError:
+    """An unknown field, named when it looks like a field name; a key that does not (a line of a file that is not a
+    shot file, say) is never quoted."""
+    if isinstance(key, str) and FIELD_NAME.fullmatch(key):
+        return ShotError(_join(where, key), key, "unknown field")
+    return ShotError(where or "shot", None, "a key that is not a field name (not a shot file?)", show_value=False)
 
 
 def _dict_key(key, key_type, where: str):
@@ -380,9 +400,15 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
         raise ShotError("shot", str(path), "shot file not found")
     try:
         data = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors come in several types
-        raise ShotError("shot", str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # YAML syntax errors come in several types; their text quotes the file: never shown
+        raise ShotError("shot", str(path), f"not valid YAML{yaml_position(e)}") from None
     return from_container(data, overrides)
+
+
+def yaml_position(e: Exception) -> str:
+    """' (line L, column C)' of a YAML error, where it says; never the file's text."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def loads(text: str, overrides: list[str] | None = None, where: str = "shot") -> Shot:
@@ -501,6 +527,7 @@ def validate(shot: Shot, preset) -> None:
         validate_image_file(shot.background.reference, "background.reference")
     _check_range("background.strength", shot.background.strength, 0, 10)
     _validate_refine(shot, preset)
+    trust.current().check_work(shot, preset)  # over the web: the operator's caps
 
 
 def find_phrase(phrase: str, prompt: str) -> re.Match | None:
@@ -601,8 +628,12 @@ def _validate_refine(shot: Shot, preset) -> None:
             raise ShotError(f"{where}.steps", r.steps, "must be in 1..1000 or null (the shot's steps)")
     if f.detector not in FACE_DETECTORS:
         raise ShotError("refine.face.detector", f.detector, f"must be one of {', '.join(FACE_DETECTORS)}")
-    if f.detector_model is not None and not Path(f.detector_model).is_file():
-        raise ShotError("refine.face.detector_model", f.detector_model, "file not found")
+    if f.detector_model is not None:
+        from studio.refine import detector_model_path
+
+        if detector_model_path(f.detector_model) is None:
+            raise ShotError("refine.face.detector_model", f.detector_model,
+                            "file not found, nor a detector model's name (refine.detector_models)")
     _check_range("refine.face.crop_factor", f.crop_factor, 1, 8)
     if not 0 <= f.feather <= 64:
         raise ShotError("refine.face.feather", f.feather, "must be in 0..64 pixels")
