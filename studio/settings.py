@@ -51,7 +51,8 @@ class Settings:
     max_refine_scale: int = _setting(2, "Cap on a web shot's `refine.tiled.scale` when Tiled VCD is on.")
     max_train_steps: int = _setting(400, "Cap on the training steps a stranger may ask for (the model's default "
                                          "counts when none is given). 0: no cap.")
-    max_train_photos: int = _setting(10, "Cap on the photos of a subject a stranger teaches.")
+    max_train_photos: int = _setting(10, "Cap on the photos of a subject a stranger teaches (the library takes at "
+                                         "most 10 in any case). 0: no cap.")
     max_queue: int = _setting(16, "Jobs waiting in the queue at most; more are turned away. 0: no limit.")
     max_disk_mb: int = _setting(4096, "MB kept in the output folder (`$SHOT_STUDIO_HOME/renders`: renders, uploads, "
                                       "previews); past it, the oldest files are removed first. 0: no limit.")

@@ -133,7 +133,7 @@ class Trust:
                 parts = " + ".join(f"{k} {v:,}" for k, v in work.items())
                 raise _cap("frames×width×height×steps", total,
                            f"{total:,} pixel-steps ({parts}) is over this studio's cap of {s.max_pixel_steps:,}",
-                           "max_pixel_steps")
+                           "max_pixel_steps", show_value=False)
 
     def allows(self, action: str) -> bool:
         """Whether this trust level may `render`, `train` or `delete` (library subjects)."""
@@ -150,12 +150,12 @@ class Trust:
         if not self.web:
             return
         s = self.settings
-        if photos > s.max_train_photos:
+        if s.max_train_photos and photos > s.max_train_photos:
             raise _cap("photos", photos, f"{photos} photos; this studio takes at most {s.max_train_photos}",
-                       "max_train_photos")
+                       "max_train_photos", show_value=False)
         if s.max_train_steps and steps > s.max_train_steps:
             raise _cap("steps", steps, f"{steps} training steps; this studio trains at most {s.max_train_steps}",
-                       "max_train_steps")
+                       "max_train_steps", show_value=False)
 
 
 LOCAL = Trust()
@@ -217,7 +217,7 @@ def _refusal(field: str, value, problem: str):
     return ShotError(field, value, problem)
 
 
-def _cap(field: str, value, problem: str, setting: str):
+def _cap(field: str, value, problem: str, setting: str, show_value: bool = True):
     from studio.shot import ShotError
 
-    return ShotError(field, value, f"{problem} ({env_name(setting)})")
+    return ShotError(field, value, f"{problem} ({env_name(setting)})", show_value=show_value)

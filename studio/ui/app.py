@@ -327,7 +327,7 @@ class Page:
                 self.set_subject = gr.Button("Set subject")
                 self.remove_subject = gr.Button("Remove subject")
             with gr.Accordion("Teach the studio a new subject", open=False,
-                              visible=web_trust(self.settings).allows("train")):
+                              visible=web_trust(self.settings).allows("train")) as self.teach:
                 self.training_panel()
             with gr.Accordion("Subject library", open=False):
                 self.library = gr.Dataframe(sj.library_rows(), headers=sj.LIBRARY_COLUMNS, interactive=False)

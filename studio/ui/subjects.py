@@ -56,9 +56,9 @@ def photos_event(files: list[str] | None, phrase: str) -> tuple[list[dict], list
     policy.require("train")
     if not files:
         raise UserError("photos: upload 1..10 photos of the subject")
+    policy.check_training(len(files), 0)
     for f in files:
         policy.check_upload(str(f), "photos")
-    policy.check_training(len(files), 0)
     words = (phrase or "").split()
     if not words:
         raise UserError("phrase: give the subject's words first, e.g. 'sks dog' (the last word is what it is)")
@@ -116,7 +116,8 @@ def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, st
     if len(words) < 2:
         raise UserError(f"phrase: needs a trigger word and the class word, e.g. 'sks dog' (got {phrase!r})")
     steps = int(steps) if steps else None
-    policy.check_training(len(photo_set), steps or tune.defaults(load_model_preset(model))["steps"])
+    preset = load_model_preset(model)  # over the web: a preset name (studio.trust)
+    policy.check_training(len(photo_set), steps or tune.defaults(preset)["steps"])
     photos = [read_image(p["photo"]) for p in photo_set]
     masks = [load_mask(p["mask"]) for p in photo_set]
     settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]), steps=steps)
