@@ -106,7 +106,9 @@ class FaceRefine:
     # (cv2.FaceDetectorYN with its .onnx in detector_model), or boxes (the subjects' box tracks: refine a subject
     # region, on any model).
     detector: str = "auto"
-    detector_model: Optional[str] = None  # a Haar cascade .xml or a YuNet .onnx file; None: OpenCV's bundled cascade
+    # A Haar cascade .xml or a YuNet .onnx: a file, or the name of one of refine.detector_models() (OpenCV's bundled
+    # cascades, models/detectors; over the web only a name); None: OpenCV's bundled frontal-face cascade.
+    detector_model: Optional[str] = None
     crop_factor: float = 2.0  # the crop is the face track's box grown by this factor (the workflow's crop_factor: 3)
     size: Optional[int] = None  # side of the square a crop is upscaled to; None: the model's default frame size
     feather: int = 5  # pixels of the paste mask's soft edge (the workflow's 5-px feather)

@@ -227,7 +227,8 @@ class Page:
             with gr.Row():
                 self.prompt = gr.Textbox(label="prompt", value=self.start["prompt"], scale=4,
                                          info="name each subject with a phrase of the prompt")
-                self.model = gr.Dropdown(_model_choices(), value=self.start["model"], label="model preset", scale=1)
+                self.model = gr.Dropdown(web_trust(self.settings).models(), value=self.start["model"],
+                                         label="model preset", scale=1)  # the presets strangers may name
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3), gr.Tabs():
                     self.trajectory_tab()
@@ -772,12 +773,6 @@ def _api_twin(component):
     if isinstance(component, (gr.Slider, gr.Number)):  # a Slider's value cannot be None
         return gr.Number(**kw)
     return gr.Textbox(**kw)
-
-
-def _model_choices() -> list[str]:
-    from studio.presets import list_model_presets
-
-    return list_model_presets()
 
 
 def build_app(manager=None):

@@ -58,7 +58,7 @@ class Cancelled(UserError):
     """The user cancelled the render; nothing was written."""
 
 
-INPUT_ERRORS = (shotlib.ShotError, ModelLoadError, ValueError)  # (trust.NotAllowed is a ValueError)  # problems with what the user gave, naming the field
+INPUT_ERRORS = (shotlib.ShotError, ModelLoadError, ValueError)  # what the user gave (trust.NotAllowed: a ValueError)
 
 
 def user_errors(fn):
