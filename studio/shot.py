@@ -474,6 +474,7 @@ def _check_range(field: str, value, lo: int, hi: int) -> None:
 
 def validate(shot: Shot, preset) -> None:
     """Check a resolved shot's values against each other and the model preset."""
+    trust.current().check_shot(shot)  # a shot built in code, not parsed, is checked too before any file is read
     if not shot.prompt.strip():
         raise ShotError("prompt", shot.prompt, "the prompt must not be empty")
     if shot.seed < 0 or shot.seed >= 2**63:
