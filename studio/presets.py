@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from studio.shot import ShotError
+from studio import trust
+from studio.shot import ShotError, yaml_position
 
 
 def presets_root() -> Path:
@@ -80,17 +81,28 @@ def _families() -> tuple[str, ...]:
 FAMILIES = _families()
 
 
-def _load_yaml(path: Path, schema, what: str):
+def _load_yaml(path: Path, schema, what: str, value: str):
+    """A preset file typed by `schema`; any problem is one line naming `what` and `value` (what the user gave) and
+    the field, never the file's text (a path given as a preset may be any file)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
-        return OmegaConf.to_object(cfg)
+        data = OmegaConf.load(path)
+    except Exception as e:  # YAML errors (which quote the file), undecodable bytes, ...
+        raise ShotError(what, value, f"not a preset YAML (not valid YAML{yaml_position(e)})") from None
+    if not isinstance(data, DictConfig):
+        raise ShotError(what, value, "not a preset YAML (a preset is a mapping of fields)")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or ""
-        raise ShotError(what, str(path), f"invalid preset field {key!r}: {str(e).splitlines()[0]}") from None
+        key = str(getattr(e, "full_key", "") or "")
+        field = f" {key!r}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,100}", key) else ""
+        problem = "unknown field" if isinstance(e, ConfigKeyError) else "field with a wrong value or type"
+        raise ShotError(what, value, f"not a preset YAML ({problem}{field})") from None
 
 
 def load_model_preset(model: str) -> ModelPreset:
-    """A model preset by name (presets/models/<name>.yaml) or by path to such a file."""
+    """A model preset by name (presets/models/<name>.yaml) or by path to such a file (not over the web: there only
+    the names studio.trust allows)."""
+    trust.current().check_model(model)
     p = Path(model)
     if model.endswith((".yaml", ".yml")) or p.is_file():
         path = p
@@ -99,13 +111,13 @@ def load_model_preset(model: str) -> ModelPreset:
     if not path.is_file():
         known = ", ".join(list_model_presets()) or "none"
         raise ShotError("model", model, f"no such model preset (known: {known}; or give a path to a preset YAML)")
-    preset = _load_yaml(path, ModelPreset, "model")
+    preset = _load_yaml(path, ModelPreset, "model", model)
     if preset.family not in FAMILIES:
-        raise ShotError("model", model, f"preset family must be one of {FAMILIES}, not {preset.family!r}")
+        raise ShotError("model", model, f"not a preset YAML (its family must be one of {', '.join(FAMILIES)})")
     _check_frame_rule(preset, model)
     if preset.scheduler_class is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", preset.scheduler_class):
-        raise ShotError("model", model, f"scheduler_class must be a diffusers class name such as DDIMScheduler, "
-                                        f"not {preset.scheduler_class!r}")
+        raise ShotError("model", model, "not a preset YAML (its scheduler_class must be a diffusers class name "
+                                        "such as DDIMScheduler)")
     return preset
 
 

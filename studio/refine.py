@@ -153,6 +153,39 @@ def haar_cascade_path() -> str | None:
     return str(path) if folder and path.is_file() else None
 
 
+DETECTOR_SUFFIXES = (".xml", ".onnx")  # Haar cascades, YuNet models
+
+
+def detector_models() -> dict[str, str]:
+    """Face detector models by name: the cascades OpenCV bundles (cv2.data.haarcascades) and the .xml / .onnx files
+    in models/detectors (SHOT_STUDIO_MODELS); `refine.face.detector_model` may name one (the only way over the web)."""
+    import cv2
+    from pathlib import Path
+
+    from studio.presets import models_root
+
+    folders = [getattr(getattr(cv2, "data", None), "haarcascades", None), models_root() / "detectors"]
+    out: dict[str, str] = {}
+    for folder in folders:
+        if folder and Path(folder).is_dir():
+            for f in sorted(Path(folder).iterdir()):
+                if f.suffix.lower() in DETECTOR_SUFFIXES and f.is_file():
+                    out.setdefault(f.name, str(f))
+    return out
+
+
+def detector_model_path(model: str) -> str | None:
+    """The file a `refine.face.detector_model` stands for: a detector model's name (detector_models), else a path
+    to a file; None when it is neither."""
+    from pathlib import Path
+
+    if "/" not in model and "\\" not in model:
+        found = detector_models().get(model)
+        if found:
+            return found
+    return model if Path(model).is_file() else None
+
+
 def _haar(model: str | None) -> Detector:
     import cv2
 
@@ -205,6 +238,7 @@ def face_detector_backend(detector: str, model: str | None) -> str:
 
 def make_detector(detector: str, model: str | None) -> Detector:
     backend = face_detector_backend(detector, model)
+    model = detector_model_path(model) if model else None  # a name stands for its file
     if backend == "haar":
         return _haar(model)
     if backend == "yunet":

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from studio import trust
+
 DEFAULT_MODEL = "toyworld"  # the embedded model shipped in models/toyworld
 # The shot-file format this studio reads and writes (shot files and sidecars carry it as `version`). A file without
 # one is version 1; a newer one is refused, since its fields may mean what this studio cannot render.
@@ -26,11 +28,12 @@ SHOT_VERSION = 1
 
 
 class ShotError(ValueError):
-    """Invalid shot input; names the field (dotted path) and the offending value."""
+    """Invalid shot input; names the field (dotted path) and the offending value (unless `show_value` is False:
+    a value that is not the user's own words, e.g. a key of a file that is not a shot file)."""
 
-    def __init__(self, field: str, value: Any, problem: str):
+    def __init__(self, field: str, value: Any, problem: str, show_value: bool = True):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}: {problem} (got {value!r})")
+        super().__init__(f"{field}: {problem}" + (f" (got {value!r})" if show_value else ""))
 
 
 @dataclass
@@ -106,7 +109,9 @@ class FaceRefine:
     # (cv2.FaceDetectorYN with its .onnx in detector_model), or boxes (the subjects' box tracks: refine a subject
     # region, on any model).
     detector: str = "auto"
-    detector_model: Optional[str] = None  # a Haar cascade .xml or a YuNet .onnx file; None: OpenCV's bundled cascade
+    # A Haar cascade .xml or a YuNet .onnx: a file, or the name of one of refine.detector_models() (OpenCV's bundled
+    # cascades, models/detectors; over the web only a name); None: OpenCV's bundled frontal-face cascade.
+    detector_model: Optional[str] = None
     crop_factor: float = 2.0  # the crop is the face track's box grown by this factor (the workflow's crop_factor: 3)
     size: Optional[int] = None  # side of the square a crop is upscaled to; None: the model's default frame size
     feather: int = 5  # pixels of the paste mask's soft edge (the workflow's 5-px feather)
@@ -168,6 +173,7 @@ BOX_INTERPOLATION = ("linear", "smooth")
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # what an unknown key must look like to be quoted
 
 
 # --- load / save -----------------------------------------------------------------------------------------
@@ -179,7 +185,10 @@ def _config_error(e: OmegaConfBaseException) -> ShotError:
     msg = getattr(e, "msg", None) or str(e)
     msg = msg.splitlines()[0]
     if isinstance(e, ConfigKeyError):
-        return ShotError(str(key), str(key).rsplit(".", 1)[-1], "unknown field")
+        name = str(key).rsplit(".", 1)[-1]
+        if not re.fullmatch(r"[A-Za-z0-9_.\[\]]{1,200}", str(key)) or not FIELD_NAME.fullmatch(name):
+            return _unknown_key("", key)  # not a field's name: never quoted
+        return ShotError(str(key), name, "unknown field")
     value = getattr(e, "value", None)
     m = re.search(r"Value '(.*?)'", msg)
     if value is None and m:
@@ -211,6 +220,7 @@ def from_container(data: Any, overrides: list[str] | None = None) -> Shot:
         raise _config_error(e) from None
     _check_subjects(shot)
     check_version(shot.version)  # an override may have set it
+    trust.current().check_shot(shot)  # over the web: only names of presets, uploads, library subjects, detectors
     return shot
 
 
@@ -263,7 +273,8 @@ def _conform(value, tp, where: str):
     """Check that `value` has the container kind the schema type `tp` asks for, naming the dotted key.
 
     Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
-    Unknown fields and scalar types are left to omegaconf, which names them itself.
+    Unknown fields are refused here (quoted only when they look like a field name); scalar types are left to
+    omegaconf, which names them itself.
     """
     tp = _unwrap_optional(tp)
     if value is None:
@@ -276,7 +287,10 @@ def _conform(value, tp, where: str):
             fields = ", ".join(f.name for f in dataclasses.fields(tp))
             raise ShotError(where, value, f"must be a mapping of fields ({fields}), not {_kind(value)}")
         hints = _hints(tp)
-        return {k: _conform(v, hints[k], _join(where, k)) if k in hints else v for k, v in value.items()}
+        for k in value:
+            if k not in hints:
+                raise _unknown_key(where, k)
+        return {k: _conform(v, hints[k], _join(where, k)) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ShotError(where, value, f"must be a list, not {_kind(value)}")
@@ -296,6 +310,14 @@ def _conform(value, tp, where: str):
     if isinstance(value, (Mapping, list, tuple)):
         raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
     return value
+
+
+def _unknown_key(where: str, key) -> ShotError:
+    """An unknown field, named when it looks like a field name; a key that does not (a line of a file that is not a
+    shot file, say) is never quoted."""
+    if isinstance(key, str) and FIELD_NAME.fullmatch(key):
+        return ShotError(_join(where, key), key, "unknown field")
+    return ShotError(where or "shot", None, "a key that is not a field name (not a shot file?)", show_value=False)
 
 
 def _dict_key(key, key_type, where: str):
@@ -406,9 +428,15 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
         raise ShotError("shot", str(path), "shot file not found")
     try:
         data = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors come in several types
-        raise ShotError("shot", str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # YAML syntax errors come in several types; their text quotes the file: never shown
+        raise ShotError("shot", str(path), f"not valid YAML{yaml_position(e)}") from None
     return from_container(data, overrides)
+
+
+def yaml_position(e: Exception) -> str:
+    """' (line L, column C)' of a YAML error, where it says; never the file's text."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def loads(text: str, overrides: list[str] | None = None, where: str = "shot") -> Shot:
@@ -472,6 +500,7 @@ def _check_range(field: str, value, lo: int, hi: int) -> None:
 
 def validate(shot: Shot, preset) -> None:
     """Check a resolved shot's values against each other and the model preset."""
+    trust.current().check_shot(shot)  # a shot built in code, not parsed, is checked too before any file is read
     if not shot.prompt.strip():
         raise ShotError("prompt", shot.prompt, "the prompt must not be empty")
     if shot.seed < 0 or shot.seed >= 2**63:
@@ -521,6 +550,7 @@ def validate(shot: Shot, preset) -> None:
     from studio import families
 
     families.get(preset.family).check_shot(shot, preset)  # settings the model's family does not take (yet)
+    trust.current().check_work(shot, preset)  # over the web: the operator's caps
 
 
 def _nearest(values: list[int]) -> str:
@@ -647,8 +677,12 @@ def _validate_refine(shot: Shot, preset) -> None:
             raise ShotError(f"{where}.steps", r.steps, "must be in 1..1000 or null (the shot's steps)")
     if f.detector not in FACE_DETECTORS:
         raise ShotError("refine.face.detector", f.detector, f"must be one of {', '.join(FACE_DETECTORS)}")
-    if f.detector_model is not None and not Path(f.detector_model).is_file():
-        raise ShotError("refine.face.detector_model", f.detector_model, "file not found")
+    if f.detector_model is not None:
+        from studio.refine import detector_model_path
+
+        if detector_model_path(f.detector_model) is None:
+            raise ShotError("refine.face.detector_model", f.detector_model,
+                            "file not found, nor a detector model's name (refine.detector_models)")
     _check_range("refine.face.crop_factor", f.crop_factor, 1, 8)
     if not 0 <= f.feather <= 64:
         raise ShotError("refine.face.feather", f.feather, "must be in 0..64 pixels")

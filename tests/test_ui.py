@@ -572,26 +572,33 @@ def _event(demo, api_name):
 
 
 def test_the_render_button_passes_the_form_by_name(page):
-    render = _event(page.demo, "render")
-    inputs = dict(zip(render.input_parameter_names, render.inputs))  # what Gradio passes under each name
-    assert set(ui.FORM) <= set(inputs) and tuple(page.form) == ui.FORM
-    assert all(inputs[name] is page.form[name] for name in ui.FORM)
-    assert inputs["shot_yaml"] is page.shot_yaml
+    for button, api in (("render_form", "render"), ("save_shot_form", "save_shot")):
+        clicked, endpoint = _event(page.demo, button), _event(page.demo, api)
+        inputs = dict(zip(clicked.input_parameter_names, clicked.inputs))  # what Gradio passes under each name
+        assert set(ui.FORM) <= set(inputs) and tuple(page.form) == ui.FORM
+        assert all(inputs[name] is page.form[name] for name in ui.FORM)  # the page sends its form
+        assert inputs["shot_yaml"] is page.shot_yaml and clicked.api_visibility == "private"
+        # the API endpoint takes the same names from stand-ins whose value is None: "not sent", keep the file's
+        sent = dict(zip(endpoint.input_parameter_names, endpoint.inputs))
+        assert [n for n in endpoint.input_parameter_names if n in ui.FORM] == list(ui.FORM)  # named, not *v
+        assert all(sent[name] is page.api_form[name] and sent[name].value is None for name in ui.FORM)
+        assert endpoint.fn.__name__ == clicked.fn.__name__ and endpoint.api_visibility == "public"
+        advertised = page.demo.get_api_info()["named_endpoints"][f"/{api}"]["parameters"]
+        assert {p["parameter_name"]: (p["parameter_has_default"], p["parameter_default"]) for p in advertised
+                if p["parameter_name"] in ui.FORM} == {name: (True, None) for name in ui.FORM}
     # each component shows the shot field of its name: the opening shot's values are where their names say
     start = ui.form_values(page.default_yaml)
     assert {name: page.form[name].value for name in ui.FORM} == start
-    save = _event(page.demo, "save_shot")
-    assert [n for n in save.input_parameter_names if n in ui.FORM] == list(ui.FORM)  # named, not a lambda's *v
 
 
 def test_a_render_redraws_the_canvas_and_refreshes_the_previews_once(page):
     fns = page.demo.fns.values()
-    render = _event(page.demo, "render")
+    render = _event(page.demo, "render_form")
     assert [fn.name for fn in fns if fn.trigger_after == render._id] == ["canvas_for"]
     # the previews follow the shot file the render writes, through its change event alone
     assert [fn.name for fn in fns if (page.shot_yaml._id, "change") in fn.targets] == ["refresh_views"]
     train = next(fn for fn in fns if fn.name == "train")
-    assert render.concurrency_id == train.concurrency_id == "gpu"  # one GPU job at a time
+    assert render.concurrency_id == train.concurrency_id == _event(page.demo, "render").concurrency_id == "gpu"
 
 
 def test_loading_a_shot_fills_the_form_and_the_subject_fields_by_name(page):
@@ -623,9 +630,9 @@ def test_app_serves_and_renders_a_directed_shot_through_gradio_client(manager, f
 
     crossed = []
 
-    def through_a_pickle(key, shot_yaml, form):  # what ZeroGPU does to the arguments and the result
-        crossed.append(pickle.loads(pickle.dumps((key, shot_yaml, form))))
-        return pickle.loads(pickle.dumps(app._render_job(key, shot_yaml, form)))
+    def through_a_pickle(key, shot_yaml, form, policy):  # what ZeroGPU does to the arguments and the result
+        crossed.append(pickle.loads(pickle.dumps((key, shot_yaml, form, policy))))
+        return pickle.loads(pickle.dumps(app._render_job(*crossed[-1])))
 
     monkeypatch.setattr(app, "render_job", through_a_pickle)
     demo = ui.build_app(manager)
@@ -652,9 +659,10 @@ def test_app_serves_and_renders_a_directed_shot_through_gradio_client(manager, f
         assert refining and refining[-1][2] == "refining: Tiled VCD" and refining[-1][0] == refining[-1][1]
         assert steps.index(refining[0]) > max(i for i, s in enumerate(steps) if s[2] == "denoising")
         assert len(crossed) == 1 and crossed[0][2]["refine_tiled"] is True  # only picklable values crossed
+        assert crossed[0][3].web  # with the web policy: the GPU side checks the shot as the event did
         with pytest.raises(Exception, match=r"subjects\[0\]\.phrase"):  # a gr.Error naming the field
             client.predict(shot_yaml=STAR, **{**form, "prompt": "a red square on sand"}, api_name="/render")
-        with pytest.raises(Exception, match="shot file"):  # the form's fields left out take the page's values
+        with pytest.raises(Exception, match="shot file"):  # the form's fields left out: the file's own
             client.predict(shot_yaml=BROKEN, api_name="/render")
         heat, strip_ = client.predict(gamma=0.9, api_name="/gamma_preview")
         assert heat and strip_

@@ -10,8 +10,14 @@ as `Page.form` (the names of events.FORM -> components), and handlers with sever
 mapping of components, so no list order has to match anything.
 
 Only picklable values cross into the GPU-side functions (`render_job`, `train_job`; on ZeroGPU `spaces.GPU`
-runs them in a forked worker): the shot text, the form's values and a job key. The job's progress callback, cancel
-flag and pipeline manager are looked up by that key in this process (`JOBS`).
+runs them in a forked worker): the shot text, the form's values, a job key and the trust policy. The job's progress
+callback, cancel flag and pipeline manager are looked up by that key in this process (`JOBS`).
+
+Every event, public or private (the browser can call them all), runs under the web trust policy (`guarded`,
+studio.trust): its shots may name only preset names, uploaded or rendered images, library subjects and detector
+model names, within the operator's caps and permissions (studio.settings). The public API endpoints (/render,
+/save_shot) take the form's values from hidden stand-ins whose value is None ("not sent": keep the shot file's), so
+a client that leaves a value out renders the shot file as written; the page's own buttons send the page's form.
 """
 
 import functools
@@ -24,7 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from studio import engine, shot as shotlib
+from studio import engine, shot as shotlib, trust
+from studio.settings import Settings
 from studio.ui import events as ev, subjects as sj, trajectory as tj
 from studio.ui.gpu import RENDER_SECONDS, TRAIN_SECONDS, gpu
 
@@ -44,8 +51,17 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def web_trust(settings: Settings | None = None) -> trust.Trust:
+    """The trust policy of every event of the page: images from the studio's output folder (its uploads and
+    renders), uploads from Gradio's upload folder, the operator's settings (the environment's unless given)."""
+    from gradio.utils import get_upload_folder
+
+    return trust.web(images=(ev.output_dir(),), uploads=(get_upload_folder(),), settings=settings)
+
+
 def guarded(fn, what: str | None = None):
-    """fn (a function or generator function) with every failure shown as a Gradio message, never a stack trace.
+    """fn (a function or generator function) run under the web trust policy, with every failure shown as a Gradio
+    message, never a stack trace.
 
     Input problems (events.user_errors: UserError, ShotError, a ValueError naming the field) show as they are;
     anything else as one line, "<what> failed: Type: message", with the trace in the log.
@@ -66,17 +82,28 @@ def guarded(fn, what: str | None = None):
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)  # keeps the signature: Gradio still sees gr.Request / gr.Progress / keyword parameters
         def run_generator(*args, **kwargs):
+            # Gradio may run each step in another thread (another context): the policy is set around every step
+            gen = checked(*args, **kwargs)
             try:
-                return (yield from checked(*args, **kwargs))
+                policy = web_trust()
+                while True:
+                    with trust.using(policy):
+                        value = next(gen)
+                    yield value
+            except StopIteration as stop:
+                return stop.value
             except Exception as e:
                 raise shown(e) from None
+            finally:
+                gen.close()
 
         return run_generator
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
-            return checked(*args, **kwargs)
+            with trust.using(web_trust()):
+                return checked(*args, **kwargs)
         except Exception as e:
             raise shown(e) from None
 
@@ -142,16 +169,18 @@ class Jobs:
 JOBS = Jobs()
 
 
-def _render_job(key: str, shot_yaml: str, form: dict) -> ev.Rendered:
-    """Render the form's shot (the GPU side: picklable arguments and result)."""
+def _render_job(key: str, shot_yaml: str, form: dict, policy: trust.Trust) -> ev.Rendered:
+    """Render the form's shot under the caller's trust policy (the GPU side: picklable arguments and result)."""
     job = JOBS.find(key)
-    return ev.render_event(shot_yaml, progress=job.progress, manager=job.manager, cancel=job.cancel, **form)
+    with trust.using(policy):
+        return ev.render_event(shot_yaml, progress=job.progress, manager=job.manager, cancel=job.cancel, **form)
 
 
-def _train_job(key: str, settings: dict):
+def _train_job(key: str, settings: dict, policy: trust.Trust):
     """Train a subject (the GPU side): settings are train_subject's photo_set, name, phrase, method, steps, model."""
     job = JOBS.find(key)
-    return sj.train_subject(**settings, progress=job.progress, cancel=job.cancel, manager=job.manager)
+    with trust.using(policy):
+        return sj.train_subject(**settings, progress=job.progress, cancel=job.cancel, manager=job.manager)
 
 
 render_job = gpu(RENDER_SECONDS)(_render_job)
@@ -173,8 +202,9 @@ def random_seed() -> int:
 class Page:
     """The studio's components (attributes) and the wiring of their events."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, settings: Settings | None = None):
         self.manager = manager
+        self.settings = settings or Settings.from_env()  # what the page shows; every event checks at call time
         self.jobs = JOBS  # the GPU-side functions find the page's jobs there
         self.default_yaml = ev.default_shot_yaml()
         self.start = ev.form_values(self.default_yaml)
@@ -197,7 +227,8 @@ class Page:
             with gr.Row():
                 self.prompt = gr.Textbox(label="prompt", value=self.start["prompt"], scale=4,
                                          info="name each subject with a phrase of the prompt")
-                self.model = gr.Dropdown(_model_choices(), value=self.start["model"], label="model preset", scale=1)
+                self.model = gr.Dropdown(web_trust(self.settings).models(), value=self.start["model"],
+                                         label="model preset", scale=1)  # the presets strangers may name
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3), gr.Tabs():
                     self.trajectory_tab()
@@ -219,6 +250,10 @@ class Page:
                          "refine_tiled_scale": self.refine_tiled_scale}
             if tuple(self.form) != ev.FORM:
                 raise RuntimeError(f"Page.form must name the fields of events.FORM in order, not {tuple(self.form)}")
+            with gr.Column(visible=False):  # the API's inputs: the form's stand-ins, all None, and /upload_image's
+                self.api_form = {name: _api_twin(c) for name, c in self.form.items()}
+                self.api_image = gr.File(label="image", file_types=IMAGE_TYPES, type="filepath")
+                self.api_handle = gr.Textbox(label="the image's name for a shot")
             self.wire_views()
             self.wire_trajectory()
             self.wire_subjects()
@@ -294,13 +329,15 @@ class Page:
             with gr.Row():
                 self.set_subject = gr.Button("Set subject")
                 self.remove_subject = gr.Button("Remove subject")
-            with gr.Accordion("Teach the studio a new subject", open=False):
+            with gr.Accordion("Teach the studio a new subject", open=False,
+                              visible=web_trust(self.settings).allows("train")) as self.teach:
                 self.training_panel()
             with gr.Accordion("Subject library", open=False):
                 self.library = gr.Dataframe(sj.library_rows(), headers=sj.LIBRARY_COLUMNS, interactive=False)
                 with gr.Row():
                     self.refresh_lib = gr.Button("Refresh", size="sm")
-                    self.delete_lib = gr.Button("Delete the picked library subject", size="sm", variant="stop")
+                    self.delete_lib = gr.Button("Delete the picked library subject", size="sm", variant="stop",
+                                                visible=web_trust(self.settings).allows("delete"))
 
     def training_panel(self):
         import gradio as gr
@@ -571,6 +608,7 @@ class Page:
                     "method": self.method, "steps": self.train_steps, "model": self.model}
 
         def train(request: gr.Request, progress=gr.Progress(), **settings):
+            trust.current().require("train")
             yield from self.train_progress(settings, _session(request), progress)
 
         self.train.click(guarded(train, "training"), inputs_kwargs=settings,
@@ -593,6 +631,7 @@ class Page:
         import pandas as pd
 
         losses, out, failed = [], {}, []
+        policy = trust.current()  # the training thread (and a ZeroGPU worker) gets the caller's policy explicitly
 
         def on_step(i, n, loss, left, stage="training"):
             if stage == "preservation":  # the frozen model makes its preservation clips first (once per model)
@@ -604,7 +643,7 @@ class Page:
         with self.jobs.running(session, "train", on_step, self.manager) as job:
             def work():
                 try:
-                    out["subject"], out["result"] = train_job(job.key, settings)
+                    out["subject"], out["result"] = train_job(job.key, settings, policy)
                 except Exception as e:  # raised again below, in the event (guarded shows and logs it)
                     failed.append(e)
 
@@ -651,6 +690,8 @@ class Page:
         return {self.form[name]: v for name, v in ev.form_values(shot_yaml).items()}
 
     def wire_shot_file(self):
+        import gradio as gr
+
         to_form = guarded(self.to_form, "shot file")
         form = list(self.form.values())
         loaded = self.upload.upload(guarded(ev.load_shot_event), inputs_kwargs={"path": self.upload},
@@ -661,9 +702,12 @@ class Page:
                                              **QUIET))
         self.shot_tab.select(guarded(ev.apply_form_event), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml),
                              outputs=self.shot_yaml, **QUIET)
-        self.save.click(guarded(ev.save_shot_event), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml,
-                                                                                  name=self.save_name),
-                        outputs=self.saved, api_name="save_shot")
+        save = guarded(ev.save_shot_event)
+        named = {"shot_yaml": self.shot_yaml, "name": self.save_name}
+        self.save.click(save, inputs_kwargs=self.with_form(**named), outputs=self.saved, api_name="save_shot_form",
+                        api_visibility="private")
+        gr.on([], guarded(_not_sent(ev.save_shot_event)), inputs_kwargs={**named, **self.api_form}, outputs=self.saved,
+              api_name="save_shot")
 
     def wire_render(self):
         import gradio as gr
@@ -688,10 +732,18 @@ class Page:
         def render(shot_yaml, history, request: gr.Request, progress=gr.Progress(), **form):
             return self.render(shot_yaml, history, _session(request), progress, **form)
 
+        outputs = [self.video, self.downloads, self.shot_yaml, self.status, self.history, self.history_table,
+                   self.first_frame]
         rendered = self.render_btn.click(
             guarded(render), inputs_kwargs=self.with_form(shot_yaml=self.shot_yaml, history=self.history),
-            outputs=[self.video, self.downloads, self.shot_yaml, self.status, self.history, self.history_table,
-                     self.first_frame], api_name="render", concurrency_limit=1, concurrency_id="gpu")
+            outputs=outputs, api_name="render_form", api_visibility="private", concurrency_limit=1,
+            concurrency_id="gpu")
+        # the API's /render: the form's values from the stand-ins (None unless the client sends them)
+        gr.on([], guarded(_not_sent(render)), inputs_kwargs={"shot_yaml": self.shot_yaml, "history": self.history,
+                                                             **self.api_form},
+              outputs=outputs, api_name="render", concurrency_limit=1, concurrency_id="gpu")
+        gr.on([], guarded(ev.upload_image_event), inputs_kwargs={"image": self.api_image}, outputs=self.api_handle,
+              api_name="upload_image")
         self.then_canvas(rendered)  # the new first frame behind the boxes; the previews follow the shot file's change
         self.cancel_btn.click(self.canceller("render"), outputs=self.status, queue=False, api_visibility="private")
 
@@ -727,13 +779,18 @@ class Page:
         return {self.form[k]: gr.skip() if now[k] is None or v == now[k] else v for k, v in snapped.items()}
 
     def render(self, shot_yaml, history, session: str, progress, **form) -> dict:
-        """The Render button: the shot on the GPU side, progress per step labelled by stage, Cancel by session."""
+        """The Render button: the shot on the GPU side, progress per step labelled by stage, Cancel by session.
+
+        The shot is checked here first (trust: permission, names, caps), so a refused one never asks for the GPU;
+        the GPU side checks it again under the same policy."""
         def report(i, n, stage):
             progress((i, n), desc=stage)
 
+        ev.render_ready(shot_yaml, **form)
+        policy = trust.current()
         with self.jobs.running(session, "render", report, self.manager) as job:
             try:
-                r = render_job(job.key, shot_yaml, form)
+                r = render_job(job.key, shot_yaml, form, policy)
             except ev.Cancelled as e:  # not an error: the outputs keep the last render
                 return {self.status: f"{e}."}
         history = history + [r.entry]
@@ -749,10 +806,33 @@ def _slider_maxima() -> dict:
     return {k: max(r[k]["maximum"] for r in rules) for k in ("frames", "size")}
 
 
-def _model_choices() -> list[str]:
-    from studio.presets import list_model_presets
+def _not_sent(fn):
+    """fn with a signature that names every form field, defaulting to None: Gradio then advertises None ("not
+    sent") for each, and gradio_client fills a left-out value with it (fn itself takes them as **form)."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ev.FORM]
 
-    return list_model_presets()
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    call.__signature__ = sig.replace(parameters=params)
+    return call
+
+
+def _api_twin(component):
+    """A hidden stand-in of a form component for the API: the same kind of value and label, its value None."""
+    import gradio as gr
+
+    kw = dict(label=component.label, value=None)
+    if isinstance(component, gr.Checkbox):  # a Checkbox's value cannot be None
+        return gr.Radio([True, False], **kw)
+    if isinstance(component, gr.Dropdown):
+        return gr.Dropdown(component.choices, **kw)
+    if isinstance(component, (gr.Slider, gr.Number)):  # a Slider's value cannot be None
+        return gr.Number(**kw)
+    return gr.Textbox(**kw)
 
 
 def build_app(manager=None):
@@ -762,9 +842,11 @@ def build_app(manager=None):
 
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, prevent_thread_lock: bool = False,
            manager=None, quiet: bool = False):
-    """Start the studio; files are served only from its output folder; uploads at most MAX_UPLOAD."""
+    """Start the studio; files are served only from its output folder; uploads at most MAX_UPLOAD; at most
+    SHOT_STUDIO_MAX_QUEUE jobs wait in the queue."""
+    settings = Settings.from_env()  # a bad SHOT_STUDIO_* value stops the start, naming the variable
     demo = build_app(manager)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=settings.max_queue or None)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ev.output_dir())],
                        max_file_size=MAX_UPLOAD, prevent_thread_lock=prevent_thread_lock, footer_links=["api"],
                        quiet=quiet)

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import inspect
 import logging
+import os
+import secrets
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import engine, shot as shotlib
+from studio import engine, shot as shotlib, trust
 from studio.pipelines import ModelLoadError, studio_home
+from studio.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class Cancelled(UserError):
     """The user cancelled the render; nothing was written."""
 
 
-INPUT_ERRORS = (shotlib.ShotError, ModelLoadError, ValueError)  # problems with what the user gave, naming the field
+INPUT_ERRORS = (shotlib.ShotError, ModelLoadError, ValueError)  # what the user gave (trust.NotAllowed: a ValueError)
 
 
 def user_errors(fn):
@@ -101,6 +105,59 @@ def _subdir(name: str) -> Path:
     d = output_dir() / name
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+# Files in the output folder are served to anyone who knows their name, so no name can be guessed: renders take a
+# random token; files named by their content (uploads, previews, photos: the same content is one file) take a keyed
+# hash whose key never leaves this process.
+_NAME_KEY = secrets.token_bytes(32)
+
+
+def private_name(data: bytes) -> str:
+    """A file name for content: the same bytes give the same name in this process; nobody else can compute it."""
+    return hmac.new(_NAME_KEY, data, hashlib.sha256).hexdigest()[:32]
+
+
+def keep_disk(keep: set[Path] = frozenset(), settings: Settings | None = None) -> int:
+    """Remove the output folder's oldest files until it holds at most SHOT_STUDIO_MAX_DISK_MB (0: no limit), never
+    one of `keep`; empty folders left behind go too. The number of files removed."""
+    cap = (settings or Settings.from_env()).max_disk_mb * 2**20
+    root = output_dir()
+    if not cap:
+        return 0
+    files = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                st = path.lstat()
+            except OSError:  # removed meanwhile
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    keep = {Path(k).resolve() for k in keep}
+    removed = 0
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total <= cap:
+            break
+        if path.resolve() in keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+        parent = path.parent
+        while parent != root and parent.is_relative_to(root):
+            try:
+                parent.rmdir()  # only when empty
+            except OSError:
+                break
+            parent = parent.parent
+    if removed:
+        logger.info("output folder over %d MB: removed its %d oldest files", cap // 2**20, removed)
+    return removed
 
 
 def default_shot_yaml() -> str:
@@ -199,6 +256,7 @@ def load_shot_event(path: str | None) -> str:
     """An uploaded shot file -> the editor text (validated)."""
     if not path:
         raise UserError("shot file: no file given")
+    trust.current().check_upload(str(path), "shot file")
     if Path(path).suffix.lower() not in (".yaml", ".yml"):
         raise UserError(f"shot file: must be a .yaml or .yml file (got {Path(path).name!r})")
     shot = shotlib.load(path)
@@ -208,11 +266,16 @@ def load_shot_event(path: str | None) -> str:
 
 @user_errors
 def save_shot_event(shot_yaml: str, name: str = "", **form) -> str:
-    """The form's shot saved as a YAML file in the output folder (the file `studio render` takes); its path."""
+    """The form's shot saved as a YAML file in the output folder (the file `studio render` takes); its path.
+
+    The file keeps the name given, in a folder of its own with a random name (served files must not be guessable,
+    nor one session's file overwrite another's)."""
     shot = shot_from_form(shot_yaml, **form)
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "").strip())[:64] or \
         time.strftime("shot-%Y%m%d-%H%M%S")
-    return str(shotlib.save(shot, _subdir("shots") / f"{stem}.yaml"))
+    path = shotlib.save(shot, _subdir("shots") / secrets.token_hex(12) / f"{stem}.yaml")
+    keep_disk({path})
+    return str(path)
 
 
 @user_errors
@@ -228,17 +291,26 @@ def apply_form_event(shot_yaml: str, **form) -> str:
 def store_image(path: str | None, field: str) -> str:
     """Check an uploaded image (type, size, readable) and keep a copy in the output folder; the copy's path.
 
-    The copy is named by its content, so the same image uploaded twice is one file, and a shot file that names it
-    keeps working after Gradio's upload cache is cleaned.
+    The copy is named by its content (private_name), so the same image uploaded twice is one file, and a shot file
+    that names it keeps working after Gradio's upload cache is cleaned. Over the web the file must have come
+    through the upload (trust.check_upload).
     """
     if not path:
         raise UserError(f"{field}: no image given")
+    trust.current().check_upload(str(path), field)
     shotlib.validate_image_file(str(path), field)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    target = _subdir("uploads") / f"{digest}{Path(path).suffix.lower()}"
+    target = _subdir("uploads") / f"{private_name(Path(path).read_bytes())}{Path(path).suffix.lower()}"
     if not target.exists():
         shutil.copyfile(path, target)
+        keep_disk({target})
     return str(target)
+
+
+@user_errors
+def upload_image_event(image: str | None) -> str:
+    """An uploaded reference image -> the name a shot uses for it (subjects[i].reference, background.reference):
+    the path of the studio's copy (the API's /upload_image)."""
+    return store_image(image, "image")
 
 
 def read_image(path: str):
@@ -272,11 +344,11 @@ class Rendered:
 
 
 def _unique_stem(folder: Path, seed: int) -> str:
-    stem = time.strftime("%Y%m%d-%H%M%S") + f"-{seed}"
-    name, n = stem, 1
-    while (folder / f"{name}.mp4").exists():
-        name, n = f"{stem}-{n}", n + 1
-    return name
+    """A render's file stem: time and seed (for people), then 96 random bits (so nobody can guess it)."""
+    while True:
+        name = time.strftime("%Y%m%d-%H%M%S") + f"-{seed}-{secrets.token_hex(12)}"
+        if not (folder / f"{name}.mp4").exists():
+            return name
 
 
 class StageProgress:
@@ -316,7 +388,7 @@ def render_event(shot_yaml: str, progress=None, manager=None, cancel: threading.
     """
     from studio import export
 
-    shot = shot_from_form(shot_yaml, **form)
+    shot = render_ready(shot_yaml, **form)
     folder = output_dir()
     stem = _unique_stem(folder, shot.seed)
     out = folder / f"{stem}.mp4"
@@ -338,10 +410,18 @@ def render_event(shot_yaml: str, progress=None, manager=None, cancel: threading.
              "pan": f"{r.shot.camera.cx:+.2f}, {r.shot.camera.cy:+.2f}", "seconds": round(t["total"], 2),
              "video": str(out), "shot_file": str(shot_file), "shot_yaml": shotlib.dumps(r.shot),
              "identity": r.identity}
+    keep_disk({out, files.sidecar, files.gif, Path(frames_zip), first, shot_file})
     logger.info("studio render %s: %s", out.name, status)
     return Rendered(video=str(out), gif=str(files.gif), frames_zip=frames_zip, sidecar=str(files.sidecar),
                     shot_file=str(shot_file), shot_yaml=entry["shot_yaml"], status=status, first_frame=str(first),
                     entry=entry, timings=dict(t))
+
+
+@user_errors
+def render_ready(shot_yaml: str, **form) -> shotlib.Shot:
+    """The form's shot, when this caller may render it (trust: permission, names, caps); else UserError."""
+    trust.current().require("render")
+    return shot_from_form(shot_yaml, **form)
 
 
 def _status(r) -> str:
@@ -458,10 +538,10 @@ def preview_gif(frames, fps: int = 4) -> str:
     """An animated GIF of preview frames in the output folder (named by content: the same preview is one file)."""
     from studio import export
 
-    digest = hashlib.sha256(frames.tobytes() + str(frames.shape).encode()).hexdigest()[:16]
-    path = _subdir("previews") / f"{digest}.gif"
+    path = _subdir("previews") / f"{private_name(frames.tobytes() + str(frames.shape).encode())}.gif"
     if not path.exists():
         export.write_gif(frames, path, fps)
+        keep_disk({path})
     return str(path)
 
 

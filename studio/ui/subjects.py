@@ -8,15 +8,15 @@ output folder under names taken from the content.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from studio import shot as shotlib
-from studio.ui.events import UserError, _subdir, read_image, resolved, store_image, user_errors
+from studio import shot as shotlib, trust
+from studio.ui.events import (UserError, _subdir, keep_disk, private_name, read_image, resolved, store_image,
+                              user_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ NO_SUBJECT = "(none)"
 def _png(image: np.ndarray, kind: str) -> str:
     from PIL import Image
 
-    digest = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
-    path = _subdir("subject-photos") / f"{digest}-{kind}.png"
+    path = _subdir("subject-photos") / f"{private_name(image.tobytes() + str(image.shape).encode())}-{kind}.png"
     if not path.exists():
         Image.fromarray(image).save(path)
+        keep_disk({path})
     return str(path)
 
 
@@ -52,8 +52,13 @@ def photos_event(files: list[str] | None, phrase: str) -> tuple[list[dict], list
     from studio.subjects import masks as masklib
     from studio.subjects.library import import_photos
 
+    policy = trust.current()
+    policy.require("train")
     if not files:
         raise UserError("photos: upload 1..10 photos of the subject")
+    policy.check_training(len(files), 0)
+    for f in files:
+        policy.check_upload(str(f), "photos")
     words = (phrase or "").split()
     if not words:
         raise UserError("phrase: give the subject's words first, e.g. 'sks dog' (the last word is what it is)")
@@ -71,6 +76,9 @@ def replace_mask_event(photo_set: list[dict], number, mask_path: str | None) -> 
     """Replace photo `number`'s mask (1-based) with an uploaded one (white = subject), same size as the photo."""
     from studio.subjects import masks as masklib
 
+    trust.current().require("train")
+    if mask_path:
+        trust.current().check_upload(str(mask_path), "mask")
     if not photo_set:
         raise UserError("photos: upload the subject's photos first")
     i = int(number or 0) - 1
@@ -96,18 +104,23 @@ def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, st
 
     progress(step, total, loss, seconds left) after each step; `cancel` stops it and nothing is written.
     """
+    from studio.presets import load_model_preset
     from studio.subjects import tune
     from studio.subjects.masks import load_mask
 
+    policy = trust.current()
+    policy.require("train")
     if not photo_set:
         raise UserError("photos: upload the subject's photos first")
     words = (phrase or "").split()
     if len(words) < 2:
         raise UserError(f"phrase: needs a trigger word and the class word, e.g. 'sks dog' (got {phrase!r})")
+    steps = int(steps) if steps else None
+    preset = load_model_preset(model)  # over the web: a preset name (studio.trust)
+    policy.check_training(len(photo_set), steps or tune.defaults(preset)["steps"])
     photos = [read_image(p["photo"]) for p in photo_set]
     masks = [load_mask(p["mask"]) for p in photo_set]
-    settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]),
-                                 steps=int(steps) if steps else None)
+    settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]), steps=steps)
     try:
         return tune.add_subject(name, photos, masks, model, settings, library=library, manager=manager,
                                 progress=progress, cancel=cancel)
@@ -129,6 +142,7 @@ def delete_subject_event(name: str, manager=None, library=None) -> None:
     """Remove a subject from the library (and from the loaded pipelines)."""
     from studio.subjects.library import SubjectLibrary
 
+    trust.current().require("delete")
     if not name or name == NO_SUBJECT:
         raise UserError("library subject: pick the subject to delete")
     (library or SubjectLibrary()).delete(name)
