@@ -52,14 +52,21 @@ class WanFamily(Family):
             raise ShotError("model", preset.name, f"a {self.name} preset needs frame_step: {t} and frame_offset: 1 "
                                                   f"(this model's frames are {t}k+1), not {preset.frame_step} and "
                                                   f"{preset.frame_offset}")
-        grid = self.spatial_factor(pipe) * pipe.transformer.config.patch_size[1]
+        patch = pipe.transformer.config.patch_size[1]
+        grid = self.spatial_factor(pipe) * patch
         if preset.size_multiple % grid:
             raise ShotError("model", preset.name, f"size_multiple must be a multiple of {grid} for this model "
-                                                  f"(VAE ×{self.spatial_factor(pipe)}, patch 2), not "
+                                                  f"(VAE ×{self.spatial_factor(pipe)}, patch {patch}), not "
                                                   f"{preset.size_multiple}")
 
     def text_length(self, pipe) -> int:
-        return 512  # WanPipeline's max_sequence_length: the prompt's UMT5 states, zero-padded, unmasked
+        """WanPipeline's max_sequence_length as the studio calls it: the prompt's UMT5 states, zero-padded, unmasked,
+        to 512 tokens (Wan's), or to the tokenizer's model_max_length when that is shorter (the toy Wan: 32)."""
+        tok = getattr(pipe, "tokenizer", None)
+        return 512 if tok is None else min(512, int(tok.model_max_length))
+
+    def call_kwargs(self, pipe, on_step_end, check_cancel: Callable[[], None]) -> dict:
+        return {**super().call_kwargs(pipe, on_step_end, check_cancel), "max_sequence_length": self.text_length(pipe)}
 
     def spatial_factor(self, pipe) -> int:
         return pipe.vae_scale_factor_spatial

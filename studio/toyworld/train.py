@@ -1,4 +1,8 @@
-"""Training of the embedded toy-world model: a VAE stage, then the text-to-video stage.
+"""Training of the embedded toy-world models: a VAE stage, then the text-to-video stage.
+
+Two families: `animatediff` (models/toyworld, the recipe below) and `wan` (models/toyworld-wan: the recipe is
+studio.toyworld.wan.WanRecipe: a causal Wan VAE, a WanTransformer3DModel trained by flow matching, STCA on attn2).
+The stages, checkpoints, resumption, EMA and export are shared; a recipe says what differs.
 
 Stage 1 trains the AutoencoderKL on world frames with a reconstruction loss weighted toward subject pixels
 (small subjects otherwise wash out in the latents). Stage 2 trains the UNetMotionModel and the CLIP text
@@ -48,14 +52,16 @@ class TrainConfig:
     `studio toyworld train` has one flag per field (--budget for budget_s), so a run's training.json is a command.
     """
 
-    work: str = _opt("runs/toyworld", "checkpoint folder (a run resumes from it)")
-    out: str = _opt("runs/toyworld/model", "where the diffusers folder is exported (models/toyworld is the shipped "
-                                           "model: name it only to replace that)")
+    work: Optional[str] = _opt(None, "checkpoint folder (a run resumes from it); default runs/toyworld, "
+                                     "runs/toyworld-wan for --family wan")
+    out: Optional[str] = _opt(None, "where the diffusers folder is exported, default <work>/model (models/toyworld and "
+                                    "models/toyworld-wan are the shipped models: name them only to replace those)")
+    family: str = _opt("animatediff", "model family: animatediff (models/toyworld) or wan (models/toyworld-wan)")
     init: Optional[str] = _opt(None, "an exported model folder (e.g. models/toyworld) to continue: the text-to-video "
                                      "stage starts from its weights and step count, with a fresh optimizer")
     seed: int = _opt(0, "seed of every batch and noise draw")
     vae_steps: int = _opt(1000, "VAE steps (stage 1)")
-    vae_batch: int = _opt(32, "VAE batch, in frames")
+    vae_batch: int = _opt(32, "VAE batch, in frames (wan: whole clips of 9 frames, rounded down)")
     vae_lr: float = _opt(1e-3, "VAE learning rate")
     vae_subject_weight: float = _opt(10.0, "extra VAE loss weight on subject pixels")
     steps: int = _opt(20000, "total text-to-video steps (the time budget usually ends training first)")
@@ -73,17 +79,21 @@ class TrainConfig:
 
 
 # Settings that determine the trained weights (the others only log, checkpoint, export or bound the run).
+# (`family` too, given on the command line when it is not animatediff.)
 RESULT_FIELDS = ("seed", "vae_steps", "vae_batch", "vae_lr", "vae_subject_weight", "steps", "batch", "lr", "warmup",
                  "p_uncond", "stca_weight", "ema_decay", "threads")
 
 
-def reproduce_command(info: dict, work: str = "runs/toyworld", out: str = "runs/toyworld/model",
-                      budget_s: float = 86400.0) -> str:
+def reproduce_command(info: dict, work: str | None = None, out: str | None = None, budget_s: float = 86400.0) -> str:
     """The `studio toyworld train` command that reruns an exported model's training (its training.json `info`):
     every setting that determines the weights, with the step count it reached as --steps and a budget long
     enough that the step count, not the clock, ends the run."""
     cfg = {**info["config"], "steps": info["t2v_steps"]}
-    args = [f"--work {work}", f"--out {out}"]
+    family = cfg.get("family", "animatediff")
+    work = work or default_work(family)
+    args = [f"--work {work}", f"--out {out or str(Path(work) / 'model')}"]
+    if family != "animatediff":
+        args.append(f"--family {family}")
     if cfg.get("init"):
         args.append(f"--init {cfg['init']}")
     args += [f"--{name.replace('_', '-')} {cfg[name]:g}" if isinstance(cfg[name], float) else
@@ -171,16 +181,19 @@ def vae_batch(cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_pixels(np.concatenate(frames)), _subject_weight(np.concatenate(masks), cfg.vae_subject_weight)
 
 
-def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float, checkpoint=None) -> None:
+def train_vae(vae, cfg: TrainConfig, state: dict, deadline: float, checkpoint=None, batch=None) -> None:
+    """Stage 1: reconstruction weighted toward subject pixels, on `batch(cfg, step)` -> (pixels, weights): frames
+    (n, 3, S, S) on the UNet family, clips (n, 3, F, S, S) on Wan (its VAE is a video VAE)."""
     import torch
 
+    batch = batch or vae_batch
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
     vae.train()
     t0, start = time.time(), state.get("vae_step", 0)
     for step in range(start, cfg.vae_steps):
-        x, w = vae_batch(cfg, step)
+        x, w = batch(cfg, step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -236,44 +249,45 @@ def t2v_batch(cfg: TrainConfig, tokenizer, step: int):
     return pixels, torch.from_numpy(masks), ids, token_pos
 
 
-class EMA:
-    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
+class UNetRecipe:
+    """The animatediff side: AutoencoderKL on frames, UNetMotionModel + CLIP trained with the ε-prediction loss (DDIM's
+    schedule) plus STCA on the spatial cross-attention layers."""
 
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
+    family = "animatediff"
+    pipeline_class = "AnimateDiffPipeline"
+    denoiser_key = "unet"
+    components = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - d)  # detached on both sides: no autograd graph
+    def build(self, seed: int) -> dict:
+        return build_components(ToyArch(), seed=seed)
 
+    def frames(self, c: dict) -> int:
+        return world.FRAMES
 
-def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
-    import torch
-    import torch.nn.functional as F
+    def vae_batch(self, cfg: TrainConfig, step: int):
+        return vae_batch(cfg, step)
 
-    from studio.controls.base import capture_cross_attention
+    def calibration(self, vae) -> dict:
+        return {"scaling_factor": vae.config.scaling_factor}
 
-    vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
-    store: list = []
-    orig = capture_cross_attention(unet, store)
-    params = [*unet.parameters(), *te.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    ema = EMA(params, cfg.ema_decay)
-    if "opt" in state:
-        opt.load_state_dict(state["opt"])
-        for s, v in zip(ema.shadow, state["ema"]):
-            s.copy_(v)
-    unet.train()
-    te.train()
-    alphas = sched.alphas_cumprod
-    t0, start, logs = time.time(), state.get("step", 0), []
-    opt_start = state.get("opt_start", 0)  # the step the optimizer started at (its warm-up counts from there)
-    for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1 - opt_start) / max(1, cfg.warmup))
+    def calibrate(self, vae, cfg: TrainConfig) -> dict:
+        vae.register_to_config(scaling_factor=calibrate_vae_scale(vae, cfg))
+        return self.calibration(vae)
+
+    def capture(self, denoiser, store: list) -> dict:
+        from studio.controls.base import capture_cross_attention
+
+        return capture_cross_attention(denoiser, store)
+
+    def plain_processors(self, denoiser) -> None:
+        denoiser.set_attn_processor(_plain_processors(denoiser))
+
+    def losses(self, c: dict, cfg: TrainConfig, step: int, store: list):
+        import torch
+        import torch.nn.functional as F
+
+        vae, unet, te, tok, sched = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+        alphas = sched.alphas_cumprod
         pixels, masks, ids, token_pos = t2v_batch(cfg, tok, step)
         B, Fr = pixels.shape[:2]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -288,8 +302,71 @@ def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
         text = te(ids)[0].repeat_interleave(Fr, 0)  # (B·F, L, D): UNetMotionModel expects per-frame text
         store.clear()
         eps = unet(zt, t, encoder_hidden_states=text).sample
-        l_mse = F.mse_loss(eps, noise)
-        l_stca = stca_loss(store, masks, token_pos, Fr)
+        return F.mse_loss(eps, noise), stca_loss(store, masks, token_pos, Fr)
+
+
+FAMILIES = ("animatediff", "wan")
+
+
+def recipe_for(family: str):
+    """The training recipe of a model family (ValueError naming --family when the toy world has none for it)."""
+    if family == "animatediff":
+        return UNetRecipe()
+    if family == "wan":
+        from studio.toyworld.wan import WanRecipe
+
+        return WanRecipe()
+    raise ValueError(f"--family: the toy world trains no model family {family!r} (valid: {', '.join(FAMILIES)})")
+
+
+def default_work(family: str) -> str:
+    return "runs/toyworld" if family == "animatediff" else f"runs/toyworld-{family}"
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """cfg with its default folders filled in for its family."""
+    import dataclasses
+
+    work = cfg.work or default_work(cfg.family)
+    return dataclasses.replace(cfg, work=work, out=cfg.out or str(Path(work) / "model"))
+
+
+class EMA:
+    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)  # detached on both sides: no autograd graph
+
+
+def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float, recipe=None) -> None:
+    import torch
+
+    recipe = recipe or UNetRecipe()
+    den, te = c[recipe.denoiser_key], c["text_encoder"]
+    store: list = []
+    orig = recipe.capture(den, store)
+    params = [*den.parameters(), *te.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = EMA(params, cfg.ema_decay)
+    if "opt" in state:
+        opt.load_state_dict(state["opt"])
+        for s, v in zip(ema.shadow, state["ema"]):
+            s.copy_(v)
+    den.train()
+    te.train()
+    t0, start, logs = time.time(), state.get("step", 0), []
+    opt_start = state.get("opt_start", 0)  # the step the optimizer started at (its warm-up counts from there)
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1 - opt_start) / max(1, cfg.warmup))
+        l_mse, l_stca = recipe.losses(c, cfg, step, store)
         loss = l_mse + cfg.stca_weight * l_stca
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -306,67 +383,79 @@ def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float) -> None:
                         deadline - time.time())
         if (step + 1) % cfg.ckpt_every == 0:
             state.update(opt=opt.state_dict(), ema=[s.clone() for s in ema.shadow])
-            save_checkpoint(c, cfg, state)
+            save_checkpoint(c, cfg, state, recipe)
         if cfg.export_every and (step + 1) % cfg.export_every == 0:
             state.update(ema=[s.clone() for s in ema.shadow])
             store.clear()  # captured maps hold autograd graphs, which cannot be deep-copied
-            export(c, cfg, state)
+            export(c, cfg, state, recipe)
         if time.time() > deadline:
             break
     state.update(opt=opt.state_dict(), ema=[s.clone() for s in ema.shadow])
-    unet.set_attn_processor(dict(orig))
-    unet.eval()
+    store.clear()
+    den.set_attn_processor(dict(orig))
+    den.eval()
     te.eval()
 
 
 # --- checkpoints and export ------------------------------------------------------------------------------
 
 
-def save_checkpoint(c: dict, cfg: TrainConfig, state: dict) -> None:
+def save_checkpoint(c: dict, cfg: TrainConfig, state: dict, recipe=None) -> None:
     """Write the resumable state atomically: a temp file renamed over the old checkpoint."""
     import torch
 
+    recipe = recipe or UNetRecipe()
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    blob = {"vae": c["vae"].state_dict(), "unet": c["unet"].state_dict(), "te": c["text_encoder"].state_dict(),
-            "scaling_factor": c["vae"].config.scaling_factor, "config": asdict(cfg), **state}
+    key = recipe.denoiser_key
+    blob = {"vae": c["vae"].state_dict(), key: c[key].state_dict(), "te": c["text_encoder"].state_dict(),
+            "vae_calibration": recipe.calibration(c["vae"]), "config": asdict(cfg), **state}
     tmp = work / "checkpoint.pt.tmp"
     torch.save(blob, tmp)
     tmp.replace(work / "checkpoint.pt")
     logger.info("checkpoint at vae step %s, t2v step %s", state.get("vae_step", 0), state.get("step", 0))
 
 
-def load_checkpoint(c: dict, cfg: TrainConfig) -> dict:
+def load_checkpoint(c: dict, cfg: TrainConfig, recipe=None) -> dict:
     import torch
 
+    recipe = recipe or UNetRecipe()
     path = Path(cfg.work) / "checkpoint.pt"
     if not path.exists():
         return {}
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    family = blob.get("config", {}).get("family", "animatediff")
+    if family != recipe.family:
+        raise ValueError(f"--work: {cfg.work!r} holds the checkpoint of a {family} model, not of --family "
+                         f"{recipe.family}; give another --work")
     c["vae"].load_state_dict(blob.pop("vae"))
-    c["unet"].load_state_dict(blob.pop("unet"))
+    c[recipe.denoiser_key].load_state_dict(blob.pop(recipe.denoiser_key))
     c["text_encoder"].load_state_dict(blob.pop("te"))
-    c["vae"].register_to_config(scaling_factor=blob.pop("scaling_factor"))
+    legacy = {"scaling_factor": blob.pop("scaling_factor")} if "scaling_factor" in blob else {}
+    c["vae"].register_to_config(**blob.pop("vae_calibration", legacy))
     blob.pop("config", None)
     logger.info("resumed from %s at vae step %s, t2v step %s", path, blob.get("vae_step"), blob.get("step"))
     return blob
 
 
-def export(c: dict, cfg: TrainConfig, state: dict) -> Path:
-    """Save the EMA weights as a diffusers AnimateDiff folder (fp16 safetensors) at cfg.out, atomically."""
+def export(c: dict, cfg: TrainConfig, state: dict, recipe=None) -> Path:
+    """Save the EMA weights as a diffusers folder of the family's pipeline (fp16 safetensors) at cfg.out,
+    atomically."""
     import copy
     import shutil
 
+    import diffusers
     import torch
-    from diffusers import AnimateDiffPipeline
 
+    recipe = recipe or UNetRecipe()
     parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in c.items()}
-    parts["unet"].set_attn_processor(_plain_processors(parts["unet"]))
+    den = parts[recipe.denoiser_key]
+    recipe.plain_processors(den)
     if "ema" in state:
         with torch.no_grad():
-            for p, s in zip([*parts["unet"].parameters(), *parts["text_encoder"].parameters()], state["ema"]):
+            for p, s in zip([*den.parameters(), *parts["text_encoder"].parameters()], state["ema"]):
                 p.copy_(s)
-    pipe = AnimateDiffPipeline(**parts)
+    pipe = getattr(diffusers, recipe.pipeline_class)(**parts)
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -389,20 +478,34 @@ def _plain_processors(unet) -> dict:
     return {n: AttnProcessor2_0() for n in unet.attn_processors}
 
 
-def init_from(c: dict, folder: str | Path) -> dict:
+def model_family(folder: str | Path) -> str | None:
+    """The toy-world family of an exported model folder, by its pipeline class (None: not a toy-world pipeline)."""
+    try:
+        cls = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return {"AnimateDiffPipeline": "animatediff", "WanPipeline": "wan"}.get(cls)
+
+
+def init_from(c: dict, folder: str | Path, recipe=None) -> dict:
     """Put an exported model's components into `c` (fp16 on disk, trained in fp32) and return the state that
     continues its run: the VAE stage taken as done, the t2v step count from its training.json, no optimizer state
     (a fresh AdamW, warmed up again from that step), the EMA starting from the exported weights."""
+    import diffusers
     import torch
-    from diffusers import AnimateDiffPipeline
 
+    recipe = recipe or UNetRecipe()
     folder = Path(folder)
     if not (folder / "model_index.json").is_file() or not (folder / "training.json").is_file():
         raise ValueError(f"--init: {str(folder)!r} is not an exported toy-world model folder "
                          f"(model_index.json and training.json)")
+    family = model_family(folder)
+    if family != recipe.family:
+        raise ValueError(f"--init: {str(folder)!r} is a model of the {family or 'unknown'} family, not of --family "
+                         f"{recipe.family}")
     info = json.loads((folder / "training.json").read_text())
-    pipe = AnimateDiffPipeline.from_pretrained(folder, dtype=torch.float32)
-    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+    pipe = getattr(diffusers, recipe.pipeline_class).from_pretrained(folder, dtype=torch.float32)
+    for name in recipe.components:
         c[name] = getattr(pipe, name)
     step = int(info["t2v_steps"])
     logger.info("starting from %s at t2v step %d (vae steps %s)", folder, step, info["vae_steps"])
@@ -418,27 +521,30 @@ def train(cfg: TrainConfig) -> Path:
     """
     import torch
 
+    recipe = recipe_for(cfg.family)
+    cfg = resolved(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     deadline = time.time() + cfg.budget_s
-    c = build_components(ToyArch(), seed=cfg.seed)
-    start = init_from(c, cfg.init) if cfg.init else {}
-    state = load_checkpoint(c, cfg)
+    c = recipe.build(cfg.seed)
+    start = init_from(c, cfg.init, recipe) if cfg.init else {}
+    state = load_checkpoint(c, cfg, recipe)
     if cfg.init and state and state.get("init") != start["init"]:
         raise ValueError(f"--init: {cfg.work!r} already holds the checkpoint of another run "
                          f"(init {state.get('init')!r}); resume it without --init, or give a new --work")
     state = state or start
-    for m in (c["vae"], c["unet"], c["text_encoder"]):
+    den = c[recipe.denoiser_key]
+    for m in (c["vae"], den, c["text_encoder"]):
         m.requires_grad_(True)
     if not state.get("vae_done") and state.get("vae_step", 0) < cfg.vae_steps:
-        train_vae(c["vae"], cfg, state, deadline, checkpoint=lambda: save_checkpoint(c, cfg, state))
-        c["vae"].register_to_config(scaling_factor=calibrate_vae_scale(c["vae"], cfg))
-        logger.info("vae scaling factor %.4f", c["vae"].config.scaling_factor)
-        save_checkpoint(c, cfg, state)
+        train_vae(c["vae"], cfg, state, deadline, checkpoint=lambda: save_checkpoint(c, cfg, state, recipe),
+                  batch=recipe.vae_batch)
+        logger.info("vae calibration %s", recipe.calibrate(c["vae"], cfg))
+        save_checkpoint(c, cfg, state, recipe)
     # Frozen from here, and in eval mode whether or not stage 1 ran in this process: a VAE left in train mode
     # after a resume encodes slightly differently (~1e-7), and a resumed run would drift from an uninterrupted one.
     c["vae"].requires_grad_(False).eval()
     if time.time() < deadline:
-        train_t2v(c, cfg, state, deadline)
-        save_checkpoint(c, cfg, state)
-    return export(c, cfg, state)
+        train_t2v(c, cfg, state, deadline, recipe)
+        save_checkpoint(c, cfg, state, recipe)
+    return export(c, cfg, state, recipe)
