@@ -16,7 +16,7 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from studio.shot import ShotError
+from studio.shot import ShotError, path_is_file
 
 
 def presets_root() -> Path:
@@ -79,11 +79,11 @@ def _load_yaml(path: Path, schema, what: str):
 def load_model_preset(model: str) -> ModelPreset:
     """A model preset by name (presets/models/<name>.yaml) or by path to such a file."""
     p = Path(model)
-    if model.endswith((".yaml", ".yml")) or p.is_file():
+    if model.endswith((".yaml", ".yml")) or path_is_file(p):
         path = p
     else:
         path = presets_root() / "models" / f"{model}.yaml"
-    if not path.is_file():
+    if not path_is_file(path):
         known = ", ".join(list_model_presets()) or "none"
         raise ShotError("model", model, f"no such model preset (known: {known}; or give a path to a preset YAML)")
     preset = _load_yaml(path, ModelPreset, "model")

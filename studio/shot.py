@@ -30,7 +30,9 @@ class ShotError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}: {problem} (got {value!r})")
+        # one line, whatever the input held: a field name with control characters (a YAML key "a\nb") is quoted
+        shown = field if str(field).isprintable() else repr(field)
+        super().__init__(f"{shown}: {' '.join(str(problem).splitlines())} (got {value!r})")
 
 
 @dataclass
@@ -263,7 +265,8 @@ def _conform(value, tp, where: str):
     """Check that `value` has the container kind the schema type `tp` asks for, naming the dotted key.
 
     Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
-    Unknown fields and scalar types are left to omegaconf, which names them itself.
+    Unknown fields and scalar types are left to omegaconf, which names them itself. Strings holding an omegaconf
+    interpolation ("${...}") are refused: a shot file is data, and a resolver could read the environment.
     """
     tp = _unwrap_optional(tp)
     if value is None:
@@ -295,6 +298,8 @@ def _conform(value, tp, where: str):
         return out
     if isinstance(value, (Mapping, list, tuple)):
         raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
+    if isinstance(value, str) and "${" in value:  # omegaconf would resolve it: ${oc.env:...} reads the environment
+        raise ShotError(where, value, "interpolations (${...}) are not allowed in a shot file: write the value itself")
     return value
 
 
@@ -317,7 +322,10 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ShotError("--set", item, "the key must be a dotted field name, e.g. noise_prior.gamma")
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    except Exception as e:  # YAML parser errors come in several types, none of them omegaconf's
+        raise ShotError("--set", item, f"the value is {_yaml_problem(e)}") from None
     node, tp, where = cfg, Shot, ""
     for i, part in enumerate(parts):
         k, tp, name = _child(node, tp, part, where)
@@ -397,12 +405,12 @@ def _check_subjects(shot: Shot) -> None:
 def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
     """Load a shot YAML file; any problem is a ShotError naming the field."""
     path = Path(path)
-    if not path.is_file():
+    if not path_is_file(path):
         raise ShotError("shot", str(path), "shot file not found")
     try:
         data = OmegaConf.load(path)
     except Exception as e:  # YAML syntax errors come in several types
-        raise ShotError("shot", str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError("shot", str(path), _yaml_problem(e)) from None
     return from_container(data, overrides)
 
 
@@ -411,10 +419,26 @@ def loads(text: str, overrides: list[str] | None = None, where: str = "shot") ->
     try:
         data = OmegaConf.create(text or "{}")
     except Exception as e:
-        raise ShotError(where, (text or "").strip()[:40], f"not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError(where, (text or "").strip()[:40], _yaml_problem(e)) from None
     if isinstance(data, ListConfig):
         raise ShotError(where, "a list", "a shot file must be a mapping of fields")
     return from_container(data, overrides)
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line for YAML omegaconf could not load (its parsers' errors span lines; some have no message)."""
+    lines = str(e).strip().splitlines()
+    if not lines or str(e).startswith("Invalid loaded object type"):  # a lone value ("3"): omegaconf asserts
+        return "a shot file must be a mapping of fields, not a single value"
+    return f"not valid YAML: {lines[0]}"
+
+
+def path_is_file(path: str | Path) -> bool:
+    """Whether a path names a file; False, rather than an OSError, for names the system refuses (too long, NUL)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def to_dict(shot: Shot) -> dict:
@@ -593,7 +617,7 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
 def validate_image_file(path: str, where: str) -> None:
     """A reference must be an existing, readable image of sane size (checked without decoding all pixels)."""
     p = Path(path)
-    if not p.is_file():
+    if not path_is_file(p):
         raise ShotError(where, path, "image file not found")
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise ShotError(where, path, f"must be an image ({', '.join(IMAGE_SUFFIXES)})")
@@ -622,7 +646,7 @@ def _validate_refine(shot: Shot, preset) -> None:
             raise ShotError(f"{where}.steps", r.steps, "must be in 1..1000 or null (the shot's steps)")
     if f.detector not in FACE_DETECTORS:
         raise ShotError("refine.face.detector", f.detector, f"must be one of {', '.join(FACE_DETECTORS)}")
-    if f.detector_model is not None and not Path(f.detector_model).is_file():
+    if f.detector_model is not None and not path_is_file(f.detector_model):
         raise ShotError("refine.face.detector_model", f.detector_model, "file not found")
     _check_range("refine.face.crop_factor", f.crop_factor, 1, 8)
     if not 0 <= f.feather <= 64:
