@@ -38,6 +38,20 @@ def _threads(pipe) -> int | None:
     return torch.get_num_threads() if str(pipe.device).startswith("cpu") else None
 
 
+def _wait_policy(pipe) -> str | None:
+    """The OpenMP wait policy of torch's CPU threads (studio.threads: PASSIVE unless OMP_WAIT_POLICY says)."""
+    from studio import threads
+
+    return threads.wait_policy() if str(pipe.device).startswith("cpu") else None
+
+
+def _threads_chosen_by(pipe) -> str | None:
+    """How the CPU thread count was chosen: --threads, SHOT_STUDIO_THREADS, OMP_NUM_THREADS or auto (studio.threads)."""
+    from studio import threads
+
+    return threads.chosen_by() if str(pipe.device).startswith("cpu") else None
+
+
 def _attention_backend(pipe) -> str:
     """diffusers' active attention dispatch backend ("native": torch's scaled_dot_product_attention)."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -57,6 +71,8 @@ RECORDED: dict[str, Callable[[Any], Any]] = {
     "device": lambda pipe: str(pipe.device),
     "dtype": _dtype,
     "torch_threads": _threads,
+    "torch_wait_policy": _wait_policy,
+    "torch_threads_chosen_by": _threads_chosen_by,
     "attention_backend": _attention_backend,
     "deterministic_algorithms": _deterministic,
 }
