@@ -270,7 +270,7 @@ def run(clients: int = 8, renders: int = 3, steps: int = 20, browsers: int = 2, 
         finally:
             demo.close()
     report.memory = {"rss_before_load_mb": round(before_mb), "peak_during_load_mb": round(during.peak_mb),
-                     "peak_whole_run_mb": round(whole.peak_mb)}
+                     "peak_whole_run_mb": round(max(whole.peak_mb, during.peak_mb))}
     choice = threadlib.current()
     report.settings = {"threads": choice.describe(), "wait_policy": threadlib.wait_policy(), "clients": clients,
                        "renders": renders, "steps": steps, "queue_size": queue_size, "cores": os.cpu_count(),
