@@ -518,6 +518,8 @@ def _locked(root: Path, wait: bool):
         except BlockingIOError:
             yield False
             return
+        except OSError as e:  # a file system without flock (some network mounts): no lock, as without fcntl
+            logger.debug("no lock on %s: %s", root, e)
         yield True
     finally:
         os.close(fd)  # releases the lock
