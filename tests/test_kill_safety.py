@@ -25,6 +25,7 @@ from PIL import Image
 from studio import cli, faults
 from studio.subjects.library import SubjectLibrary
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the helper forks after importing torch (Linux)")
 ROOT = Path(__file__).resolve().parent.parent
 OLD = "<rex> dog"  # the previous version's trigger; the new one trains tokens and records its own
 # point -> which version of 'rex' the next start must list after `subject add rex --overwrite` died there
