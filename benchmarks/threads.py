@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
         worker(args.threads, args.policy, args.steps)
         return 0
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the spinner and the workers
     settings = [("1 thread", 1, None), ("2 threads", 2, None), ("chosen", None, None)]
     for e in args.extra:
         n, _, policy = e.partition(":")
