@@ -20,6 +20,7 @@ import io
 import json
 import math
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -163,18 +164,24 @@ def _dump(data) -> str:
 # --- the property ------------------------------------------------------------------------------------------------
 
 
+HANG_S = 30.0  # an example that takes longer is a hang (they take well under a second, on a loaded machine too)
+
+
 def check_outcome(load, data=None) -> str:
     """'valid' or 'error' for a loader of a shot; fails the test on anything else."""
+    t0 = time.perf_counter()
     try:
         shot = load()
         resolved, preset = engine.prepare(shot)
     except Exception as e:  # noqa: BLE001 - what it is, is the test
+        assert time.perf_counter() - t0 < HANG_S, "validation took as long as a hang"
         trace = "".join(traceback.format_exception(e))
         assert cli._is_input_error(e), f"not an input error (a stack trace for the user):\n{trace}"
         message = str(e).strip()
         assert message and "\n" not in message, f"not one line: {message!r}"
         event(f"input error: {type(e).__name__}")
         return "error"
+    assert time.perf_counter() - t0 < HANG_S, "validation took as long as a hang"
     # a valid shot writes and reads back as itself and resolves again to itself
     assert shotlib.loads(shotlib.dumps(shot)) == shot
     assert shotlib.from_container(shotlib.to_dict(resolved)) == resolved
