@@ -9,8 +9,9 @@ run first). A valid outcome must write and read back as itself and resolve again
 the file gave (nothing resolved or rewritten); an error must be an input error by the CLI's own rule (ShotError,
 ModelLoadError, or a ValueError raised by the studio's code) with a one-line message.
 
-Through the CLI (6 files, derandomized): mutations of a 2-step toy-world shot rendered by `studio render`
-in-process: exit 0 with the MP4 and its sidecar, or exit 2 with one stderr line and nothing written.
+Through the CLI (8 files: 6 drawn, derandomized, and a valid and an invalid one always): mutations of a 2-step
+toy-world shot rendered by `studio render` in-process: exit 0 with the MP4 and its sidecar, or exit 2 with one
+stderr line and nothing written.
 
 Every run draws the same examples (derandomize=True, no example database), so a failure reproduces.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from studio import cli, engine, export, shot as shotlib
 
@@ -120,7 +121,10 @@ def _paths(node, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-def _mutate(data, draw, allowed=None):
+OPS = ("tweak", "tweak", "tweak", "set", "set", "delete", "add", "wrap")
+
+
+def _mutate(data, draw, allowed=None, ops=OPS):
     """One random edit of `data` in place: set, delete, add an unknown key, or put a container in a value's place."""
     paths = [p for p in _paths(data) if p and (allowed is None or ".".join(map(str, p)).startswith(allowed))]
     if not paths:
@@ -130,7 +134,7 @@ def _mutate(data, draw, allowed=None):
     for k in path[:-1]:
         parent = parent[k]
     key = path[-1]
-    op = draw(st.sampled_from(["tweak", "tweak", "tweak", "set", "set", "delete", "add", "wrap"]))
+    op = draw(st.sampled_from(ops))
     if op == "tweak":  # a value of the same kind, near the valid range: probes the bounds
         parent[key] = draw(_near(parent[key]))
     elif op == "set":
@@ -148,12 +152,12 @@ def _mutate(data, draw, allowed=None):
 
 
 @st.composite
-def mutated_shots(draw, bases=tuple(range(len(BASES))), allowed=None, edits=(1, 3)):
+def mutated_shots(draw, bases=tuple(range(len(BASES))), allowed=None, edits=(1, 3), ops=OPS):
     import copy
 
     data = copy.deepcopy(BASES[draw(st.sampled_from(bases))])
     for _ in range(draw(st.integers(*edits))):
-        _mutate(data, draw, allowed)
+        _mutate(data, draw, allowed, ops)
     return data
 
 
@@ -287,7 +291,10 @@ CLI_FIELDS = ("model", "prompt", "seed", "noise_prior", "camera.cx", "camera.cy"
 
 @pytest.mark.timeout(300)
 @fuzz_settings(6)
-@given(data=mutated_shots(bases=(BASES.index(SMALL),), allowed=CLI_FIELDS, edits=(1, 2)))
+@given(data=st.one_of(mutated_shots(bases=(BASES.index(SMALL),), allowed=CLI_FIELDS, edits=(1, 1), ops=("tweak",)),
+                      mutated_shots(bases=(BASES.index(SMALL),), allowed=CLI_FIELDS, edits=(1, 2))))
+@example(data=SMALL)  # both ways out, whatever is drawn: a render ...
+@example(data={**SMALL, "camera": {"cx": 1.5}})  # ... and an input error
 def test_mutated_shot_files_through_studio_render(data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     (folder / "shot.yaml").write_text(_dump(data))
@@ -296,6 +303,7 @@ def test_mutated_shot_files_through_studio_render(data, tmp_path_factory):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(["render", str(folder / "shot.yaml"), "--out", str(out), "--no-progress"])
     written = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    event(f"studio render exit {code}")
     if code == 0:
         assert written == ["shot.json", "shot.mp4"]
         sidecar = json.loads(out.with_suffix(".json").read_text())
