@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
+    r.add_argument("--threads", metavar="N", help=THREADS_HELP)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--share", action="store_true", help="create a public Gradio link")
+    u.add_argument("--threads", metavar="N", help=THREADS_HELP)
     u.set_defaults(func=cmd_ui)
 
     sj = sub.add_parser("subject", help="teach the studio a subject; list and remove subjects")
@@ -389,6 +391,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
 
 
+def _runs_models(args) -> bool:
+    """Whether the command runs a model (and so needs torch's CPU threads chosen): not presets, subject list/remove."""
+    return args.command not in ("presets",) and getattr(args, "subject_command", "add") == "add"
+
+
+THREADS_HELP = ("torch CPU threads (a machine setting, recorded in the sidecar; default: SHOT_STUDIO_THREADS, else "
+                "OMP_NUM_THREADS, else the studio's choice: one core left free, so 1 thread on 2 cores)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
@@ -397,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "toyworld":
         logging.getLogger("studio").setLevel(logging.INFO)
     try:
+        if _runs_models(args):  # before any model loads: torch's CPU threads (studio.threads)
+            from studio import threads
+
+            threads.apply(args.threads if args.command in ("render", "ui") else None)
         return args.func(args)
     except Exception as e:
         if not _is_input_error(e):

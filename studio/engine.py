@@ -178,7 +178,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     info = {"device": str(pipe.device), "dtype": str(denoiser.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
-            "controls": [c.name for c in controls], "noise_prior": prior}
+            "controls": [c.name for c in controls], "noise_prior": prior, "machine": machine.notes(pipe)}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
     #    prompt and subjects (box/camera/reference controls are not applied to these passes).
     if refine.enabled(shot):

@@ -31,6 +31,20 @@ def _threads(pipe) -> int | None:
     return torch.get_num_threads() if str(pipe.device).startswith("cpu") else None
 
 
+def _wait_policy(pipe) -> str | None:
+    """The OpenMP wait policy of torch's CPU threads (studio.threads: PASSIVE unless OMP_WAIT_POLICY says)."""
+    from studio import threads
+
+    return threads.wait_policy() if str(pipe.device).startswith("cpu") else None
+
+
+def _threads_chosen_by(pipe) -> str | None:
+    """How the CPU thread count was chosen: --threads, SHOT_STUDIO_THREADS, OMP_NUM_THREADS or auto (studio.threads)."""
+    from studio import threads
+
+    return threads.chosen_by() if str(pipe.device).startswith("cpu") else None
+
+
 def _attention_backend(pipe) -> str:
     """diffusers' active attention dispatch backend ("native": torch's scaled_dot_product_attention)."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -53,6 +67,18 @@ RECORDED: dict[str, Callable[[Any], Any]] = {
     "attention_backend": _attention_backend,
     "deterministic_algorithms": _deterministic,
 }
+
+# Machine settings recorded with a render (sidecar render.machine) that change its speed, not its pixels: not
+# compared by --verify, not part of a batch job's hash.
+NOTED: dict[str, Callable[[Any], Any]] = {
+    "torch_wait_policy": _wait_policy,
+    "torch_threads_chosen_by": _threads_chosen_by,
+}
+
+
+def notes(pipe) -> dict[str, Any]:
+    """The speed-only machine settings of a render on `pipe` (sidecar render.machine)."""
+    return {name: read(pipe) for name, read in NOTED.items()}
 
 
 def record(pipe) -> dict[str, Any]:

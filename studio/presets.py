@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from studio import trust
-from studio.shot import ShotError, yaml_position
+from studio.shot import ShotError, path_is_file, yaml_position
 
 
 def presets_root() -> Path:
@@ -104,11 +104,11 @@ def load_model_preset(model: str) -> ModelPreset:
     the names studio.trust allows)."""
     trust.current().check_model(model)
     p = Path(model)
-    if model.endswith((".yaml", ".yml")) or p.is_file():
+    if model.endswith((".yaml", ".yml")) or path_is_file(p):
         path = p
     else:
         path = presets_root() / "models" / f"{model}.yaml"
-    if not path.is_file():
+    if not path_is_file(path):
         known = ", ".join(list_model_presets()) or "none"
         raise ShotError("model", model, f"no such model preset (known: {known}; or give a path to a preset YAML)")
     preset = _load_yaml(path, ModelPreset, "model", model)

@@ -177,13 +177,13 @@ def detector_models() -> dict[str, str]:
 def detector_model_path(model: str) -> str | None:
     """The file a `refine.face.detector_model` stands for: a detector model's name (detector_models), else a path
     to a file; None when it is neither."""
-    from pathlib import Path
-
     if "/" not in model and "\\" not in model:
         found = detector_models().get(model)
         if found:
             return found
-    return model if Path(model).is_file() else None
+    from studio.shot import path_is_file
+
+    return model if path_is_file(model) else None
 
 
 def _haar(model: str | None) -> Detector:

@@ -33,7 +33,10 @@ class ShotError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str, show_value: bool = True):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}: {problem}" + (f" (got {value!r})" if show_value else ""))
+        # one line, whatever the input held: a field name with control characters (a YAML key "a\nb") is quoted
+        shown = field if str(field).isprintable() else repr(field)
+        got = f" (got {value!r})" if show_value else ""
+        super().__init__(f"{shown}: {' '.join(str(problem).splitlines())}{got}")
 
 
 @dataclass
@@ -274,7 +277,8 @@ def _conform(value, tp, where: str):
 
     Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
     Unknown fields are refused here (quoted only when they look like a field name); scalar types are left to
-    omegaconf, which names them itself.
+    omegaconf, which names them itself. Strings holding an omegaconf interpolation ("${...}") are refused: a shot
+    file is data, and a resolver could read the environment.
     """
     tp = _unwrap_optional(tp)
     if value is None:
@@ -309,6 +313,8 @@ def _conform(value, tp, where: str):
         return out
     if isinstance(value, (Mapping, list, tuple)):
         raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
+    if isinstance(value, str) and "${" in value:  # omegaconf would resolve it: ${oc.env:...} reads the environment
+        raise ShotError(where, value, "interpolations (${...}) are not allowed in a shot file: write the value itself")
     return value
 
 
@@ -344,7 +350,7 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     except OmegaConfBaseException:
         raise
     except Exception as e:  # the YAML parser's errors ('seed=[1,2' leaves a list open)
-        raise ShotError("--set", item, f"the value is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError("--set", item, f"the value is {_yaml_problem(e)}") from None
     node, tp, where = cfg, Shot, ""
     for i, part in enumerate(parts):
         k, tp, name = _child(node, tp, part, where)
@@ -424,12 +430,12 @@ def _check_subjects(shot: Shot) -> None:
 def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
     """Load a shot YAML file; any problem is a ShotError naming the field."""
     path = Path(path)
-    if not path.is_file():
+    if not path_is_file(path):
         raise ShotError("shot", str(path), "shot file not found")
     try:
         data = OmegaConf.load(path)
     except Exception as e:  # YAML syntax errors come in several types; their text quotes the file: never shown
-        raise ShotError("shot", str(path), f"not valid YAML{yaml_position(e)}") from None
+        raise ShotError("shot", str(path), _yaml_problem(e, quote=False)) from None
     return from_container(data, overrides)
 
 
@@ -444,10 +450,27 @@ def loads(text: str, overrides: list[str] | None = None, where: str = "shot") ->
     try:
         data = OmegaConf.create(text or "{}")
     except Exception as e:
-        raise ShotError(where, (text or "").strip()[:40], f"not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError(where, (text or "").strip()[:40], _yaml_problem(e)) from None
     if isinstance(data, ListConfig):
         raise ShotError(where, "a list", "a shot file must be a mapping of fields")
     return from_container(data, overrides)
+
+
+def _yaml_problem(e: Exception, quote: bool = True) -> str:
+    """One line for YAML omegaconf could not load (its parsers' errors span lines; some have no message). quote:
+    the parser's own first line (it may quote the text: only for text the caller sent), else only the position."""
+    lines = str(e).strip().splitlines()
+    if not lines or str(e).startswith("Invalid loaded object type"):  # a lone value ("3"): omegaconf asserts
+        return "a shot file must be a mapping of fields, not a single value"
+    return f"not valid YAML: {lines[0]}" if quote else f"not valid YAML{yaml_position(e)}"
+
+
+def path_is_file(path: str | Path) -> bool:
+    """Whether a path names a file; False, rather than an OSError, for names the system refuses (too long, NUL)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def to_dict(shot: Shot) -> dict:
@@ -648,7 +671,7 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
 def validate_image_file(path: str, where: str) -> None:
     """A reference must be an existing, readable image of sane size (checked without decoding all pixels)."""
     p = Path(path)
-    if not p.is_file():
+    if not path_is_file(p):
         raise ShotError(where, path, "image file not found")
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise ShotError(where, path, f"must be an image ({', '.join(IMAGE_SUFFIXES)})")

@@ -5,10 +5,15 @@ import socket
 
 import pytest
 
+import studio  # first: the OpenMP wait policy of torch's threads is set before torch loads (studio.threads)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+studio.threads.apply()  # the tests run on the thread count the CLI and the app choose on this machine
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,6 +15,14 @@ Layout of `<root>/<name>/` (root: studio_home()/subjects unless given):
 A save builds the whole folder under a hidden temp name (".tmp-<name>-<random>") and renames it into place, so
 a reader sees the old subject or the new one, never half of one; folders starting with "." are never listed.
 Only safetensors are read: a subject folder holding pickle files (.bin, .pt, .ckpt, ...) is refused.
+
+Kill safety (a process killed at any point, SIGKILL or power cut alike, as far as the file system keeps renames in
+order): writers (save, delete) hold an exclusive lock on the library folder (flock), so hidden folders seen while
+the lock is free belong to a writer that died. The next reader or writer that finds any (`recover`) finishes what
+the dead one left: an overwrite killed between moving the previous version aside (".old-<name>-*/<name>") and
+renaming the new one into place gets the previous version back; build folders (".tmp-*") and folders being
+deleted (".del-*") are removed. An overwrite moves the previous version aside, renames the new one in, then
+renames the aside folder to ".del-*" before removing it, so an ".old-*" folder always holds a whole subject.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from studio import faults
 from studio.subjects.masks import check_image, check_mask, load_mask, save_mask
 
 if TYPE_CHECKING:
@@ -50,6 +60,7 @@ MAX_PHOTO_BYTES = 20 * 2**20
 MAX_PHOTOS = 10
 MAX_PHOTO_SIDE = 1024  # imported photos are scaled down to this longest side (training crops far smaller)
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+HIDDEN_PREFIXES = (".tmp-", ".old-", ".del-")  # a writer's build, previous-version and being-deleted folders
 
 
 class SubjectError(ValueError):
@@ -291,6 +302,7 @@ class SubjectLibrary:
         are not readable safetensors are skipped (logged; `delete` still removes them by name)."""
         if not self.root.is_dir():
             return []
+        self.recover(wait=False)
         subjects = []
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir() or not NAME_PATTERN.fullmatch(folder.name):
@@ -307,6 +319,7 @@ class SubjectLibrary:
     def exists(self, name: str) -> bool:
         """Whether a complete subject of that name is in the library."""
         folder = self.root / sanitize_name(name)
+        self.recover(wait=False)
         if not folder.is_dir():
             return False
         try:
@@ -318,6 +331,7 @@ class SubjectLibrary:
     def get(self, name: str, field: str = "name") -> Subject:
         """The subject called `name`; SubjectError (a ValueError) naming `field` when there is no complete one."""
         folder = self.root / sanitize_name(name, field)
+        self.recover(wait=False)
         if not folder.is_dir():
             known = ", ".join(self.names()) or "none"
             raise SubjectError(f"{field}: no subject '{name}' in {self.root} (known: {known})")
@@ -394,30 +408,35 @@ class SubjectLibrary:
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         text = _metadata_json(meta)
         final = self.root / name
-        if final.exists() and not overwrite:
-            raise ValueError(f"name: subject '{name}' already exists in {self.root}; "
-                             f"pass overwrite=True to replace it")
-        # 2. Build the folder under a temp name; any failure removes it and leaves the library as it was
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
-        try:
-            _write_folder(tmp, photos, masks, lora, embeds, text)
-            # 3. Swap it into place
-            self._replace(tmp, final, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("saved subject '%s' (%s) in %s", name, ", ".join(meta["methods"]), final)
-        return _subject_from_folder(final)
+        with self._writing():
+            if final.exists() and not overwrite:
+                raise ValueError(f"name: subject '{name}' already exists in {self.root}; "
+                                 f"pass overwrite=True to replace it")
+            # 2. Build the folder under a temp name; any failure removes it and leaves the library as it was
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+            faults.point("save-tmp-made")
+            try:
+                _write_folder(tmp, photos, masks, lora, embeds, text)
+                faults.point("save-built")
+                # 3. Swap it into place
+                self._replace(tmp, final, overwrite)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            logger.info("saved subject '%s' (%s) in %s", name, ", ".join(meta["methods"]), final)
+            return _subject_from_folder(final)
 
     def delete(self, name: str) -> None:
         """Remove a subject (renamed aside first, so it disappears from listings at once)."""
         folder = self.root / sanitize_name(name)
-        if not folder.is_dir():
-            raise SubjectError(f"name: no subject '{name}' in {self.root}")
-        aside = Path(tempfile.mkdtemp(prefix=f".del-{folder.name}-", dir=self.root))
-        os.replace(folder, aside / folder.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        with self._writing():
+            if not folder.is_dir():
+                raise SubjectError(f"name: no subject '{name}' in {self.root}")
+            aside = Path(tempfile.mkdtemp(prefix=f".del-{folder.name}-", dir=self.root))
+            os.replace(folder, aside / folder.name)
+            faults.point("delete-moved")
+            _remove(aside, "delete-half-removed")
         logger.info("deleted subject '%s'", folder.name)
 
     def _replace(self, tmp: Path, final: Path, overwrite: bool) -> None:
@@ -428,14 +447,96 @@ class SubjectLibrary:
         if not overwrite:
             raise ValueError(f"name: subject '{final.name}' already exists in {self.root}; pass overwrite=True")
         aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=self.root))
+        faults.point("swap-aside-made")
         os.replace(final, aside / final.name)
+        faults.point("swap-old-moved")
         try:
             os.replace(tmp, final)
         except BaseException:
             os.replace(aside / final.name, final)  # put the previous version back
             shutil.rmtree(aside, ignore_errors=True)
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        faults.point("swap-new-in-place")
+        _remove(aside, "swap-old-half-removed")
+
+    # --- recovery after a killed writer
+
+    @contextmanager
+    def _writing(self):
+        """Hold the library's write lock (blocking), after finishing what a killed writer left (`recover`)."""
+        with _locked(self.root, wait=True):
+            self._recover_locked()
+            yield
+
+    def recover(self, wait: bool = True) -> list[str]:
+        """Finish what writers killed mid-way left in the library (see the module docstring); what was done, one
+        line each. With wait=False, a library another writer holds is left alone (that writer is alive)."""
+        if not self.root.is_dir() or not _leftovers(self.root):
+            return []
+        with _locked(self.root, wait=wait) as held:
+            return self._recover_locked() if held else []
+
+    def _recover_locked(self) -> list[str]:
+        done = []
+        for entry in _leftovers(self.root):
+            if entry.name.startswith(".old-"):
+                inside = [p for p in entry.iterdir() if NAME_PATTERN.fullmatch(p.name)]
+                final = self.root / inside[0].name if inside else None
+                if final is not None and not final.exists():  # killed between moving it aside and the new one in
+                    os.replace(inside[0], final)
+                    done.append(f"restored the previous version of subject '{final.name}' (its overwrite was cut "
+                                f"short)")
+            elif entry.name.startswith(".tmp-"):
+                done.append(f"removed an unfinished save ({entry.name})")
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for line in done:
+            logger.warning("subject library %s: %s", self.root, line)
+        return done
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """The hidden build, previous-version and being-deleted folders in a library folder."""
+    try:
+        return sorted(p for p in root.iterdir() if p.name.startswith(HIDDEN_PREFIXES))
+    except OSError:
+        return []
+
+
+@contextmanager
+def _locked(root: Path, wait: bool):
+    """An exclusive flock on the library folder itself (no lock file to list); yields whether it is held. Without
+    fcntl (Windows) there is no lock: yields True."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as e:  # a file system without flock (some network mounts): no lock, as without fcntl
+            logger.debug("no lock on %s: %s", root, e)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove(aside: Path, point: str) -> None:
+    """Remove a folder that holds what is no longer wanted: renamed ".del-*" first (if not already), so a kill
+    while removing it leaves nothing that recovery would put back."""
+    doomed = aside
+    if not aside.name.startswith(".del-"):
+        doomed = aside.with_name(".del-" + aside.name.split("-", 1)[1])
+        os.replace(aside, doomed)
+    files = sorted(p for p in doomed.rglob("*") if p.is_file())
+    for f in files[: len(files) // 2]:
+        f.unlink()
+    faults.point(point)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- helpers for save ----------------------------------------------------------------------------------------
@@ -494,10 +595,12 @@ def _write_folder(folder: Path, photos: list[np.ndarray], masks: list[np.ndarray
         (folder / "masks").mkdir()
         for i, mask in enumerate(masks):
             save_mask(mask, folder / "masks" / f"{i:03d}.png")
+    faults.point("save-photos-written")
     if lora:
         save_file(lora, str(folder / LORA_FILE), metadata={"format": "pt"})
     if embeds:
         save_file(embeds, str(folder / EMBEDS_FILE), metadata={"format": "pt"})
+    faults.point("save-weights-written")
     (folder / METADATA_FILE).write_text(metadata_text, encoding="utf-8")
 
 

@@ -42,6 +42,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from studio import faults
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "tokens", "both")
@@ -651,6 +653,21 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     return out
 
 
+def _with_fault_points(progress: Progress | None) -> Progress | None:
+    """`progress` with the fault point "train-step" after each training step (studio.faults; tests only)."""
+    if not os.environ.get(faults.ENV):
+        return progress
+    report = _reporter(progress)
+
+    def on_step(i, n, loss, left, stage="training"):
+        if report is not None:
+            report(i, n, loss, left, stage)
+        if stage == "training":
+            faults.point("train-step")
+
+    return on_step
+
+
 def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model: str,
                 settings: TuneSettings, library=None, manager=None, progress: Progress | None = None,
                 cancel: threading.Event | None = None, overwrite: bool = False, photo_names: list[str] | None = None):
@@ -676,7 +693,8 @@ def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | N
     # 2. Train on a pipeline of its own.
     device = manager.device if manager is not None else pick_device()
     pipe = load_pipeline(preset, device)
-    result = train(pipe, preset, photos, masks, name, s, progress, cancel)
+    result = train(pipe, preset, photos, masks, name, s, _with_fault_points(progress), cancel)
+    faults.point("trained")
     # 3. Save; the manager's pipelines drop an older version of the subject.
     methods = ["lora"] * (result.lora is not None) + ["tokens"] * (result.embeds is not None)
     meta = {"trigger": insertion(s.method, s.trigger, result.tokens), "class_word": s.class_word,

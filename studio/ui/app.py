@@ -841,10 +841,15 @@ def build_app(manager=None):
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, prevent_thread_lock: bool = False,
-           manager=None, quiet: bool = False):
+           manager=None, quiet: bool = False, threads=None):
     """Start the studio; files are served only from its output folder; uploads at most MAX_UPLOAD; at most
-    SHOT_STUDIO_MAX_QUEUE jobs wait in the queue."""
+    SHOT_STUDIO_MAX_QUEUE jobs wait in the queue. `threads`: torch CPU threads (studio.threads; None: as already
+    chosen in this process, else SHOT_STUDIO_THREADS or auto)."""
+    from studio import threads as threadlib
+
     settings = Settings.from_env()  # a bad SHOT_STUDIO_* value stops the start, naming the variable
+    if threads is not None or threadlib.current() is None:
+        threadlib.apply(threads)
     demo = build_app(manager)
     demo.queue(default_concurrency_limit=1, max_size=settings.max_queue or None)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ev.output_dir())],
