@@ -511,6 +511,7 @@ def _locked(root: Path, wait: bool):
     except ImportError:
         yield True
         return
+    root.mkdir(parents=True, exist_ok=True)  # a library not written yet (a delete there finds no subject)
     fd = os.open(root, os.O_RDONLY)
     try:
         try:
