@@ -35,11 +35,14 @@ _default_lock = threading.Lock()
 
 
 def default_manager() -> PipelineManager:
-    """The process-wide pipeline manager (created on first use, never at import)."""
+    """The process-wide pipeline manager (created on first use, never at import), with the machine settings of the
+    environment (SHOT_STUDIO_DEVICE, _DTYPE, _OFFLOAD, ...: studio.machine.ENV)."""
     global _default_manager
     with _default_lock:
         if _default_manager is None:
-            _default_manager = PipelineManager()
+            from studio import machine
+
+            _default_manager = PipelineManager(settings=machine.from_env())
         return _default_manager
 
 
@@ -138,7 +141,8 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
     #     once per pipeline, then switched by adapter weights).
     if records:
-        subjects.load(pipe, records)
+        with machine.offload_paused(pipe):  # weights where peft can see them (sequential offload keeps none)
+            subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
     # 3. Initial noise from the 3D Gaussian prior, drawn on the CPU from the shot's seed.
     t1 = time.perf_counter()
@@ -146,7 +150,8 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     scale = pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, shot.frames, shot.height // scale, shot.width // scale)  # (B, C, F, h, w)
     generator = torch.Generator("cpu").manual_seed(shot.seed)
-    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
+    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(machine.execution_device(pipe),
+                                                                              unet.dtype)
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
     controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
@@ -179,7 +184,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    info = {"device": str(pipe.device), "dtype": str(unet.dtype).removeprefix("torch."),
+    info = {"device": str(machine.execution_device(pipe)), "dtype": str(unet.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
             "controls": [c.name for c in controls]}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
