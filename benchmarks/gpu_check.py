@@ -302,7 +302,8 @@ def main(argv=None) -> int:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    sizes = ", ".join(f"{n} {layouts[n].width}x{layouts[n].height}x{layouts[n].frames}" for n in args.models.split(","))
+    names = args.models.split(",")
+    sizes = ", ".join(f"{n} {layouts[n].width}x{layouts[n].height}x{layouts[n].frames}" for n in names)
     print(f"\nGPU check on {where}: {sizes}; controlled render (boxes + camera + reference), {render_steps} steps; "
           f"training: method both, {args.train_steps} steps (first excluded)\n")
     head = ("model", "dtype", "offload", "s/denoise step", "s/render", "peak render", "s/train step", "peak train",

@@ -66,7 +66,8 @@ def test_trainable_weights_are_float32_under_autocast(dtype, small_clips, monkey
     pipe.unet.register_forward_hook(watch, with_kwargs=True)
     steps = []
     real_step = torch.amp.GradScaler.step
-    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    monkeypatch.setattr(torch.amp.GradScaler, "step",
+                        lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
     photos, masks = _photos()
     r = tune.train(pipe, preset, photos, masks, "rex",
                    tune.TuneSettings(method="both", class_word="dog", steps=2, n_tokens=2, batch=2))

@@ -40,9 +40,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used (nothing heavy at import)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -496,7 +499,8 @@ def stca_setup(pipe, s: TuneSettings, h: int, w: int, generator) -> StcaSetup:
     if s.method not in ("lora", "both") or s.stca_weight <= 0:
         return StcaSetup()
     ctx = Context(frames=1, latent_h=h, latent_w=w, steps=s.steps, do_cfg=False, generator=generator)
-    tokens_at = _layer_tokens(pipe.unet, spatial_cross_attention_names(pipe.unet), h, w, pipe.tokenizer.model_max_length)
+    unet = pipe.unet
+    tokens_at = _layer_tokens(unet, spatial_cross_attention_names(unet), h, w, pipe.tokenizer.model_max_length)
     names, grid = losses.stca_layers(tokens_at, ctx)
     logger.info("STCA on %d layer(s) at %dx%d: %s", len(names), *grid, ", ".join(names))
     return StcaSetup(names, grid)
