@@ -54,11 +54,15 @@ EXIT_MISMATCH = 1
 
 def _manager(args):
     """The pipeline manager of a command: the machine settings of the environment and the command's flags, checked
-    against this machine (one line naming the flag or variable when it cannot do them)."""
-    from studio import machine
+    against this machine (one line naming the flag or variable when it cannot do them). Without flags that change
+    the environment's settings, the process's own manager (engine.default_manager), with what it has loaded."""
+    from studio import engine, machine
     from studio.pipelines import PipelineManager
 
-    return PipelineManager(settings=machine.from_args(args))
+    settings = machine.from_args(args)
+    if settings == machine.from_env():
+        return engine.default_manager()
+    return PipelineManager(settings=settings)
 
 
 def cmd_render(args) -> int:
