@@ -99,6 +99,7 @@ def build(layout: Layout, device: str, dtype, seed: int = 0):
                            UNet2DConditionModel, UNet3DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from studio.machine import park
     from studio.toyworld.model import build_tokenizer
 
     tok = build_tokenizer()
@@ -130,6 +131,7 @@ def build(layout: Layout, device: str, dtype, seed: int = 0):
             pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device, dtype)
+    park(pipe)  # as the studio places pipelines: AnimateDiff's copied motion adapter stays on the CPU
     pipe._studio_identity = {}  # random weights: nothing to identify (hashing GBs of weights is not what is timed)
     return pipe
 
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from studio.machine import MachineSettings
+    from studio.machine import MachineSettings, park
 
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -285,6 +287,7 @@ def main(argv=None) -> int:
                     pipe.remove_all_hooks()
                     if offload == "none":
                         pipe.to(device)
+                        park(pipe)
                     else:
                         pipe.to("cpu")
                         (pipe.enable_model_cpu_offload if offload == "model" else
@@ -294,6 +297,7 @@ def main(argv=None) -> int:
                                  f"built in {built:.1f} s"))
                 pipe.remove_all_hooks()
                 pipe.to(device)
+                park(pipe)
                 train_step, train_peak, precision = time_training(pipe, layout, preset, args.train_steps)
                 rows.append((name, dtype, "training", "", "", "", fmt(train_step), fmt(train_peak, " GiB"),
                              "autocast" + (" + grad scaler" if precision["grad_scaler"] else "")

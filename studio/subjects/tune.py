@@ -832,4 +832,4 @@ def load_training_pipeline(preset, settings, manager=None):
                         (need + machine.AUTO_HEADROOM) / machine.GiB, free / machine.GiB)
             manager.clear()
             torch.cuda.empty_cache()
-    return pipe.to(device)
+    return machine.place(pipe, device, own)
