@@ -205,3 +205,16 @@ def test_the_page_and_default_manager_read_the_environment(monkeypatch):
     monkeypatch.setenv("SHOT_STUDIO_OFFLOAD", "sequential")
     with pytest.raises(ValueError, match="^SHOT_STUDIO_OFFLOAD sequential: offloading moves weights"):
         engine.default_manager()
+
+
+def test_ci_runs_the_gpu_check_in_cpu_mode():
+    """The GPU check cannot rot: CI runs its CPU mode (the same tests and table code at a tiny size)."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert "bash benchmarks/gpu_check.sh --cpu" in ci
+    script = root / "benchmarks" / "gpu_check.sh"
+    assert os.access(script, os.X_OK) and "tests/test_gpu.py" in script.read_text()
+    assert "pytest.mark.gpu" in (root / "tests" / "test_gpu.py").read_text()
