@@ -130,6 +130,13 @@ def test_controlled_render_in_half_precision_is_close_to_float32(models, model, 
     assert diff.mean() < 8, diff.mean()  # random weights amplify rounding; the same picture, not the same bits
 
 
+def test_auto_offload_keeps_a_small_model_resident_and_records_it():
+    r = engine.render(shotlib.from_container({"model": "tiny", "prompt": "a dog", "frames": 2, "width": 64,
+                                              "height": 64, "steps": 2}),
+                      PipelineManager(1, settings=MachineSettings(device=DEVICE, offload="auto")))
+    assert r.settings["offload"] == "none" and r.settings["device"].startswith(DEVICE)
+
+
 def test_a_trained_subject_renders_offloaded_and_training_leaves_the_renderer_alone():
     offload = "sequential" if ON_GPU else "none"
     manager = PipelineManager(1, settings=MachineSettings(device=DEVICE, offload=offload))

@@ -80,6 +80,13 @@ def test_a_gpu_without_bfloat16_or_without_that_index(monkeypatch):
     with pytest.raises(ValueError, match=r"^device cuda:1: this machine has 1 CUDA device\(s\); use cuda:0..cuda:0$"):
         MachineSettings(device="cuda:1").checked()
     assert MachineSettings().checked().device == "cuda"  # auto
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ValueError, match=r"^--offload sequential: needs the accelerate package \(pip install "
+                                         r"accelerate\); use none$"):
+        MachineSettings(offload="sequential", origin={"offload": "--offload"}).checked()
     # training's own choice on such a GPU: float16 (with a gradient scaler)
     assert machine.training_dtype("auto", MachineSettings(), "cuda") == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
