@@ -124,7 +124,7 @@ def test_the_cache_key_holds_what_changes_how_a_pipeline_is_built():
 
 def _shot(**kw):
     base = {"model": "toyworld", "prompt": "a red circle moving right on grass", "seed": 2, "frames": 2, "width": 64,
-            "height": 64, "steps": 3}
+            "height": 64, "steps": 2}
     return shotlib.from_container({**base, **kw})
 
 
@@ -134,17 +134,20 @@ def plain():
     return _render(MachineSettings(), _shot())
 
 
-def _render(settings: MachineSettings, shot, place=False):
-    """A render on a fresh manager with these settings; place=True builds the pipeline with machine.place on the CPU
+def _manager(settings: MachineSettings, model: str = "toyworld", place=False) -> PipelineManager:
+    """A fresh manager with these settings; place=True builds the model's pipeline with machine.place on the CPU
     directly (offload modes, which machine.check refuses there for users)."""
     manager = PipelineManager(max_pipelines=1, device="cpu", settings=settings if not place else None)
     if place:
-        preset = load_model_preset(shot.model)
-        pipe = manager.get(preset)
+        pipe = manager.get(load_model_preset(model))
         with pipe._studio_hold:
             pipe.remove_all_hooks()
             machine.place(pipe, "cpu", settings)
-    return engine.render(shot, manager)
+    return manager
+
+
+def _render(settings: MachineSettings, shot):
+    return engine.render(shot, _manager(settings))
 
 
 def _frames_close(a, b, max_diff=1):
@@ -195,8 +198,9 @@ def test_model_offload_runs_its_hooks_and_keeps_the_frames_with_a_subject_loaded
     tune.add_subject("offloaded", photos, None, "toyworld", tune.TuneSettings(method="both", steps=1, n_tokens=1,
                                                                               class_word="circle"), overwrite=True)
     subject = _shot(subjects=[{"phrase": "red circle", "subject": "offloaded"}])
+    manager = _manager(MachineSettings(offload="model"), place=True)
     for shot, resident in ((_shot(), plain), (subject, _render(MachineSettings(), subject))):
-        off = _render(MachineSettings(offload="model"), shot, place=True)
+        off = engine.render(shot, manager)
         assert off.settings["offload"] == "model" and off.settings["device"].startswith("cpu")
         assert off.info.get("subjects") == resident.info.get("subjects") and _frames_close(off, resident)
     assert off.info["subjects"] == ["offloaded"] and not np.array_equal(off.frames, plain.frames)
