@@ -129,9 +129,14 @@ def _shot(**kw):
 
 
 @pytest.fixture(scope="module")
-def plain():
+def plain_manager():
+    return PipelineManager(max_pipelines=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plain(plain_manager):
     """The plain render of _shot() on default settings."""
-    return _render(MachineSettings(), _shot())
+    return engine.render(_shot(), plain_manager)
 
 
 def _manager(settings: MachineSettings, model: str = "toyworld", place=False) -> PipelineManager:
@@ -154,7 +159,7 @@ def _frames_close(a, b, max_diff=1):
     return np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= max_diff
 
 
-def test_vae_tiling_and_slicing_are_recorded_run_and_keep_the_frames(plain, monkeypatch):
+def test_vae_tiling_and_slicing_are_recorded_run_and_keep_the_frames(plain, plain_manager, monkeypatch):
     from diffusers import AutoencoderKL
 
     calls = []
@@ -170,15 +175,17 @@ def test_vae_tiling_and_slicing_are_recorded_run_and_keep_the_frames(plain, monk
     assert tiles.settings["vae_tiling"] is True and calls
     # blended seams change pixels (the toy VAE sees little beyond a tile: 9/255 on average where measured), but it
     # is the same picture: far closer to the plain render than another seed's render is (28..31 measured)
-    other = _render(MachineSettings(), _shot(seed=3))
+    other = engine.render(_shot(seed=3), plain_manager)
     diff = np.abs(tiles.frames.astype(int) - plain.frames.astype(int)).mean()
     assert diff < 0.5 * np.abs(other.frames.astype(int) - plain.frames.astype(int)).mean(), diff
 
 
-def test_attention_kernel_setting_is_process_wide_recorded_and_close(plain):
+def test_attention_kernel_setting_is_process_wide_recorded_and_close(plain, plain_manager):
     try:
-        math = _render(MachineSettings(attention="math"), _shot())
-        assert math.settings["attention"] == "math" and not torch.backends.cuda.flash_sdp_enabled()
+        PipelineManager(device="cpu", settings=MachineSettings(attention="math"))  # applied when made, for all
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        math = engine.render(_shot(), plain_manager)  # the same cached pipeline, now on the math kernel
+        assert math.settings["attention"] == "math"
     finally:
         PipelineManager(device="cpu")  # back to torch's default kernels (auto)
     assert plain.settings["attention"] == "auto" and torch.backends.cuda.flash_sdp_enabled()
