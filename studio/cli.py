@@ -52,6 +52,19 @@ def first_line(e: BaseException) -> str:
 EXIT_MISMATCH = 1
 
 
+def _manager(args):
+    """The pipeline manager of a command: the machine settings of the environment and the command's flags, checked
+    against this machine (one line naming the flag or variable when it cannot do them). Without flags that change
+    the environment's settings, the process's own manager (engine.default_manager), with what it has loaded."""
+    from studio import engine, machine
+    from studio.pipelines import PipelineManager
+
+    settings = machine.from_args(args)
+    if settings == machine.from_env():
+        return engine.default_manager()
+    return PipelineManager(settings=settings)
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
@@ -71,7 +84,8 @@ def cmd_render(args) -> int:
             last[0] = i
             print(f"\rstep {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
-    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress)
+    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress,
+                                   manager=_manager(args))
     r = files.result
     print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
@@ -82,7 +96,7 @@ def cmd_verify(args) -> int:
     """Re-render a sidecar's shot; exit 0 when the frames match, 1 when they do not."""
     from studio import verify
 
-    v = verify.verify(args.verify)
+    v = verify.verify(args.verify, _manager(args))
     print(verify.format_report(v, args.verify))
     return 0 if v.frames_match else EXIT_MISMATCH
 
@@ -155,7 +169,7 @@ def cmd_presets(args) -> int:
 def cmd_ui(args) -> int:
     from studio.ui import launch
 
-    launch(host=args.host, port=args.port, share=args.share)
+    launch(host=args.host, port=args.port, share=args.share, manager=_manager(args))
     return 0
 
 
@@ -235,7 +249,7 @@ def cmd_subject_add(args) -> int:
                   file=sys.stderr, flush=True)
 
     subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
-                                       progress=progress, overwrite=args.overwrite,
+                                       manager=_manager(args), progress=progress, overwrite=args.overwrite,
                                        photo_names=[f.name for f in files])
     print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
           f"'{subject.trigger} {subject.class_word}', {subject.photos} photos, {result.seconds:.0f} s  {subject.path}")
@@ -264,6 +278,8 @@ def cmd_subject_remove(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from studio import machine
+
     p = argparse.ArgumentParser(prog="studio", description="Shot Studio: customized text-to-video.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -282,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
     r.add_argument("--threads", metavar="N", help=THREADS_HELP)
+    machine.add_arguments(r)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -332,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--share", action="store_true", help="create a public Gradio link")
     u.add_argument("--threads", metavar="N", help=THREADS_HELP)
+    machine.add_arguments(u)
     u.set_defaults(func=cmd_ui)
 
     sj = sub.add_parser("subject", help="teach the studio a subject; list and remove subjects")
@@ -348,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--overwrite", action="store_true", help="replace a subject of that name")
     sa.add_argument("--no-progress", dest="progress", action="store_false")
+    machine.add_arguments(sa)
     sa.set_defaults(func=cmd_subject_add)
     sl = ssub.add_parser("list", help="the subjects in the library")
     sl.set_defaults(func=cmd_subject_list)

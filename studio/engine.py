@@ -36,11 +36,14 @@ _default_lock = threading.Lock()
 
 
 def default_manager() -> PipelineManager:
-    """The process-wide pipeline manager (created on first use, never at import)."""
+    """The process-wide pipeline manager (created on first use, never at import), with the machine settings of the
+    environment (SHOT_STUDIO_DEVICE, _DTYPE, _OFFLOAD, ...: studio.machine.ENV)."""
     global _default_manager
     with _default_lock:
         if _default_manager is None:
-            _default_manager = PipelineManager()
+            from studio import machine
+
+            _default_manager = PipelineManager(settings=machine.from_env())
         return _default_manager
 
 
@@ -137,7 +140,8 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
     #     once per pipeline, then switched by adapter weights).
     if records:
-        subjects.load(pipe, records)
+        with machine.offload_paused(pipe):  # weights where peft can see them (sequential offload keeps none)
+            subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
     # 3. Initial noise from the 3D Gaussian prior over the model's latent frames, drawn on the CPU from the shot's
     #    seed. The family says the latent layout (B, C, F', h, w) and when each latent frame stands in video time.
@@ -148,7 +152,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     generator = torch.Generator("cpu").manual_seed(shot.seed)
     prior = latent_prior(shot, family, family.temporal_factor(pipe))
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator, times=prior["times"])
-    latents = latents.to(pipe.device, family.latent_dtype(pipe))
+    latents = latents.to(machine.execution_device(pipe), family.latent_dtype(pipe))
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
     ctx.latent_frames, ctx.cfg_batched = shape[2], family.cfg_batched
@@ -176,7 +180,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    info = {"device": str(pipe.device), "dtype": str(denoiser.dtype).removeprefix("torch."),
+    info = {"device": str(machine.execution_device(pipe)), "dtype": str(denoiser.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
             "controls": [c.name for c in controls], "noise_prior": prior, "machine": machine.notes(pipe)}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
