@@ -34,7 +34,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +52,9 @@ CONNECT_TIMEOUT_S = 5.0  # the TCP check of a cluster's address
 DEFAULT_RETRIES = 2
 STUDIO_PACKAGE = "studio"  # what must import on every node (a test names a missing one to see the check fail)
 FAULT_ENV = "SHOT_STUDIO_RAY_FAULT"  # fault injection: JOB_ID[:TIMES[:STEP]][;JOB_ID...] (see Fault)
+
+
+RECORDED = "the cluster recorded by `ray start` on this machine"
 
 
 class FarmError(ValueError):
@@ -92,7 +94,7 @@ def _endpoint(address: str | None) -> tuple[str | None, str]:
                     raise FarmError("--ray-address auto: no running Ray cluster found on this machine: start one with "
                                     "`ray start --head`, or leave --ray-address out to start a local one")
                 return None, where
-            address, where = found, "the cluster recorded by `ray start` on this machine"
+            address, where = found, RECORDED
     if address == "local":
         return None, where
     text = address.removeprefix("ray://")
@@ -149,7 +151,16 @@ def connect(address: str | None = None, verbose: bool = False) -> Cluster:
         return Cluster(address, "the Ray cluster this process is connected to", False, alive_nodes())
     endpoint, where = _endpoint(address)
     if endpoint is not None:
-        _check_reachable(endpoint, where)
+        try:
+            _check_reachable(endpoint, where)
+        except FarmError:
+            if address is not None or where != RECORDED:
+                raise
+            # no address asked for, and the cluster `ray start` recorded here is gone (stopped without `ray stop`):
+            # start a local one, as when none was recorded
+            logger.warning("the Ray cluster recorded by `ray start` here (%s) does not answer; starting a local one",
+                           endpoint)
+            address, endpoint = "local", None
     if ray.is_initialized():  # one connection per process: the address was checked, the connection stays
         return Cluster(address, where, False, alive_nodes())
     try:
@@ -296,8 +307,11 @@ class Worker:
         from studio.pipelines import PipelineManager, pick_device
 
         torch.set_num_threads(threads)
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # their loading bars would flood the driver's log (--verbose)
+        transformers_logging.disable_progress_bar()
         self.manager = PipelineManager(max_pipelines=1, device=pick_device())
         self.cancel = threading.Event()
 
@@ -354,6 +368,7 @@ class Pool:
         self.slots = slots
         self.members: list[Member] = []
         self.replaced = 0
+        self.lost = 0  # workers not replaced: their node was gone
         self.events: list[dict] = []  # {"worker", "job", "reason"} per death
         self._dead_loads = 0
         self._remote = self.ray.remote(max_concurrency=2, max_restarts=0)(Worker)
@@ -393,19 +408,26 @@ class Pool:
     def loads(self) -> int:
         return self._dead_loads + sum(m.loads for m in self.members)
 
-    def replace(self, member: Member, reason: str, job_id: str | None) -> None:
-        """Kill what is left of a worker and start a new one on its slot (its model is gone: it loads again)."""
+    def replace(self, member: Member, reason: str, job_id: str | None) -> bool:
+        """Kill what is left of a worker and start a new one on its slot (its model is gone: it loads again). When
+        the slot's node itself is gone, the worker is dropped instead (False): the pool shrinks."""
         self.events.append({"worker": member.number, "node": member.slot.ip, "job": job_id, "reason": reason})
         try:
             self.ray.kill(member.actor, no_restart=True)
         except Exception:  # already gone
             pass
         self._dead_loads += member.loads
+        if member.slot.node not in {n["id"] for n in alive_nodes()}:
+            self.members.remove(member)
+            self.lost += 1
+            logger.info("worker %d: its node %s is gone; not replaced", member.number, member.slot.ip)
+            return False
         member.actor, member.key, member.group, member.loads = self._start(member.slot), None, None, 0
         member.info = {**member.info, "pid": None}  # same slot: same device and threads
         member.generation += 1
         self.replaced += 1
         logger.info("worker %d on %s died (%s); replaced", member.number, member.slot.ip, reason)
+        return True
 
     def close(self) -> None:
         for m in self.members:
@@ -521,7 +543,7 @@ class RayExecutor:
         return {"kind": "ray", "workers": self.pool.size, "nodes": len({m.slot.node for m in self.pool.members}),
                 "devices": sorted({m.info.get("device", "?") for m in self.pool.members}),
                 "torch_threads": sorted({m.slot.threads for m in self.pool.members if not m.slot.gpu}),
-                "replaced": self.pool.replaced - self._replaced0, "retries": self.retries,
+                "replaced": self.pool.replaced - self._replaced0, "lost": self.pool.lost, "retries": self.retries,
                 "retried": self.retried, "outputs": "written by the workers" if self.shared_out else
                 "written by the driver"}
 
@@ -540,8 +562,13 @@ class RayExecutor:
                     cancel_sent = True
                 if not (stop.is_set() or cancel.is_set()):
                     self._dispatch(pending, running, attempts, on_step)
+                    if not running and pending:  # not stopped, yet nothing runs: every worker's node is gone
+                        for job in pending:
+                            deliver(job, batch.Outcome(job.id, batch.FAILED, error="no Ray worker left: the nodes "
+                                                                                    "of every worker are gone"))
+                        pending.clear()
                 if not running:
-                    break  # stopped (or no worker left to run the pending jobs)
+                    break  # done, or stopped (the pending jobs stay pending)
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=self.poll_s)
                 for ref in ready:
                     member, job = running.pop(ref)
@@ -597,10 +624,11 @@ class RayExecutor:
               deliver: batch.Deliver) -> None:
         attempts[job.id] = attempts.get(job.id, 0) + 1
         self.retried.setdefault(job.id, []).append(reason)
-        self.pool.replace(member, reason, job.id)
+        replaced = self.pool.replace(member, reason, job.id)
         if self.notify is not None:
             again = "retrying it" if attempts[job.id] <= self.retries else "no retries left"
-            self.notify(f"worker {member.number} died running {job.id} ({reason}); replaced, {again}")
+            self.notify(f"worker {member.number} died running {job.id} ({reason}); "
+                        f"{'replaced' if replaced else 'its node is gone, not replaced'}, {again}")
         if attempts[job.id] > self.retries:
             n = attempts[job.id]
             deliver(job, batch.Outcome(job.id, batch.FAILED, error=f"its worker died {n} time(s) (retries: "

@@ -8,7 +8,6 @@ it. The scheduling (affinity by model), the slots and the fault parser are check
 import contextlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
