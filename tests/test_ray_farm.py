@@ -195,6 +195,37 @@ def test_the_shared_folder_probe_says_why_a_node_cannot_use_it(tmp_path, monkeyp
     ray_farm._compare(here, torch_build, node, "--ray-address", None)  # a CUDA build of the same torch is the same
 
 
+def test_eval_on_an_executor_lists_a_failed_job_and_scores_the_rest(tmp_path, manager):
+    """run_prompt_set(executor=...): outcomes may come in any order and fail; the rows keep the jobs' order, a failed
+    job is listed (results.json info.failed, the markdown) instead of scored."""
+    from studio import evaluation
+
+    class OneFails:  # an executor: the first job's worker "fails", the others render here, last job first
+        loads = 0
+
+        def info(self):
+            return {"kind": "test"}
+
+        def run(self, jobs, deliver, stop, cancel, on_step=None):
+            deliver(jobs[0], batch.Outcome(jobs[0].id, batch.FAILED, error="its worker died 3 time(s)"))
+            for job in reversed(jobs[1:]):
+                deliver(job, batch.execute(job, manager))
+
+    ps_file = tmp_path / "three.yaml"
+    ps_file.write_text(EVAL_SET.replace("seeds: [0]", "seeds: [0, 1]"))
+    ps = evaluation.load_prompt_set(ps_file)
+    res = evaluation.run_prompt_set(ps, ["full"], tmp_path / "out", evaluation.Scorer("x/none", "x/none"),
+                                    executor=OneFails())
+    assert res.info["failed"] == [{"config": "full", "shot": "star", "seed": 0, "status": "failed",
+                                   "error": "its worker died 3 time(s)"}]
+    assert [(r["shot"], r["seed"]) for r in res.rows] == [("star", 1), ("circle", 0), ("circle", 1)]
+    assert "Failed, not scored (1):" in evaluation.markdown(res) and "| full | 3 |" in evaluation.markdown(res)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["info"]["failed"][0]["shot"] == "star"
+    assert not (tmp_path / "out" / "videos" / "full" / "star-s0.mp4").exists()
+    side = json.loads((tmp_path / "out" / "videos" / "full" / "circle-s1.json").read_text())
+    assert side["eval"]["shot_id"] == "circle" and side["shot"]["seed"] == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--ray-workers", "0", "--ray"], "--ray-workers: must be 1 or more"),
     (["--ray-retries", "-1", "--ray"], "--ray-retries: must be 0 or more"),
