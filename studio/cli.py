@@ -50,6 +50,7 @@ def first_line(e: BaseException) -> str:
 
 
 EXIT_MISMATCH = 1
+EXIT_FAILED_BASE = 10  # studio batch / eval --ray: 10 + the number of failed jobs
 
 
 def _manager(args):
@@ -108,6 +109,7 @@ def cmd_batch(args) -> int:
 
     from studio import batch
 
+    use_ray = _ray_flags(args)
     overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
     plan = batch.plan(args.shots, args.out, args.sweep, overrides)
     from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
@@ -116,18 +118,78 @@ def cmd_batch(args) -> int:
     diffusers_logging.disable_progress_bar()  # their loading bars would break the batch's own
     transformers_logging.disable_progress_bar()
     stop, cancel = threading.Event(), threading.Event()
-    bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
-    with batch.sigint_stops(stop, cancel, bar.note):
-        report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
-    print(batch.summary(report))
+    if not use_ray:
+        bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
+        with batch.sigint_stops(stop, cancel, bar.note):
+            report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
+        print(batch.summary(report))
+        return report.exit_status
+    from studio import ray_farm
+
+    faults = ray_farm.faults_from_env()
+    shared = plan.out.absolute() if args.ray_shared else None
+    with ray_farm.farm(args.ray_address, args.ray_workers, shared, args.verbose) as farm:
+        bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress, workers=farm.pool.size)
+        executor = ray_farm.RayExecutor(farm.pool, args.ray_retries, shared, faults, notify=bar.note)
+        if args.progress:
+            bar.note(f"ray: {farm.describe()}")
+        with batch.sigint_stops(stop, cancel, bar.note):
+            report = batch.run(plan, executor, bar, stop, cancel)
+        replaced = executor.info()["replaced"]
+        where = farm.pool.describe() + (f", {replaced} replaced after dying" if replaced else "")
+    print(f"{batch.summary(report)}  ({where})")
     return report.exit_status
+
+
+def _ray_flags(args) -> bool:
+    """Whether the command runs on Ray (--ray or --ray-address); the Ray flags checked, and Ray importable, before
+    anything else (one line, exit 2)."""
+    use = bool(args.ray or args.ray_address)
+    if not use:
+        for flag, value in (("--ray-workers", args.ray_workers), ("--ray-retries", args.ray_retries),
+                            ("--ray-shared", getattr(args, "ray_shared", False) or None)):
+            if value is not None:
+                raise ValueError(f"{flag}: only with --ray (or --ray-address)")
+        return False
+    from studio import ray_farm
+
+    ray_farm.import_ray()
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise ValueError(f"--ray-workers: must be 1 or more (got {args.ray_workers})")
+    if args.ray_retries is None:
+        args.ray_retries = ray_farm.DEFAULT_RETRIES
+    if args.ray_retries < 0:
+        raise ValueError(f"--ray-retries: must be 0 or more (got {args.ray_retries})")
+    return True
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser, what: str, shared: bool) -> None:
+    parser.add_argument("--ray", action="store_true",
+                        help=f"render the {what} on a Ray cluster (the optional extra: pip install -e \".[ray]\"): "
+                             "one worker per GPU, or per CPU with one torch thread each; without --ray-address it "
+                             "joins the cluster `ray start` runs on this machine, or starts a local one")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="the Ray cluster's head, HOST:PORT (implies --ray; also ray://HOST:PORT, auto)")
+    parser.add_argument("--ray-workers", type=int, metavar="N", help="at most N Ray workers (default: one per GPU, "
+                                                                      "or one per CPU on a CPU-only cluster)")
+    parser.add_argument("--ray-retries", type=int, metavar="N",
+                        help="a job whose worker dies (killed, out of memory) runs again on a new worker up to N "
+                             "times, then it is recorded as failed (default: 2)")
+    if shared:
+        parser.add_argument("--ray-shared", action="store_true",
+                            help="--out is a folder every node mounts at the same path (NFS, ...): the workers write "
+                                 "each job's MP4 + sidecar there themselves, and only the job's record and "
+                                 "thumbnails come back (no frames through Ray)")
 
 
 def cmd_eval(args) -> int:
     from studio import evaluation
 
+    use_ray = _ray_flags(args)
     if bool(args.prompt_set) == bool(args.videos):
         raise ValueError("studio eval: give a prompt set (YAML) or --videos, one of the two")
+    if use_ray and args.videos:
+        raise ValueError("--ray: renders prompt sets; --videos only scores renders that exist (no Ray needed)")
     scorer = evaluation.Scorer(clip_model=args.clip_model, dino_model=args.dino_model)
     if args.videos:
         res = evaluation.score_videos(args.videos, args.out, scorer)
@@ -143,10 +205,23 @@ def cmd_eval(args) -> int:
         if args.limit:
             ps.shots = ps.shots[:args.limit]
         progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.progress else None
-        res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress)
+        if use_ray:
+            from studio import ray_farm
+
+            evaluation.plan_jobs(ps, configs, args.set)  # bad pairs answer before any cluster starts
+            with ray_farm.farm(args.ray_address, args.ray_workers, None, args.verbose) as farm:
+                if progress is not None:
+                    progress(f"ray: {farm.describe()}")
+                executor = ray_farm.RayExecutor(farm.pool, args.ray_retries, faults=ray_farm.faults_from_env(),
+                                                notify=lambda msg: print(msg, file=sys.stderr, flush=True))
+                res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress,
+                                                executor=executor)
+        else:
+            res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress)
     print(evaluation.markdown(res))
     print(f"wrote {res.files['json']}, {res.files['markdown']}, {res.files['plot']}")
-    return 0
+    failed = len(res.info.get("failed") or [])
+    return EXIT_FAILED_BASE + min(failed, 100) if failed else 0
 
 
 def cmd_presets(args) -> int:
@@ -322,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a refinement pass on every job; same as --set refine.NAME.enabled=true")
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr (failed jobs are still reported there)")
+    _add_ray_flags(b, "jobs", shared=True)
     b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
@@ -339,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP weights (local cache only)")
     ev.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO weights (local cache only)")
     ev.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_ray_flags(ev, "renders", shared=False)
     ev.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("presets", help="list model and shot presets")

@@ -8,6 +8,7 @@ import pytest
 import studio  # first: the OpenMP wait policy of torch's threads is set before torch loads (studio.threads)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.60 turns on token auth (~/.ray/auth_token) otherwise
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
