@@ -52,9 +52,23 @@ def first_line(e: BaseException) -> str:
 EXIT_MISMATCH = 1
 
 
+def use_step_cache(args) -> None:
+    """--step-cache NAME: the machine's step cache for this process (SHOT_STUDIO_STEP_CACHE), checked here."""
+    import os
+
+    from studio import step_caches
+
+    if getattr(args, "step_cache", None) is not None:
+        step_caches.parse(args.step_cache, "--step-cache")
+        os.environ[step_caches.ENV] = args.step_cache
+    else:
+        step_caches.configured()  # a bad SHOT_STUDIO_STEP_CACHE is one line too
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
+    use_step_cache(args)
     if args.verify:
         if args.shot or args.out:
             raise ValueError("--verify: give only the sidecar (the shot and outputs are the sidecar's)")
@@ -94,6 +108,7 @@ def cmd_batch(args) -> int:
 
     from studio import batch
 
+    use_step_cache(args)
     overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
     plan = batch.plan(args.shots, args.out, args.sweep, overrides)
     from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
@@ -263,6 +278,11 @@ def cmd_subject_remove(args) -> int:
     return 0
 
 
+STEP_CACHE_HELP = ("a machine setting: diffusers' step cache for Wan models, NAME or NAME:key=value,...: none, "
+                   "first_block, pyramid_broadcast, taylorseer, sea, mag, faster (see studio.step_caches); same as "
+                   "SHOT_STUDIO_STEP_CACHE=NAME; recorded in the sidecar's settings.step_cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studio", description="Shot Studio: customized text-to-video.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -281,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
+    r.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -304,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a refinement pass on every job; same as --set refine.NAME.enabled=true")
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr (failed jobs are still reported there)")
+    b.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
     b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "

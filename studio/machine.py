@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from studio import step_caches
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,6 +54,7 @@ RECORDED: dict[str, Callable[[Any], Any]] = {
     "torch_threads": _threads,
     "attention_backend": _attention_backend,
     "deterministic_algorithms": _deterministic,
+    "step_cache": step_caches.recorded,  # --step-cache / SHOT_STUDIO_STEP_CACHE where it runs (wan), else none
 }
 
 
