@@ -59,7 +59,7 @@ import torch
 
 from studio.controls.base import (BoxCache, Context, Control, attend, edits_unsupported, plain_processor,
                                   spatial_self_attention_names)
-from studio.controls.boxes import NEG
+from studio.controls.boxes import NEG, box_masks
 
 logger = logging.getLogger(__name__)
 
