@@ -17,8 +17,9 @@ NAME is one of CACHES, optionally with parameters: `first_block:threshold=0.1`, 
     mag                  MagCacheConfig: the block stack's residual reused while the accumulated magnitude-ratio
                          error stays under threshold (0.06); the ratios are calibrated here, once per pipeline,
                          steps and latent size, on a fixed calibration shot (`mag_ratios`)
-    faster               FasterCacheConfig: refused on Wan: it approximates the unconditional branch from the
-                         conditional half of one batched call, and Wan runs guidance as two calls
+    faster               FasterCacheConfig: refused on Wan (named so that asking for it gets the reason): it
+                         approximates the unconditional branch from the conditional half of one batched call, and
+                         Wan runs guidance as two calls
 
 Where they run: the wan family (its transformer is what these caches were written for; the UNet families' denoisers
 have no block list they hook): on the other families a render runs uncached, logs it, and records step_cache: none. Every cache keeps its state per denoiser call (the pipeline's cache_context "cond" /
@@ -63,12 +64,11 @@ class CacheKind:
 
     name: str
     params: dict = field(default_factory=dict)
-    refuses: dict = field(default_factory=dict)  # shot setting ("camera", "guidance") -> why
-    holds: bool = True  # has a step knob: held off through the camera window
+    refuses: dict = field(default_factory=dict)  # what it cannot run with ("camera", "family") -> why
 
 
 CACHES: dict[str, CacheKind] = {k.name: k for k in (
-    CacheKind("first_block", {"threshold": 0.05}, holds=False, refuses={
+    CacheKind("first_block", {"threshold": 0.05}, refuses={
         "camera": "it decides by a residual threshold with no step window, so it may add a residual of unshifted "
                   "content to the pan's shifted latents"}),
     CacheKind("pyramid_broadcast", {"spatial_skip": 2, "cross_skip": 4, "low": 100, "high": 800}),
@@ -76,8 +76,8 @@ CACHES: dict[str, CacheKind] = {k.name: k for k in (
     CacheKind("sea", {"threshold": 0.25, "retention_steps": 1}),
     CacheKind("mag", {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}),
     CacheKind("faster", {}, refuses={
-        "guidance": "it approximates the unconditional branch from the conditional half of one batched call, and "
-                    "Wan runs guidance as two separate calls"}),
+        "family": "it approximates the unconditional branch from the conditional half of one batched call, and "
+                  "Wan runs guidance as two separate calls"}),
 )}
 NAMES = (NONE, *CACHES)
 
@@ -169,14 +169,14 @@ def check(shot, preset, setting: Setting | None = None) -> None:
         return
     how = f"the step cache {setting.name!r} ({ENV} / --step-cache)"
     refuses = setting.kind.refuses
-    if "guidance" in refuses and shot.guidance_scale > 1.0:
-        raise ShotError("guidance_scale", shot.guidance_scale, f"{how} does not run on the {preset.family} family: "
-                                                               f"{refuses['guidance']}; valid: 1 (no guidance), or "
-                                                               f"another step cache")
+    if "family" in refuses:
+        others = ", ".join(n for n, k in CACHES.items() if "family" not in k.refuses)
+        raise ShotError("model", preset.name, f"{how} does not run on the {preset.family} family: "
+                                              f"{refuses['family']}; valid here: {others} or none")
     if "camera" in refuses:
         for axis in ("cx", "cy"):
             if getattr(shot.camera, axis):
-                others = ", ".join(n for n, k in CACHES.items() if "camera" not in k.refuses and not k.refuses)
+                others = ", ".join(n for n, k in CACHES.items() if not k.refuses)
                 raise ShotError(f"camera.{axis}", getattr(shot.camera, axis),
                                 f"camera pan cannot run with {how}: {refuses['camera']}; valid with this cache: 0, "
                                 f"or another step cache ({others}) or none")
