@@ -352,3 +352,43 @@ def test_the_page_gives_the_sliders_the_models_grid(manager):
                                                                      "__type__": "update"}
     snapped = page.snap("wan2.2-ti2v-5b", frames=81, width=700, height=704)
     assert snapped[page.width] == 704 and snapped[page.frames] == snapped[page.height] == gr.skip()  # valid: kept
+
+
+# --- a hook for training on Wan: attn2's probabilities ----------------------------------------------------------
+
+
+def test_cross_attention_capture_keeps_probabilities_and_the_plain_output_with_gradients():
+    """For an attn2 attention loss (STCA) when training a Wan model: the captured probabilities (B, N, 512) sum to one
+    over the text tokens, the layer's output is the stock processor's, gradients reach the projections, and the
+    original processors come back."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from studio.controls.wan_attention import capture_cross_attention
+
+    tr = wan_build.build_pipeline().transformer
+    attn = tr.blocks[0].attn2
+    x, text = torch.randn(1, 12, 24), torch.randn(1, 512, 24)
+    stock = WanAttnProcessor()(attn, x, text)
+    store: list = []
+    orig = capture_cross_attention(tr, store)
+    try:
+        out = attn(x, text)
+        assert torch.allclose(out, stock, atol=1e-5)
+        probs = store[0]
+        assert probs.shape == (1, 12, 512) and torch.allclose(probs.sum(-1), torch.ones(1, 12), atol=1e-5)
+        probs[:, :, 3].mean().backward()
+        assert attn.to_q.weight.grad is not None and attn.to_k.weight.grad.abs().sum() > 0
+        store.clear()
+        with torch.no_grad():
+            tr(torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 512, 32))
+        assert len(store) == 2  # one per attn2 layer
+    finally:
+        tr.set_attn_processor(dict(orig))
+    assert all(type(p).__name__ == "WanAttnProcessor" for p in tr.attn_processors.values())
+
+
+def test_the_batch_command_takes_the_step_cache_too():
+    from studio import cli
+
+    args = cli.build_parser().parse_args(["batch", "a.yaml", "--out", "d", "--step-cache", "sea:threshold=0.5"])
+    assert args.step_cache == "sea:threshold=0.5"
