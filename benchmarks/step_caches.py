@@ -46,9 +46,9 @@ def build(layout: str, device: str, dtype: str):
         pipe = wan_build.build_pipeline(spec, seed=0)
     tr = pipe.transformer.to(getattr(torch, dtype))
     keep = tuple(getattr(tr, "_keep_in_fp32_modules", None) or ())  # as from_pretrained(torch_dtype=...) keeps them
-    for name, module in tr.named_modules():
-        if name and set(name.split(".")) & set(keep):
-            module.float()
+    for name, param in list(tr.named_parameters()) + list(tr.named_buffers()):
+        if set(name.split(".")) & set(keep):
+            param.data = param.data.float()
     pipe.text_encoder.to(getattr(torch, dtype))
     return pipe.to(device)
 
