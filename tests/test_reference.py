@@ -624,6 +624,10 @@ def test_the_unconditional_call_reads_a_blank_or_nothing(wan_pipe):
         assert torch.equal(new[:, :, 3:], want)
         out = ctl._strip(tr, (), {}, (torch.randn(1, 16, 5, 8, 8),))
         assert out[0].shape == (1, 16, 3, 8, 8) and ctx.extra_frames == 0
+    # per-token timesteps (Wan 2.2 TI2V): the references' tokens get the call's timestep
+    ctl = _wan_refs(_wan_ctx(), tr)
+    got = ctl._append(tr, (), {"hidden_states": sample, "timestep": torch.full((1, 48), 7.0)})
+    assert torch.equal(got[1]["timestep"], torch.full((1, 48 + 2 * 16), 7.0))
 
 
 def test_references_past_the_rope_table_are_refused_naming_frames_and_references():

@@ -9,7 +9,10 @@ Denoising      cfg_batched (one call on [uncond, cond] or two calls, cond first)
                call_kwargs(pipe, on_step_end, check_cancel): how the per-step callback attaches
 Controls       cross_attention_names / self_attention_names / temporal_attention_names(denoiser): the attention
                processors controls replace; `latents=` (initial noise) and the step-end callback (latent edits)
-               are the other two hook points, the same on every family
+               are the other two hook points, the same on every family. What differs per architecture:
+               phrase_tokens / word_tokens (the prompt's tokens as the denoiser sees them), box_control,
+               reference_problem / encode_reference / reference_control (the controls' family classes; their
+               logic is shared, studio.controls)
 Shot rules     supports: the shot settings the family takes; check_shot(shot, preset) refuses the others (ShotError
                naming the field and what is valid); frame and size rules are preset fields (frame_step,
                frame_offset, size_multiple), checked by shot validation
