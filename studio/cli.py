@@ -66,9 +66,23 @@ def _manager(args):
     return PipelineManager(settings=settings)
 
 
+def use_step_cache(args) -> None:
+    """--step-cache NAME: the machine's step cache for this process (SHOT_STUDIO_STEP_CACHE), checked here."""
+    import os
+
+    from studio import step_caches
+
+    if getattr(args, "step_cache", None) is not None:
+        step_caches.parse(args.step_cache, "--step-cache")
+        os.environ[step_caches.ENV] = args.step_cache
+    else:
+        step_caches.configured()  # a bad SHOT_STUDIO_STEP_CACHE is one line too
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
+    use_step_cache(args)
     if args.verify:
         if args.shot or args.out:
             raise ValueError("--verify: give only the sidecar (the shot and outputs are the sidecar's)")
@@ -110,6 +124,7 @@ def cmd_batch(args) -> int:
     from studio import batch
 
     use_ray = _ray_flags(args)
+    use_step_cache(args)
     overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
     plan = batch.plan(args.shots, args.out, args.sweep, overrides)
     from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
@@ -352,6 +367,11 @@ def cmd_subject_remove(args) -> int:
     return 0
 
 
+STEP_CACHE_HELP = ("a machine setting: diffusers' step cache for Wan models, NAME or NAME:key=value,...: none, "
+                   "first_block, pyramid_broadcast, taylorseer, sea, mag, faster (see studio.step_caches); same as "
+                   "SHOT_STUDIO_STEP_CACHE=NAME; recorded in the sidecar's settings.step_cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from studio import machine
 
@@ -374,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
     r.add_argument("--threads", metavar="N", help=THREADS_HELP)
     machine.add_arguments(r)
+    r.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -398,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr (failed jobs are still reported there)")
     _add_ray_flags(b, "jobs", shared=True)
+    b.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
     b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "

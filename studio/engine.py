@@ -105,6 +105,9 @@ def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
     preset = load_model_preset(shot.model)
     shot = shotlib.resolve(shot, preset)
     refine.check(shot)
+    from studio import step_caches
+
+    step_caches.check(shot, preset)  # the machine's step cache against the shot's controls
     return shot, preset
 
 
@@ -156,6 +159,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
     ctx.latent_frames, ctx.cfg_batched = shape[2], family.cfg_batched
+    ctx.temporal = family.temporal_factor(pipe)
     controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
     regional = any(c.name == subjects.RegionalLora.name for c in controls)
     chain = step_end_chain(ctx, controls)
@@ -173,7 +177,11 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
                   height=shot.height, width=shot.width, num_inference_steps=shot.steps,
                   guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
     kwargs.update(family.call_kwargs(pipe, step_cb, check_cancel))
-    with torch.inference_mode(), subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
+    from studio import step_caches
+
+    cache_stats: dict = {}
+    with torch.inference_mode(), step_caches.enabled(pipe, shot, stats=cache_stats), \
+            subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
         out = pipe(**kwargs).frames
     check_cancel()
     timings["denoise"] = time.perf_counter() - t2
@@ -183,6 +191,10 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     info = {"device": str(machine.execution_device(pipe)), "dtype": str(denoiser.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
             "controls": [c.name for c in controls], "noise_prior": prior, "machine": machine.notes(pipe)}
+    if cache_stats:  # the step cache and how much attention it skipped
+        info["step_cache"] = cache_stats
+    if ctx.temporal > 1 and ctx.boxes:  # how the video frames' boxes became one box per latent frame
+        info["latent_boxes"] = {"rule": "union", "frames": ctx.frame_groups()}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
     #    prompt and subjects (box/camera/reference controls are not applied to these passes).
     if refine.enabled(shot):

@@ -31,6 +31,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from studio import step_caches
+
 logger = logging.getLogger(__name__)
 
 
@@ -119,6 +121,7 @@ RECORDED: dict[str, Callable[[Any], Any]] = {
     "vae_tiling": _vae_flag("use_tiling"),  # tiles blend at their seams: other pixels
     "vae_slicing": _vae_flag("use_slicing"),  # one image per VAE call: other batch sizes, maybe other kernels
     "attention": _sdpa_kernels,  # the math kernel and the fused ones round differently
+    "step_cache": step_caches.recorded,  # --step-cache / SHOT_STUDIO_STEP_CACHE where it runs (wan), else none
 }
 
 # Machine settings recorded with a render (sidecar render.machine) that change its speed, not its pixels: not

@@ -114,7 +114,7 @@ def machine_rows() -> list[tuple[str, str, str]]:
     models, for the page and a Space; the CLI's flags of the same names win over them."""
     import dataclasses as dc
 
-    from studio import machine, threads
+    from studio import machine, step_caches, threads
 
     defaults = {f.name: f.default for f in dc.fields(machine.MachineSettings)}
     rows = [(threads.ENV, "`auto`", "torch CPU threads (`--threads`): a whole number, or `auto` (one core left "
@@ -124,6 +124,8 @@ def machine_rows() -> list[tuple[str, str, str]]:
         shown = ("on" if d else "off") if isinstance(d, bool) else f"`{d}`"
         what = machine.HELP[name].replace("|", ",")  # a bar would split the table's cell
         rows.append((var, shown, f"{what} (`{machine.FLAGS[name]}`); see \"Machine settings\""))
+    rows.append((step_caches.ENV, "`none`", "diffusers' step cache for Wan models: NAME or NAME:key=value,... "
+                                           "(`--step-cache`); see \"Step caches\""))
     return rows
 
 

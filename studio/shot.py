@@ -90,7 +90,8 @@ class ReferenceControl:
     # released code) or not (METHODS.md's advice: excluded, so the reference does not pull frames toward a still).
     temporal_attention: bool = False
     # Recompute the reference's tokens (a one-frame UNet pass) every this many steps and reuse them in between:
-    # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step).
+    # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step). Wan: no
+    # effect (the references ride in the render's own calls, their tokens are always the current step's).
     refresh_every: int = 4
     # Layers with more tokens than this see the reference average-pooled down to at most this many (cost; 0 < n).
     max_tokens: int = 64

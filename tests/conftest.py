@@ -49,6 +49,33 @@ def tiny_shot():
     })
 
 
+# The tiny random models a control test runs on, one per family: frames that fit each model's frame rule (Wan: 4k+1)
+TINY_MODELS = {"tiny": 8, "tiny-wan": 9}
+# The mean pixel change (0..255) that counts as a control's effect on each: tiny-wan's random VAE barely passes its
+# latents through (another seed moves its pixels by 0.5 on average, another prompt by 0.002; tiny: 46 and 2.7).
+EFFECT = {"tiny": 0.5, "tiny-wan": 0.005}
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def model_shot(request):
+    """tiny_shot on each family's tiny model: a red circle crossing from left to right over the whole clip."""
+    from studio import shot
+
+    frames = TINY_MODELS[request.param]
+    return shot.from_container({
+        "model": request.param, "prompt": "a red circle on grass", "seed": 0, "frames": frames, "width": 64,
+        "height": 64, "steps": 4, "subjects": [{"phrase": "red circle", "boxes": {
+            0: [0.05, 0.3, 0.35, 0.7], frames - 1: [0.65, 0.3, 0.95, 0.7]}}],
+    })
+
+
+def changed(a, b, model: str) -> bool:
+    """Whether frames b differ from frames a by a control's effect on `model` (EFFECT), not just rounding."""
+    import numpy as np
+
+    return float(np.abs(a.astype(int) - b.astype(int)).mean()) > EFFECT[model]
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts)."""

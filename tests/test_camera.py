@@ -1,11 +1,14 @@
 """Camera pan by latent shift (MotionBooth): whole-pixel moves in the right direction, fill drawn from the same
 row/column outside the subject boxes, frame f moved in proportion to f over a schedule, boxes moved along,
-seeded reproducibility, and a tiny-model render that pans (and is untouched at cx = 0)."""
+seeded reproducibility, and a render on each family's tiny model that pans (and is untouched at cx = 0). On Wan:
+latent frame k moves as the video time it stands at, the boxes of its video frames move with it, and UniPC's stored
+history (model_outputs, last_sample) moves with the latents, or the next step would undo the shift."""
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import changed
 from studio.controls import camera
 from studio.controls.base import Context, step_end_chain
 
@@ -232,19 +235,19 @@ def test_pan_changes_a_tiny_render_and_zero_pan_does_not(manager):
     assert ctx.boxes[0][0, 0].item() == pytest.approx(0.1)
 
 
-def test_engine_pans_a_shot_and_resolves_the_window(tiny_shot, manager):
+def test_engine_pans_a_shot_and_resolves_the_window(model_shot, manager):
     import numpy as np
 
     from studio import engine, shot as shotlib
 
-    plain = shotlib.from_container(shotlib.to_dict(tiny_shot))
+    plain = shotlib.from_container(shotlib.to_dict(model_shot))
     plain.subjects = []
     base = engine.render(plain, manager).frames
     plain.camera.cx = -0.5
     r = engine.render(plain, manager)
     assert r.info["controls"] == ["camera"]
     assert r.shot.camera.start_step == 1 and r.shot.camera.shift_steps == 1  # 20% of 4 steps, recorded
-    assert np.abs(r.frames.astype(int) - base.astype(int)).mean() > 0.5
+    assert changed(base, r.frames, plain.model)
     plain.camera.cx = 0.0
     assert np.array_equal(engine.render(plain, manager).frames, base)
 
@@ -258,3 +261,78 @@ def test_camera_window_is_validated(tiny_shot):
     tiny_shot.camera.start_step, tiny_shot.camera.shift_steps = 2, 3
     with pytest.raises(shotlib.ShotError, match="camera.shift_steps"):
         engine.prepare(tiny_shot)
+
+
+# ---- Wan: latent frames standing for several video frames, and UniPC's history ----------------------------------
+
+def _wan_ctx(boxes=((0.25, 0.25, 0.5, 0.75),), steps=6):
+    ctx = Context(frames=9, latent_h=8, latent_w=12, steps=steps, do_cfg=True, generator=_gen(0), latent_frames=3,
+                  cfg_batched=False, temporal=4)
+    ctx.boxes = {k: torch.tensor([list(b)] * 9) for k, b in enumerate(boxes)}
+    return ctx
+
+
+def test_latent_frames_move_as_the_video_time_they_stand_at_and_carry_their_frames_boxes():
+    t = camera.frame_targets(3, 0.5, -0.25, 8, 12, times=[0.0, 2.5, 6.5], span=8)  # 9 frames: t_k / 8
+    assert torch.allclose(t, torch.tensor([[0.0, 0.0], [2.5 / 8 * 6, -2.5 / 8 * 2], [6.5 / 8 * 6, -6.5 / 8 * 2]],
+                                          dtype=torch.float64))
+    ctx = _wan_ctx()
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(1))
+    out = camera.CameraShift(0.5, 0.0, 0, 1).on_step_end(ctx, -1, z)
+    moved = [0, 1, 4]  # whole latent pixels: int(1.875), int(4.875)
+    for k, n in enumerate(moved):
+        assert torch.equal(out[:, :, k, :, :12 - n], z[:, :, k, :, n:])
+    xs = ctx.boxes[0][:, 0].tolist()  # every video frame of latent frame k moved with it
+    assert xs == pytest.approx([0.25] + [0.25 - 1 / 12] * 4 + [0.25 - 4 / 12] * 4)
+
+
+def test_the_stored_history_of_a_multistep_scheduler_moves_with_the_latents():
+    from diffusers import UniPCMultistepScheduler
+
+    from studio.controls.history import SchedulerHistory
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    sched.set_timesteps(6)
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(2))
+    sched.model_outputs = [z.clone(), z.clone()]
+    sched.last_sample = z.clone()
+    assert SchedulerHistory(sched, z).names == ["model_outputs[0]", "model_outputs[1]", "last_sample"]
+    ctx = _wan_ctx()
+    out = camera.CameraShift(0.5, 0.3, 0, 1, scheduler=sched).on_step_end(ctx, -1, z)
+    assert not torch.equal(out, z)
+    for stored in (*sched.model_outputs, sched.last_sample):  # the same shift and the same fill draws
+        assert torch.equal(stored, out)
+    assert SchedulerHistory(None, z).stack(z) is z  # a single-step scheduler (or none) stores nothing
+
+
+@pytest.mark.parametrize("with_history", [True, False])
+def test_a_wan_pan_moves_content_by_the_expected_latent_pixels_through_unipc(with_history):
+    """Through WanPipeline and its UniPC scheduler, with a transformer that predicts zero velocity (so denoising keeps
+    the sample): the output is the initial noise with latent frame k moved int(t_k/(F−1)·cx·w) latent pixels and the
+    strips filled from the same rows outside the box. Without shifting UniPC's history its corrector, which works
+    from the stored last sample, smears the shift."""
+    from studio.families import wan_build
+
+    pipe = wan_build.build_pipeline()
+    pipe.transformer.register_forward_hook(lambda m, a, kw, out: (torch.zeros_like(out[0]),), with_kwargs=True)
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(0))
+    z[:, :, :, :, 3:6] = 50.0  # the subject's columns (box x 0.25..0.5 of 12): must never be copied into a strip
+    ctx = _wan_ctx(boxes=((0.25, 0.0, 0.5, 1.0),))
+    cam = camera.CameraShift(0.5, 0.0, 1, 3, scheduler=pipe.scheduler if with_history else None)
+    chain = step_end_chain(ctx, [cam])
+    emb = torch.randn(1, 512, 32, generator=_gen(3))
+    out = pipe(prompt_embeds=emb, negative_prompt_embeds=emb, num_frames=9, height=64, width=96,
+               num_inference_steps=6, guidance_scale=5.0, latents=chain(-1, z.clone()), output_type="latent",
+               callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
+               callback_on_step_end_tensor_inputs=["latents"]).frames
+    kept = [torch.allclose(out[:, :, k, :, :12 - n], z[:, :, k, :, n:], atol=1e-4) for k, n in enumerate([0, 1, 4])]
+    if not with_history:
+        assert kept[0] and not kept[1] and not kept[2]
+        return
+    assert all(kept)
+    for k, n in ((1, 1), (2, 4)):
+        strip = out[0, :, k, :, 12 - n:]  # (C, h, n): filled from the same row, outside the subject's columns
+        assert (strip.abs() < 50).all()
+        for r in range(8):
+            row = {round(v, 4) for v in z[0, 0, k, r, [0, 1, 2, 6, 7, 8, 9, 10, 11]].tolist()}
+            assert {round(v, 4) for v in strip[0, r].tolist()} <= row

@@ -215,17 +215,18 @@ class BoxAttention(Control):
         return _BiasKey(n_tokens, n_text, amplify, dtype, str(device))
 
     def bias(self, n_tokens: int, n_text: int, dtype, device) -> torch.Tensor:
-        """(F, N, L) additive logit bias for the conditional rows at the current step."""
+        """(F, N, L) additive logit bias for the conditional rows at the current step (F' latent frames on Wan)."""
         key = self._key(n_tokens, n_text, dtype, device)
         return self._cache.get(key, lambda: self._make_bias(key).to(device=device, dtype=dtype))
 
     def _make_bias(self, key: _BiasKey) -> torch.Tensor:
         ctx, n_tokens, n_text = self.ctx, key.n_tokens, key.n_text
         rows, cols = ctx.layer_size(n_tokens)
-        bias = torch.zeros(ctx.frames, n_tokens, n_text)
-        allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
+        frames = ctx.attention_frames  # F (one latent per frame), or F' latent frames (Wan)
+        bias = torch.zeros(frames, n_tokens, n_text)
+        allowed = torch.zeros(frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
         for k, pos in self.tracks.items():
-            inside = box_masks(ctx.boxes[k].float(), rows, cols)  # (F, N)
+            inside = ctx.box_masks(k, rows, cols)  # (F, N): the box per (latent) frame
             idx = torch.tensor(pos)
             allowed[:, :, idx] |= inside[:, :, None]
             if key.amplify:

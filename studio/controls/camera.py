@@ -29,11 +29,18 @@ logger = logging.getLogger(__name__)
 _EPS = 1e-6  # float slack when turning accumulated targets and box edges into whole latent pixels
 
 
-def frame_targets(frames: int, cx: float, cy: float, h: int, w: int) -> torch.Tensor:
+def frame_targets(frames: int, cx: float, cy: float, h: int, w: int, times=None, span: float | None = None
+                  ) -> torch.Tensor:
     """(F, 2) float64: total content shift (x, y) of every frame in latent pixels once the window is over.
 
     Positive means content moves left / up (the camera pans right / down). Frame f: f/(F−1)·(cx·w, cy·h).
+    times, span: latent frames standing for several video frames (Wan) move as the video time t_k they stand at
+    (Context.latent_times) over the clip's span F−1 video frames: t_k/(F−1)·(cx·w, cy·h).
     """
+    if times is not None:
+        t = torch.tensor(list(times), dtype=torch.float64)[:frames]
+        frac = t / span if span else torch.zeros(frames, dtype=torch.float64)
+        return torch.stack([frac * (float(cx) * w), frac * (float(cy) * h)], dim=1)  # (F', 2)
     if frames < 2:
         return torch.zeros(frames, 2, dtype=torch.float64)
     frac = torch.arange(frames, dtype=torch.float64) / (frames - 1)  # (F,) 0 .. 1
@@ -116,7 +123,7 @@ class CameraShift(Control):
 
     name = "camera"
 
-    def __init__(self, cx: float, cy: float, start_step: int, shift_steps: int):
+    def __init__(self, cx: float, cy: float, start_step: int, shift_steps: int, scheduler=None):
         if int(start_step) < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step!r}")
         if int(shift_steps) < 1:
@@ -125,6 +132,9 @@ class CameraShift(Control):
         self.start_step, self.shift_steps = int(start_step), int(shift_steps)
         self.accumulated: torch.Tensor | None = None  # (F, 2) float64 target shift so far, latent pixels
         self.moved: torch.Tensor | None = None  # (F, 2) long whole pixels actually moved so far
+        # A multistep scheduler's stored history (UniPC's model_outputs and last_sample) moves with the latents, or its
+        # next step would mix shifted and unshifted samples (studio.controls.history)
+        self.scheduler = scheduler
 
     def on_step_end(self, ctx: Context, i: int, latents: torch.Tensor) -> torch.Tensor | None:
         step = i + 1  # the step these latents go into
@@ -139,21 +149,28 @@ class CameraShift(Control):
                 logger.warning("camera window %d..%d runs past the %d steps: the pan will fall short",
                                self.start_step, self.start_step + self.shift_steps - 1, ctx.steps)
         # Spread the total evenly over the window: after k+1 of the shift_steps shifts, (k+1)/shift_steps of it.
-        self.accumulated = frame_targets(F, self.cx, self.cy, h, w) * ((k + 1) / self.shift_steps)
+        self.accumulated = frame_targets(F, self.cx, self.cy, h, w, ctx.latent_times(),
+                                         ctx.frames - 1) * ((k + 1) / self.shift_steps)
         whole = (self.accumulated.abs() + _EPS).floor() * self.accumulated.sign()  # integer part, toward zero
         delta = whole.long() - self.moved  # (F, 2) pixels to move now
         if not delta.any():
             return None
-        out = latents.clone()
+        from studio.controls.history import SchedulerHistory
+
+        history = SchedulerHistory(self.scheduler, latents)
+        z = history.stack(latents)  # (B + stored, C, F, h, w): the history moves with the same draws
+        out = z.clone()
+        groups = ctx.frame_groups()  # the video frames of each latent frame (one each on the UNet families)
         for f in delta.any(1).nonzero().flatten().tolist():
             dx, dy = int(delta[f, 0]), int(delta[f, 1])
-            keep = outside_boxes([b[f] for b in ctx.boxes.values()], h, w)  # boxes as they are before this shift
-            out[:, :, f] = shift_frame(latents[:, :, f], dx, dy, keep, ctx.generator)
+            keep = outside_boxes([b[g] for b in ctx.boxes.values() for g in groups[f]], h, w)  # boxes before the shift
+            out[:, :, f] = shift_frame(z[:, :, f], dx, dy, keep, ctx.generator)
+        out = history.unstack(out)
         self.moved += delta
         # The boxes travel with the content: x edges by −dx/w, y edges by −dy/h (new tensors, never in place,
         # so nothing the caller shares with ctx.boxes is edited).
         offset = delta.to(torch.float64) / torch.tensor([w, h], dtype=torch.float64)  # (F, 2) normalised
-        offset = offset[:, [0, 1, 0, 1]]  # (F, 4) matching x0, y0, x1, y1
+        offset = offset[:, [0, 1, 0, 1]][ctx.latent_of_frame()]  # (F, 4) matching x0, y0, x1, y1, per video frame
         for s, b in list(ctx.boxes.items()):
             b = b if b.is_floating_point() else b.float()
             ctx.boxes[s] = b - offset.to(b.device, b.dtype)

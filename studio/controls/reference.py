@@ -381,18 +381,19 @@ class ReferenceInjection(Control):
         def make():
             ctx = self.ctx
             rows, cols = ctx.layer_size(n)
-            union = torch.zeros(ctx.frames, n, dtype=torch.bool)
-            for boxes in ctx.boxes.values():
-                union |= box_masks(boxes.float(), rows, cols)
+            frames = ctx.attention_frames  # F, or F' latent frames (Wan: boxes per latent frame, Context.box_masks)
+            union = torch.zeros(frames, n, dtype=torch.bool)
+            for k in ctx.boxes:
+                union |= ctx.box_masks(k, rows, cols)
             parts = []
             for strength, region in zip(self.strengths, self.regions):
                 if region[0] == "box" and region[1] in ctx.boxes:
-                    allowed = box_masks(ctx.boxes[region[1]].float(), rows, cols)  # (F, N)
+                    allowed = ctx.box_masks(region[1], rows, cols)  # (F, N)
                 elif region[0] == "outside" and ctx.boxes:
                     allowed = ~union
                 else:
-                    allowed = torch.ones(ctx.frames, n, dtype=torch.bool)
-                parts.append(torch.full((ctx.frames, n), NEG).masked_fill(allowed, math.log(strength * group)))
+                    allowed = torch.ones(frames, n, dtype=torch.bool)
+                parts.append(torch.full((frames, n), NEG).masked_fill(allowed, math.log(strength * group)))
             return torch.stack(parts, 2)
 
         return self._cache.get(("bias", n, group), make)
