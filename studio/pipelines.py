@@ -60,13 +60,18 @@ class PipelineKey:
     device: str
     scheduler: tuple
     scheduler_class: str | None
+    random_weights: tuple = ()  # (layout, width factor) of a random-weight build of the layout, else ()
 
 
 def key_for(preset: ModelPreset, device: str) -> PipelineKey:
     dtype = str(torch_dtype(preset.dtype, device)).removeprefix("torch.")
     return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
                        preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())),
-                       preset.scheduler_class)
+                       preset.scheduler_class, random_key(preset))
+
+
+def random_key(preset: ModelPreset) -> tuple:
+    return (preset.layout or preset.name, float(preset.width_factor)) if preset.random_weights else ()
 
 
 def build_scheduler(current, preset: ModelPreset):
@@ -164,6 +169,12 @@ def load_pipeline(preset: ModelPreset, device: str):
         base = str(builtin_folder(base.removeprefix("builtin:")))
     kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
     adapter = resolve_local(preset.motion_adapter) if preset.family == "animatediff" and preset.motion_adapter else None
+    if preset.random_weights:  # the layout's published configs with random weights, built once into the cache
+        from studio import random_weights
+
+        built = random_weights.build_folder(*random_key(preset))
+        base, adapter = str(built / "base"), (str(built / "motion_adapter") if adapter else None)
+        kw.update(revision=None, variant=None)
     for r in filter(None, (adapter, base)):
         _check_reference(preset, r)
     ref = base

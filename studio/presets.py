@@ -62,6 +62,12 @@ class ModelPreset:
     max_size: int = 1024
     min_frames: int = 1
     max_frames: int = 32
+    # Random weights of the preset's exact layout instead of its weights: the published configs under
+    # presets/configs/<layout>/ built with a seeded initialisation (studio/random_weights.py), for tests and
+    # benchmarks at a real size without a download. `studio render --random-weights` sets it.
+    random_weights: bool = False
+    width_factor: float = 1.0  # with random_weights: channel widths × this (heads and depths kept), e.g. 0.125
+    layout: Optional[str] = None  # the folder of presets/configs/ with the configs; None: the preset's name
 
 
 FAMILIES = ("animatediff", "zeroscope")
@@ -92,7 +98,30 @@ def load_model_preset(model: str) -> ModelPreset:
     if preset.scheduler_class is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", preset.scheduler_class):
         raise ShotError("model", model, f"scheduler_class must be a diffusers class name such as DDIMScheduler, "
                                         f"not {preset.scheduler_class!r}")
+    if preset.width_factor != 1 and not preset.random_weights:
+        raise ShotError("model", model, f"width_factor {preset.width_factor:g} only applies with random_weights: true")
+    if preset.random_weights:
+        preset = with_random_weights(preset, preset.width_factor, field="width_factor")
     return preset
+
+
+def with_random_weights(preset: ModelPreset, width_factor: float | None = None,
+                        field: str = "--width-factor") -> ModelPreset:
+    """The preset with random weights of its layout at `width_factor` (default: the preset's). ShotError naming
+    `field` for a factor that breaks the layout, and naming random_weights for a preset without published configs
+    (or whose motion adapter the configs lack), before anything is built."""
+    import dataclasses
+
+    from studio import random_weights
+
+    factor = preset.width_factor if width_factor is None else width_factor
+    layout = preset.layout or preset.name
+    random_weights.check(layout, factor, field)
+    adapter = preset.family == "animatediff" and preset.motion_adapter
+    if adapter and not (random_weights.layout_dir(layout) / "motion_adapter").is_dir():
+        raise ShotError("random_weights", preset.name, f"the configs of layout '{layout}' have no motion_adapter/, "
+                                                       f"which this preset loads")
+    return dataclasses.replace(preset, random_weights=True, width_factor=float(factor))
 
 
 def scheduler_class(preset: ModelPreset):

@@ -130,7 +130,10 @@ def base_weights(preset) -> dict[str, str | None]:
         return f"models/{local.relative_to(root).as_posix()}" if local.is_relative_to(root) else str(local)
 
     adapter = preset.motion_adapter if preset.family == "animatediff" else None
-    return {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    weights = {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    if getattr(preset, "random_weights", False):  # a random-weight build of the layout is other weights
+        weights["random_weights"] = {"layout": preset.layout or preset.name, "width_factor": preset.width_factor}
+    return weights
 
 
 def check_base_model(subject: Subject, model, field: str = "subject") -> None:
@@ -150,7 +153,9 @@ def check_base_model(subject: Subject, model, field: str = "subject") -> None:
     if was == now:  # one name, other weights: say which
 
         def desc(w: dict) -> str:
-            return " + ".join(str(v) for v in (w.get("base"), w.get("motion_adapter")) if v)
+            rw = w.get("random_weights")
+            random = [f"random weights at width {rw.get('width_factor')}"] if isinstance(rw, dict) else []
+            return " + ".join([str(v) for v in (w.get("base"), w.get("motion_adapter")) if v] + random)
 
         was, now = f"{was} ({desc(recorded)})", f"{now} ({desc(current)})"
     raise ValueError(f"{field}: '{subject.name}' was trained for base model {was}, not {now}; train it again for "

@@ -648,16 +648,17 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     return out
 
 
-def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model: str,
+def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model,
                 settings: TuneSettings, library=None, manager=None, progress: Progress | None = None,
                 cancel: threading.Event | None = None, overwrite: bool = False, photo_names: list[str] | None = None):
     """Train a subject for a model preset and save it in the library (atomically, only when training finished).
 
+    model: a preset name or path, or a ModelPreset (e.g. with random weights).
     Trains on a freshly loaded pipeline (not the manager's cached one), so rendering is untouched meanwhile.
     Settings and photos are checked before any weights load; photo_names (e.g. the files') go into those messages.
     """
     from studio.pipelines import load_pipeline, pick_device
-    from studio.presets import load_model_preset
+    from studio.presets import ModelPreset, load_model_preset
     from studio.subjects.library import SubjectLibrary, base_weights, sanitize_name
 
     # 1. Check inputs: name, model, settings, photos.
@@ -665,7 +666,7 @@ def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | N
     library = library or SubjectLibrary()
     if library.exists(name) and not overwrite:
         raise ValueError(f"name: subject '{name}' already exists; remove it first or pass overwrite")
-    preset = load_model_preset(model)
+    preset = model if isinstance(model, ModelPreset) else load_model_preset(model)  # a preset changed by the caller
     s = resolve(settings, preset)
     check_photos(photos, masks, preset, photo_names)
     if len(photos) == 1:
