@@ -49,10 +49,33 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def cli_preset(model: str, args):
+    """The model preset as the CLI flags change it (--random-weights, --width-factor), or None when they don't."""
+    if getattr(args, "width_factor", None) is not None and not args.random_weights:
+        from studio.shot import ShotError
+
+        raise ShotError("--width-factor", args.width_factor, "only applies with --random-weights")
+    if not getattr(args, "random_weights", False):
+        return None
+    from studio import presets
+
+    return presets.with_random_weights(presets.load_model_preset(model), args.width_factor)
+
+
+def _add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the model's real layout (its published configs, presets/configs/) "
+                             "instead of its weights: no download; recorded in the sidecar")
+    parser.add_argument("--width-factor", type=float, metavar="F",
+                        help="with --random-weights: the same layout with every channel width x F (heads and depths "
+                             "kept), e.g. 0.125 for a CPU")
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
     shot = shotlib.load(args.shot, args.set + [f"refine.{r}.enabled=true" for r in args.refine])
+    preset = cli_preset(shot.model, args)
     last = [-1]
 
     def progress(i: int, n: int) -> None:
@@ -60,9 +83,11 @@ def cmd_render(args) -> int:
             last[0] = i
             print(f"\rstep {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
-    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress)
+    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress,
+                                   preset=preset)
     r = files.result
-    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
+    weights = f" (random weights, width {r.preset.width_factor:g})" if r.preset.random_weights else ""
+    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}{weights}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
     return 0
 
@@ -189,7 +214,8 @@ def cmd_subject_add(args) -> int:
             print(f"\rstep {i}/{n}  loss {loss:.4f}  {left:.0f} s left", end="" if i < n else "\n",
                   file=sys.stderr, flush=True)
 
-    subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
+    model = cli_preset(args.model, args) or args.model
+    subject, result = tune.add_subject(args.name, photos, masks, model, settings, SubjectLibrary(),
                                        progress=progress, overwrite=args.overwrite,
                                        photo_names=[f.name for f in files])
     print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
@@ -233,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
+    _add_weight_flags(r)
     r.set_defaults(func=cmd_render)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
@@ -275,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--overwrite", action="store_true", help="replace a subject of that name")
     sa.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_weight_flags(sa)
     sa.set_defaults(func=cmd_subject_add)
     sl = ssub.add_parser("list", help="the subjects in the library")
     sl.set_defaults(func=cmd_subject_list)

@@ -101,25 +101,25 @@ def load_model_preset(model: str) -> ModelPreset:
     if preset.width_factor != 1 and not preset.random_weights:
         raise ShotError("model", model, f"width_factor {preset.width_factor:g} only applies with random_weights: true")
     if preset.random_weights:
-        preset = with_random_weights(preset, preset.width_factor, field="width_factor")
+        preset = with_random_weights(preset, preset.width_factor, field="width_factor", switch="random_weights")
     return preset
 
 
-def with_random_weights(preset: ModelPreset, width_factor: float | None = None,
-                        field: str = "--width-factor") -> ModelPreset:
+def with_random_weights(preset: ModelPreset, width_factor: float | None = None, field: str = "--width-factor",
+                        switch: str = "--random-weights") -> ModelPreset:
     """The preset with random weights of its layout at `width_factor` (default: the preset's). ShotError naming
-    `field` for a factor that breaks the layout, and naming random_weights for a preset without published configs
-    (or whose motion adapter the configs lack), before anything is built."""
+    `field` for a factor that breaks the layout, and naming `switch` for a preset without published configs (or whose
+    motion adapter the configs lack), before anything is built."""
     import dataclasses
 
     from studio import random_weights
 
     factor = preset.width_factor if width_factor is None else width_factor
     layout = preset.layout or preset.name
-    random_weights.check(layout, factor, field)
+    random_weights.check(layout, factor, field, switch)
     adapter = preset.family == "animatediff" and preset.motion_adapter
     if adapter and not (random_weights.layout_dir(layout) / "motion_adapter").is_dir():
-        raise ShotError("random_weights", preset.name, f"the configs of layout '{layout}' have no motion_adapter/, "
+        raise ShotError(switch, preset.name, f"the configs of layout '{layout}' have no motion_adapter/, "
                                                        f"which this preset loads")
     return dataclasses.replace(preset, random_weights=True, width_factor=float(factor))
 

@@ -22,6 +22,7 @@ a whole number, heads or groups that no longer divide the channels) is refused n
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib
@@ -128,13 +129,14 @@ def narrow(config: dict, cls_name: str, factor: float, where: str, field: str = 
     return out
 
 
-def check(layout: str, factor: float, field: str = "width_factor") -> None:
-    """Refuse (ShotError) a layout without configs or a factor that breaks it, before anything is built."""
+def check(layout: str, factor: float, field: str = "width_factor", switch: str = "random_weights") -> None:
+    """Refuse (ShotError naming `switch` or `field`) a layout without configs or a factor that breaks it, before
+    anything is built."""
     folder = layout_dir(layout)
     if not (folder / "base").is_dir():
         known = ", ".join(layouts()) or "none"
-        raise ShotError("random_weights", layout, f"no published configs for this model under presets/configs/ "
-                                                  f"(models with configs: {known})")
+        raise ShotError(switch, layout, f"no published configs for this model under presets/configs/ "
+                                        f"(models with configs: {known})")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         raise ShotError(field, factor, "must be a number in (0, 1]: the layout at full width (1) or narrower")
     for repo in _repos(folder):
@@ -187,8 +189,9 @@ def build_folder(layout: str, factor: float = 1.0, seed: int = 0, field: str = "
     shutil.rmtree(tmp, ignore_errors=True)
     logger.info("building random weights of %s at width %s in %s", layout, _fmt(factor), folder)
     try:
-        for repo in _repos(layout_dir(layout)):
-            _build_repo(repo, tmp / repo.name, factor, seed)
+        with _quiet():
+            for repo in _repos(layout_dir(layout)):
+                _build_repo(repo, tmp / repo.name, factor, seed)
         (tmp / "complete").write_text(json.dumps({"layout": layout, "width_factor": factor, "seed": seed}) + "\n")
         if folder.exists():
             shutil.rmtree(tmp)  # another process built it meanwhile; identical by construction
@@ -198,6 +201,20 @@ def build_folder(layout: str, factor: float = 1.0, seed: int = 0, field: str = "
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars from transformers' save_pretrained while building (restored after)."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
 
 
 def _build_repo(repo: Path, out: Path, factor: float, seed: int) -> None:
