@@ -194,6 +194,12 @@ def load_pipeline(preset: ModelPreset, device: str):
         raise
     pipe.scheduler = build_scheduler(pipe.scheduler, preset)
     pipe.set_progress_bar_config(disable=True)
+    # Inference only, and it must stay so: on the CPU torch's linear on a non-contiguous input takes another kernel
+    # when the weight requires grad (results differ in the last bits), so a LoRA load (peft freezes the base weights)
+    # would otherwise change every later plain render of Zeroscope's UNet3D (its proj_in). Training sets its own.
+    for module in pipe.components.values():
+        if hasattr(module, "requires_grad_"):
+            module.requires_grad_(False)
     return pipe.to(device)
 
 

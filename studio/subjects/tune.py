@@ -282,8 +282,9 @@ def preservation_clips(pipe, preset, frames: int, width: int, height: int, folde
     if folder:
         return _user_clips(pipe, Path(folder), frames, width, height)
     prompts = PRESERVATION_PROMPTS.get(preset.name, PRESERVATION_PROMPTS["default"])
+    random = [[preset.layout or preset.name, preset.width_factor]] if getattr(preset, "random_weights", False) else []
     tag = hashlib.sha256(json.dumps([preset.name, preset.base, preset.motion_adapter, frames, width, height,
-                                     prompts]).encode()).hexdigest()[:12]
+                                     prompts] + random).encode()).hexdigest()[:12]  # random weights: other clips
     root = (cache_root or studio_home() / "preservation") / f"{preset.name}-{tag}"
     if (root / "clips.safetensors").exists():
         return load_file(str(root / "clips.safetensors"))["latents"], json.loads((root / "captions.json").read_text())
