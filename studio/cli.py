@@ -118,6 +118,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from studio import bench
+
+    return bench.main(args)
+
+
 def cmd_presets(args) -> int:
     from studio import presets
 
@@ -278,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO weights (local cache only)")
     ev.add_argument("--no-progress", dest="progress", action="store_false")
     ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="speed and memory of a model: seconds per render and step, peak memory, the "
+                                     "controls' overhead (paired ratios), tuning seconds per step; table + JSON")
+    from studio import bench as bench_module
+
+    bench_module.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("presets", help="list model and shot presets")
     s.set_defaults(func=cmd_presets)
