@@ -7,7 +7,7 @@ Measured, on one pipeline, in one process:
 - renders of one shot, plain and with controls (all of them together: a tracked subject with a reference, a
   background reference, a camera pan and a noise prior; and each alone), optionally with the refinements
   (`--cases refine`): seconds per render and per denoising step, peak memory (resident set size of the process on
-  the CPU, sampled during the render; the allocator's peak on CUDA);
+  the CPU, sampled every 2 ms during one more, untimed render of each case; the allocator's peak on CUDA);
 - each case's cost as a ratio to its baseline (the plain render, or for the refinements the boxed render they
   refine), paired: the cases run interleaved round by round after a warm-up, each round's time is divided by its
   baseline's in the same round, and the median of those ratios is reported with its quartiles (a slow spell of a
@@ -258,16 +258,17 @@ def run(cfg: BenchConfig, progress=None) -> dict:
             say(f"round {r + 1}/{cfg.rounds}")
             for c in cases:  # interleaved: a slow spell of the machine hits every case
                 stamps = []
-                with PeakMemory(cfg.device) as mem:
-                    t = clock()
-                    result = engine.render(shots[c], manager, preset=preset,
-                                           progress=lambda i, n: stamps.append(clock()))
-                    times[c].append(clock() - t)
-                peaks[c] = max(peaks[c], mem.peak)
+                t = clock()
+                result = engine.render(shots[c], manager, preset=preset, progress=lambda i, n: stamps.append(clock()))
+                times[c].append(clock() - t)
                 denoise = stamps[:shot0.steps]  # the render's own steps (refinement passes report after)
                 if len(denoise) > 1:
                     steps[c].append((denoise[-1] - denoise[0]) / (len(denoise) - 1))
                 controls[c] = result.info["controls"]
+        for c in cases:  # memory in a render of its own (the sampling thread would cost the timed ones CPU time)
+            with PeakMemory(cfg.device) as mem:
+                engine.render(shots[c], manager, preset=preset)
+            peaks[c] = mem.peak
         out_cases = {}
         for c in cases:
             b = baseline_of(c)
