@@ -528,11 +528,18 @@ def pool_tokens(tokens: torch.Tensor, rows: int, cols: int,
 
 
 def extra_channels(references: int, dh: int, device) -> int:
-    """How many channels the bias adds to each head: R on the CPU; off it, enough to keep dh + E a multiple of 8
-    (what fused GPU attention kernels take)."""
-    if torch.device(device).type == "cpu":
-        return references
-    return -(-(dh + references) // 8) * 8 - dh
+    """How many channels the bias adds to each head: at least R; off the CPU, enough to keep dh + E a multiple of 8
+    (what fused GPU attention kernels take). On the CPU the widths its fused kernel runs fastest at (measured with
+    torch 2.13 on an AVX-512 CPU, 8 heads, 64-1024 tokens): a narrow head is padded to 16 channels (head size 5 + 2:
+    -32% time; then as fast as the plain 5-channel attention), a head under 64 channels to a multiple of 8 (20 + 2:
+    -6%, 40 + 2: -2%), a wider one not at all (64 + 2 -> 72 was +3%). Zero channels change no logit."""
+    if torch.device(device).type != "cpu":
+        return -(-(dh + references) // 8) * 8 - dh
+    if dh + references <= 16:
+        return 16 - dh
+    if dh < 64:
+        return -(-(dh + references) // 8) * 8 - dh
+    return references
 
 
 def _unet_inputs(args, kwargs):
