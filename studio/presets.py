@@ -118,7 +118,7 @@ def with_random_weights(preset: ModelPreset, width_factor: float | None = None, 
     layout = preset.layout or preset.name
     random_weights.check(layout, factor, field, switch)
     adapter = preset.family == "animatediff" and preset.motion_adapter
-    if adapter and not (random_weights.layout_dir(layout) / "motion_adapter").is_dir():
+    if adapter and not random_weights.has_repo(layout, "motion_adapter"):
         raise ShotError(switch, preset.name, f"the configs of layout '{layout}' have no motion_adapter/, "
                                                        f"which this preset loads")
     return dataclasses.replace(preset, random_weights=True, width_factor=float(factor))

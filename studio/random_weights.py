@@ -1,9 +1,10 @@
 """Random-weight models of a real preset's exact layout, built from its published configs.
 
-`presets/configs/<layout>/` mirrors the Hugging Face repos a preset loads, configs only (no weights): one folder per
-weight reference of the preset (`base/`, and `motion_adapter/` for AnimateDiff), each either a pipeline repo
-(`model_index.json` listing its components as [library, class], one sub-folder per component) or a single-model
-repo (`config.json`). SOURCES.md beside them says where every file came from.
+`presets/configs/<layout>/` mirrors the Hugging Face repos a preset loads, configs only (no weights): the folder
+itself is the preset's `base` repo (`model_index.json` listing its components as [library, class], one sub-folder
+per component: `unet/config.json`, `scheduler/scheduler_config.json`, ...), and a sub-folder named after another
+weight reference of the preset is that repo (`motion_adapter/config.json` for AnimateDiff: a single-model repo).
+SOURCES.md beside them says where every file came from.
 
 `build_folder(layout, width_factor, seed)` turns that into weights, generically: every component is
 `getattr(import_module(library), class)` made from its config with a seeded initialisation (diffusers models and
@@ -49,9 +50,16 @@ def configs_root() -> Path:
 
 
 def layouts() -> list[str]:
-    """The layouts with published configs (folders of presets/configs holding a base/)."""
+    """The layouts with published configs (folders of presets/configs holding a model_index.json)."""
     root = configs_root()
-    return sorted(p.name for p in root.iterdir() if (p / "base").is_dir()) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file()) if root.is_dir() else []
+
+
+def has_repo(layout: str, reference: str) -> bool:
+    """Whether a layout has configs for a preset's weight reference ("base", "motion_adapter")."""
+    folder = layout_dir(layout)
+    return (folder / "model_index.json").is_file() if reference == "base" else (folder / reference / "config.json"
+                                                                                 ).is_file()
 
 
 def layout_dir(layout: str) -> Path:
@@ -133,25 +141,23 @@ def check(layout: str, factor: float, field: str = "width_factor", switch: str =
     """Refuse (ShotError naming `switch` or `field`) a layout without configs or a factor that breaks it, before
     anything is built."""
     folder = layout_dir(layout)
-    if not (folder / "base").is_dir():
+    if not has_repo(layout, "base"):
         known = ", ".join(layouts()) or "none"
         raise ShotError(switch, layout, f"no published configs for this model under presets/configs/ "
                                         f"(models with configs: {known})")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         raise ShotError(field, factor, "must be a number in (0, 1]: the layout at full width (1) or narrower")
-    for repo in _repos(folder):
+    for ref, repo in repos(layout).items():
         for comp, (_, cls_name) in repo_components(repo).items():
             path = _config_file(repo / comp)
             if path is not None and not path.name.startswith("scheduler"):
-                narrow(_read_json(path), cls_name, factor, _where(repo, comp), field)
+                narrow(_read_json(path), cls_name, factor, comp or ref, field)
 
 
-def _repos(folder: Path) -> list[Path]:
-    return [folder / r for r in REFERENCES if (folder / r).is_dir()]
-
-
-def _where(repo: Path, comp: str) -> str:
-    return comp or repo.name
+def repos(layout: str) -> dict[str, Path]:
+    """{weight reference: its configs folder} of a layout: "base" is the layout's folder, others its sub-folders."""
+    folder = layout_dir(layout)
+    return {r: folder if r == "base" else folder / r for r in REFERENCES if has_repo(layout, r)}
 
 
 # --- building ------------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def folder_tag(layout: str, factor: float, seed: int) -> str:
 
 def build_folder(layout: str, factor: float = 1.0, seed: int = 0, field: str = "width_factor") -> Path:
     """The folder of a random-weight model of `layout` at `factor` (built on first use, then cached): one sub-folder
-    per repo of the layout (base/, motion_adapter/), each loadable with from_pretrained."""
+    per weight reference of the layout (base/, motion_adapter/), each loadable with from_pretrained."""
     from studio.pipelines import studio_home
 
     check(layout, factor, field)
@@ -190,8 +196,8 @@ def build_folder(layout: str, factor: float = 1.0, seed: int = 0, field: str = "
     logger.info("building random weights of %s at width %s in %s", layout, _fmt(factor), folder)
     try:
         with _quiet():
-            for repo in _repos(layout_dir(layout)):
-                _build_repo(repo, tmp / repo.name, factor, seed)
+            for ref, repo in repos(layout).items():
+                _build_repo(ref, repo, tmp / ref, factor, seed)
         (tmp / "complete").write_text(json.dumps({"layout": layout, "width_factor": factor, "seed": seed}) + "\n")
         if folder.exists():
             shutil.rmtree(tmp)  # another process built it meanwhile; identical by construction
@@ -217,12 +223,12 @@ def _quiet():
             tf_logging.enable_progress_bar()
 
 
-def _build_repo(repo: Path, out: Path, factor: float, seed: int) -> None:
+def _build_repo(ref: str, repo: Path, out: Path, factor: float, seed: int) -> None:
     comps = repo_components(repo)
     out.mkdir(parents=True)
     for comp, (lib, cls_name) in comps.items():
-        _build_component(repo / comp, out / comp if comp else out, lib, cls_name, factor, seed,
-                         f"{repo.name}/{comp}", _where(repo, comp))
+        _build_component(repo / comp, out / comp if comp else out, lib, cls_name, factor, seed, f"{ref}/{comp}",
+                         comp or ref)
     if (repo / "model_index.json").is_file():  # only the components built here
         index = _read_json(repo / "model_index.json")
         index = {k: v for k, v in index.items() if k.startswith("_") or not isinstance(v, list) or k in comps}

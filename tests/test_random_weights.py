@@ -27,11 +27,11 @@ def _model(lib: str, cls_name: str, config: dict, device: str = "meta"):
 
 def _components(layout: str):
     """(name, library, class, config) of every model component of a layout (schedulers and tokenizers left out)."""
-    for repo in rw._repos(rw.layout_dir(layout)):
+    for ref, repo in rw.repos(layout).items():
         for comp, (lib, cls_name) in rw.repo_components(repo).items():
             path = rw._config_file(repo / comp)
             if path is not None and path.name == "config.json":
-                yield rw._where(repo, comp), lib, cls_name, json.loads(path.read_text())
+                yield comp or ref, lib, cls_name, json.loads(path.read_text())
 
 
 def _heads(model) -> dict:
@@ -86,11 +86,11 @@ def test_a_narrower_model_has_the_same_layout(layout):
 
 
 def test_width_rules_narrow_heads_and_groups_consistently():
-    unet = json.loads((rw.layout_dir("animatediff-sd15") / "base/unet/config.json").read_text())
+    unet = json.loads((rw.layout_dir("animatediff-sd15") / "unet/config.json").read_text())
     n = rw.narrow(unet, "UNet2DConditionModel", 0.125, "unet")
     assert n["block_out_channels"] == [40, 80, 160, 160] and n["attention_head_dim"] == 8  # 8 heads of 5/10/20
     assert n["norm_num_groups"] == 4 and n["cross_attention_dim"] == 96
-    z = json.loads((rw.layout_dir("zeroscope") / "base/unet/config.json").read_text())
+    z = json.loads((rw.layout_dir("zeroscope") / "unet/config.json").read_text())
     nz = rw.narrow(z, "UNet3DConditionModel", 0.25, "unet")
     assert nz["attention_head_dim"] == 16 and nz["block_out_channels"] == [80, 160, 320, 320]  # still 5/10/20 heads
     assert rw.narrow(unet, "UNet2DConditionModel", 1.0, "unet") == unet
@@ -146,7 +146,7 @@ def clip_tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("tok")
-    for f in (rw.layout_dir("animatediff-sd15") / "base/tokenizer").iterdir():
+    for f in (rw.layout_dir("animatediff-sd15") / "tokenizer").iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     rw.write_clip_bpe(folder)
     return CLIPTokenizer.from_pretrained(str(folder))
@@ -154,7 +154,7 @@ def clip_tokenizer(tmp_path_factory):
 
 def test_the_shipped_bpe_gives_sd15s_token_ids(clip_tokenizer):
     tok = clip_tokenizer
-    assert len(tok) == 49408 == json.loads((rw.layout_dir("zeroscope") / "base/text_encoder/config.json")
+    assert len(tok) == 49408 == json.loads((rw.layout_dir("zeroscope") / "text_encoder/config.json")
                                           .read_text())["vocab_size"]
     assert tok("a photograph of an astronaut riding a horse").input_ids == [
         49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
