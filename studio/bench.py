@@ -58,7 +58,8 @@ PHRASE = "red circle"
 
 
 def reference_images(folder: Path) -> tuple[str, str]:
-    """A purple square on sky (subject) and a sand background, as PNG files (toy-world images: any model takes them)."""
+    """A purple square on sky (subject) and a sand background, as PNG files (toy-world images; any model takes
+    them)."""
     from PIL import Image
 
     from studio.toyworld import world

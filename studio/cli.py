@@ -87,7 +87,8 @@ def cmd_render(args) -> int:
                                    preset=preset)
     r = files.result
     weights = f" (random weights, width {r.preset.width_factor:g})" if r.preset.random_weights else ""
-    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}{weights}, "
+    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, "
+          f"model {r.preset.name}{weights}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
     return 0
 
@@ -285,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", dest="progress", action="store_false")
     ev.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="speed and memory of a model: seconds per render and step, peak memory, the "
-                                     "controls' overhead (paired ratios), tuning seconds per step; table + JSON")
+    b = sub.add_parser("bench", help="speed and memory of a model: seconds per render and step, peak memory, "
+                                     "the controls' overhead (paired ratios), tuning seconds per step; table + JSON")
     from studio import bench as bench_module
 
     bench_module.add_arguments(b)

@@ -140,7 +140,6 @@ def narrow(config: dict, cls_name: str, factor: float, where: str, field: str = 
 def check(layout: str, factor: float, field: str = "width_factor", switch: str = "random_weights") -> None:
     """Refuse (ShotError naming `switch` or `field`) a layout without configs or a factor that breaks it, before
     anything is built."""
-    folder = layout_dir(layout)
     if not has_repo(layout, "base"):
         known = ", ".join(layouts()) or "none"
         raise ShotError(switch, layout, f"no published configs for this model under presets/configs/ "
@@ -291,7 +290,7 @@ def _kind(cls) -> str:
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP's (and GPT-2's) printable stand-ins for the 256 byte values, in CLIP's vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

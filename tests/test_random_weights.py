@@ -3,7 +3,6 @@ cache, the flags and their refusals (the renders on these layouts are in test_re
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -132,7 +131,7 @@ def test_preset_files_take_random_weights_and_refuse_a_width_without_them(tmp_pa
     alone.write_text(good.read_text().replace("random_weights: true\n", ""))
     with pytest.raises(ShotError, match="width_factor 0.25 only applies with random_weights: true"):
         load_model_preset(str(alone))
-    other = tmp_path / "other.yaml"  # a layout named explicitly; one without a motion adapter for an AnimateDiff preset
+    other = tmp_path / "other.yaml"  # a layout named explicitly: one without the motion adapter the preset loads
     other.write_text(good.read_text().replace("random_weights: true\n", "random_weights: true\nlayout: zeroscope\n"))
     with pytest.raises(ShotError, match="random_weights: .*layout 'zeroscope' have no motion_adapter/"):
         load_model_preset(str(other))
@@ -207,6 +206,7 @@ def test_sd15_folder_holds_both_repos_and_leaves_out_what_animatediff_does_not_l
     folder = rw.build_folder("animatediff-sd15", 0.0625 * 2)
     index = json.loads((folder / "base/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and "safety_checker" not in index
-    assert sorted(k for k in index if not k.startswith("_")) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    components = sorted(k for k in index if not k.startswith("_"))
+    assert components == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert json.loads((folder / "motion_adapter/config.json").read_text())["motion_num_attention_heads"] == 8
     assert (folder / "base/tokenizer/vocab.json").is_file() and (folder / "base/tokenizer/merges.txt").is_file()

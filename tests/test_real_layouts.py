@@ -56,7 +56,8 @@ class Layout:
             self.masks.append(m)
         self.clips = folder / "clips"  # one preservation clip of the user's (the LoRA's video loss on it)
         self.clips.mkdir()
-        frames = [Image.fromarray(np.roll(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), 4 * f, 1)) for f in range(8)]
+        noise = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        frames = [Image.fromarray(np.roll(noise, 4 * f, 1)) for f in range(8)]
         frames[0].save(self.clips / "walk.gif", save_all=True, append_images=frames[1:], duration=125)
         (self.clips / "walk.txt").write_text("a dog walking")
 
@@ -216,7 +217,8 @@ def test_lora_subject_trains_renders_and_loads_into_plain_diffusers(lay, plain, 
     rex = library.prefix + "rex"
     subject, result = tune.add_subject(
         rex, lay.photos, lay.masks, lay.preset,
-        tune.TuneSettings(method="lora", class_word="dog", trigger="sks", steps=2, rank=4, preservation=str(lay.clips)),
+        tune.TuneSettings(method="lora", class_word="dog", trigger="sks", steps=2, rank=4,
+                          preservation=str(lay.clips)),
         library=library)
     assert subject.methods == ("lora",) and np.isfinite(result.losses).all() and len(result.losses) == 2
     shot = lay.shot(subjects=[{"phrase": PHRASE, "subject": rex}])

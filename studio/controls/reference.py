@@ -429,7 +429,7 @@ class RefKeys(NamedTuple):
     times: tuple  # (K,) timesteps, as floats
     keys: torch.Tensor  # (K, heads, R·N', dh + E): reference r's N' keys in block r, a one in channel dh + r
     values: torch.Tensor  # (K, heads, R·N', dh + E): zeros in the extra channels
-    blank_keys: torch.Tensor | None = None  # (K, heads, R·N', dh + E): the blank's (unconditional videos), in each block
+    blank_keys: torch.Tensor | None = None  # (K, heads, R·N', dh + E): the blank's (unconditional videos), each block
     blank_values: torch.Tensor | None = None
     group: int = 1  # tokens each key stands for (k·k pooling)
 
@@ -454,8 +454,8 @@ def unet_state(unet) -> int:
         parts.append((len(m._forward_hooks), len(m._forward_pre_hooks), type(m.__dict__.get("processor")).__name__))
         if "lora_A" in m._modules and "scaling" in m.__dict__:  # peft's LoRA layer
             active = m.__dict__.get("_active_adapter")
-            parts.append((m.__dict__.get("_disable_adapters"), active if isinstance(active, str) else tuple(active or ()),
-                          tuple(sorted(m.scaling.items()))))
+            active = active if isinstance(active, str) else tuple(active or ())
+            parts.append((m.__dict__.get("_disable_adapters"), active, tuple(sorted(m.scaling.items()))))
     return hash(tuple(parts))
 
 
