@@ -210,3 +210,19 @@ def test_sd15_folder_holds_both_repos_and_leaves_out_what_animatediff_does_not_l
     assert components == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert json.loads((folder / "motion_adapter/config.json").read_text())["motion_num_attention_heads"] == 8
     assert (folder / "base/tokenizer/vocab.json").is_file() and (folder / "base/tokenizer/merges.txt").is_file()
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--random-weights"], "studio: error: --random-weights: no published configs for this model"),
+    (["--random-weights", "--width-factor", "0.3", "--set", "model=zeroscope"],
+     "studio: error: --width-factor: breaks the layout: text_encoder.hidden_size 1024 × 0.3 = 307.2"),
+    (["--width-factor", "0.5"], "studio: error: --width-factor: only applies with --random-weights (got 0.5)"),
+])
+def test_render_flags_refuse_bad_input_in_one_line_before_anything_loads(tmp_path, capsys, argv, want):
+    from studio import cli
+
+    shot = tmp_path / "shot.yaml"
+    shot.write_text("model: toyworld\nprompt: a red circle on grass\n")
+    assert cli.main(["render", str(shot), "--out", str(tmp_path / "x.mp4"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(want) and not (tmp_path / "x.mp4").exists()
