@@ -28,7 +28,8 @@ PROMPT = "a shiba inu running on a beach"
 PHRASE = "shiba inu"  # CLIP BPE: shi + ba + in + u
 BOXES = {0: [0.05, 0.25, 0.45, 0.75], 7: [0.55, 0.25, 0.95, 0.75]}
 CASES = [pytest.param((layout, 0.125), id=f"{layout}-w0.125") for layout in SIZES] + [
-    pytest.param((layout, 1.0), id=f"{layout}-full", marks=pytest.mark.slow) for layout in SIZES]
+    pytest.param((layout, 1.0), id=f"{layout}-full", marks=[pytest.mark.slow, pytest.mark.timeout(3600)])
+    for layout in SIZES]
 
 
 class Layout:
@@ -60,6 +61,11 @@ class Layout:
         frames = [Image.fromarray(np.roll(noise, 4 * f, 1)) for f in range(8)]
         frames[0].save(self.clips / "walk.gif", save_all=True, append_images=frames[1:], duration=125)
         (self.clips / "walk.txt").write_text("a dog walking")
+
+    @property
+    def full(self) -> bool:
+        """Full width: the slow step, where each render costs seconds to minutes; fewer renders check the same."""
+        return self.width == 1.0
 
     def shot(self, **fields) -> shotlib.Shot:
         return shotlib.from_container({"model": self.name, "prompt": PROMPT, "seed": 1, **fields})
@@ -127,6 +133,8 @@ def test_every_control_changes_the_render_and_the_pipeline_stays_plain(lay, plai
     cases["all"] = dict(subjects=[{"phrase": PHRASE, "boxes": BOXES, "reference": str(lay.subject_ref)}],
                         background={"reference": str(lay.background_ref)}, camera={"cx": 0.5},
                         noise_prior={"gamma": 0.6})
+    if lay.full:  # each control alone at 1/8 width; here all of them together
+        cases = {"all": cases["all"]}
     for name, fields in cases.items():
         r = lay.render(lay.shot(**fields))
         assert _differs(r.frames, plain.frames), name
@@ -144,6 +152,14 @@ def test_temporal_reference_and_pooled_keys_on_four_resolutions(lay, plain):
 
 def test_both_refinements_run(lay, plain):
     w, h = SIZES[lay.name]
+    if lay.full:  # both passes in one render; their pixel-level checks run at 1/8 width
+        both = lay.render(lay.shot(subjects=[{"phrase": PHRASE, "boxes": BOXES}],
+                                   refine={"face": {"enabled": True, "detector": "boxes", "crop_factor": 1.0},
+                                           "tiled": {"enabled": True, "scale": 2, "tile": 128, "overlap": 16}}))
+        up = np.asarray([np.asarray(Image.fromarray(f).resize((2 * w, 2 * h), Image.BICUBIC)) for f in plain.frames])
+        assert both.frames.shape == (8, 2 * h, 2 * w, 3) and both.info["refine"]["face"]["tracks"] == 1
+        assert np.abs(both.frames.astype(int) - up).mean() > 0.5
+        return
     face = lay.render(lay.shot(subjects=[{"phrase": PHRASE, "boxes": BOXES}],
                                refine={"face": {"enabled": True, "detector": "boxes", "crop_factor": 1.0}}))
     boxed = lay.render(lay.shot(subjects=[{"phrase": PHRASE, "boxes": BOXES}]))
@@ -211,7 +227,41 @@ def library(lay):
             lib.delete(name)
 
 
+def _load_lora_in_diffusers(pipe, subject, lay) -> None:
+    """The subject's LoRA into a plain diffusers pipeline, as README says."""
+    if lay.name != "zeroscope":
+        pipe.load_lora_weights(str(subject.path))  # the subject's folder
+        return
+    # diffusers 0.42 has no LoRA loader for UNet3DConditionModel (README): the file is diffusers' format, and
+    # diffusers' converter and peft load it, as the studio does.
+    with pytest.raises(AttributeError, match="load_lora_adapter"):
+        pipe.load_lora_weights(str(subject.path))
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from studio.subjects.tune import LORA_TARGETS
+
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v
+                                             for k, v in load_file(str(subject.lora_path)).items()})
+    inject_adapter_in_model(LoraConfig(r=subject.lora_rank, lora_alpha=subject.lora_rank,
+                                       target_modules=LORA_TARGETS), pipe.unet)
+    assert not set_peft_model_state_dict(pipe.unet, state).unexpected_keys
+
+
+def _tokens_prompt(pipe, subject, key: str) -> str:
+    """The subject's token file into a plain diffusers pipeline in one call; the prompt with its one token."""
+    n = len(subject.tokens)
+    pipe.load_textual_inversion(str(subject.embeds_path), token=key)  # one call: all its vectors
+    prompt = f"a {key} shiba inu running on a beach"
+    expanded = " ".join([key] + [f"{key}_{i}" for i in range(1, n)])
+    assert pipe.maybe_convert_prompt(prompt, pipe.tokenizer) == f"a {expanded} shiba inu running on a beach"
+    return prompt
+
+
 def test_lora_subject_trains_renders_and_loads_into_plain_diffusers(lay, plain, library):
+    if lay.full:
+        pytest.skip("at full width both methods train in one subject (test_both_methods_...)")
     from studio.subjects import tune
 
     rex = library.prefix + "rex"
@@ -229,27 +279,13 @@ def test_lora_subject_trains_renders_and_loads_into_plain_diffusers(lay, plain, 
     assert np.array_equal(engine.render(lay.shot(), m, preset=lay.preset).frames, plain.frames)  # then off again
     m.clear()
     pipe = _plain_diffusers(lay)
-    if lay.name == "zeroscope":
-        # diffusers 0.42 has no LoRA loader for UNet3DConditionModel (README): the file is diffusers' format, and
-        # diffusers' converter and peft load it, as the studio does.
-        with pytest.raises(AttributeError, match="load_lora_adapter"):
-            pipe.load_lora_weights(str(subject.path))
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from studio.subjects.tune import LORA_TARGETS
-
-        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v
-                                                 for k, v in load_file(str(subject.lora_path)).items()})
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), pipe.unet)
-        assert not set_peft_model_state_dict(pipe.unet, state).unexpected_keys
-    else:
-        pipe.load_lora_weights(str(subject.path))  # the subject's folder, as README says
+    _load_lora_in_diffusers(pipe, subject, lay)
     assert np.array_equal(_diffusers_render(pipe, r.info["prompt"], lay), r.frames)
 
 
 def test_id_tokens_train_render_and_load_in_one_diffusers_call(lay, plain, library):
+    if lay.full:
+        pytest.skip("at full width both methods train in one subject (test_both_methods_...)")
     from studio.subjects import tune
 
     pip = library.prefix + "pip"
@@ -264,8 +300,29 @@ def test_id_tokens_train_render_and_load_in_one_diffusers_call(lay, plain, libra
     assert _differs(r.frames, plain.frames, 0.01)
     m.clear()
     pipe = _plain_diffusers(lay)
-    pipe.load_textual_inversion(str(subject.embeds_path), token="<pip>")  # one call, the four vectors
-    prompt = "a <pip> shiba inu running on a beach"
-    assert pipe.maybe_convert_prompt(prompt, pipe.tokenizer) == \
-        "a <pip> <pip>_1 <pip>_2 <pip>_3 shiba inu running on a beach"
+    assert np.array_equal(_diffusers_render(pipe, _tokens_prompt(pipe, subject, "<pip>"), lay), r.frames)
+
+
+def test_both_methods_at_full_width_render_and_load_into_plain_diffusers(lay, library):
+    """At full width (the slow step) one subject with both methods, to load the networks fewer times: it trains,
+    renders, and loads into plain diffusers (the LoRA from the folder, the tokens in one call), rendering the same."""
+    if not lay.full:
+        pytest.skip("at 1/8 width each method has a test of its own")
+    from studio.subjects import tune
+
+    both = library.prefix + "both"
+    subject, result = tune.add_subject(
+        both, lay.photos, lay.masks, lay.preset,
+        tune.TuneSettings(method="both", class_word="dog", trigger="sks", steps=2, rank=4, n_tokens=2,
+                          preservation=str(lay.clips)),
+        library=library)
+    assert subject.methods == ("lora", "tokens") and np.isfinite(result.losses).all()
+    m = PipelineManager(1, "cpu")
+    r = engine.render(lay.shot(subjects=[{"phrase": PHRASE, "subject": both}]), m, preset=lay.preset)
+    assert r.info["prompt"] == f"a <{both}-1> <{both}-2> sks shiba inu running on a beach"
+    m.clear()
+    gc.collect()
+    pipe = _plain_diffusers(lay)
+    _load_lora_in_diffusers(pipe, subject, lay)
+    prompt = _tokens_prompt(pipe, subject, "<both>").replace("<both> ", "<both> sks ")
     assert np.array_equal(_diffusers_render(pipe, prompt, lay), r.frames)
