@@ -79,6 +79,28 @@ def use_step_cache(args) -> None:
         step_caches.configured()  # a bad SHOT_STUDIO_STEP_CACHE is one line too
 
 
+def cli_preset(model: str, args):
+    """The model preset as the CLI flags change it (--random-weights, --width-factor), or None when they don't."""
+    if getattr(args, "width_factor", None) is not None and not args.random_weights:
+        from studio.shot import ShotError
+
+        raise ShotError("--width-factor", args.width_factor, "only applies with --random-weights")
+    if not getattr(args, "random_weights", False):
+        return None
+    from studio import presets
+
+    return presets.with_random_weights(presets.load_model_preset(model), args.width_factor)
+
+
+def _add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the model's real layout (its published configs, presets/configs/) "
+                             "instead of its weights: no download; recorded in the sidecar")
+    parser.add_argument("--width-factor", type=float, metavar="F",
+                        help="with --random-weights: the same layout with every channel width x F (heads and depths "
+                             "kept), e.g. 0.125 for a CPU")
+
+
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
@@ -92,6 +114,7 @@ def cmd_render(args) -> int:
     if not args.out:
         raise ValueError("--out: required: the .mp4 to write (its sidecar goes beside it as .json)")
     shot = shotlib.load(args.shot, args.set + [f"refine.{r}.enabled=true" for r in args.refine])
+    preset = cli_preset(shot.model, args)
     last = [-1]
 
     def progress(i: int, n: int) -> None:
@@ -100,9 +123,11 @@ def cmd_render(args) -> int:
             print(f"\rstep {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
     files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress,
-                                   manager=_manager(args))
+                                   manager=_manager(args), preset=preset)
     r = files.result
-    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
+    weights = f" (random weights, width {r.preset.width_factor:g})" if r.preset.random_weights else ""
+    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, "
+          f"model {r.preset.name}{weights}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
     return 0
 
@@ -239,6 +264,12 @@ def cmd_eval(args) -> int:
     return EXIT_FAILED_BASE + min(failed, 100) if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from studio import bench
+
+    return bench.main(args)
+
+
 def cmd_presets(args) -> int:
     from studio import presets
 
@@ -338,7 +369,8 @@ def cmd_subject_add(args) -> int:
             print(f"\rstep {i}/{n}  loss {loss:.4f}  {left:.0f} s left", end="" if i < n else "\n",
                   file=sys.stderr, flush=True)
 
-    subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
+    model = cli_preset(args.model, args) or args.model
+    subject, result = tune.add_subject(args.name, photos, masks, model, settings, SubjectLibrary(),
                                        manager=_manager(args), progress=progress, overwrite=args.overwrite,
                                        photo_names=[f.name for f in files])
     print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
@@ -395,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", metavar="N", help=THREADS_HELP)
     machine.add_arguments(r)
     r.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
+    _add_weight_flags(r)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -440,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_flags(ev, "renders", shared=False)
     ev.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser("bench", help="speed and memory of a model: seconds per render and step, peak memory, "
+                                     "the controls' overhead (paired ratios), tuning seconds per step; table + JSON")
+    from studio import bench as bench_module
+
+    bench_module.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("presets", help="list model and shot presets")
     s.set_defaults(func=cmd_presets)
 
@@ -466,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--overwrite", action="store_true", help="replace a subject of that name")
     sa.add_argument("--no-progress", dest="progress", action="store_false")
     machine.add_arguments(sa)
+    _add_weight_flags(sa)
     sa.set_defaults(func=cmd_subject_add)
     sl = ssub.add_parser("list", help="the subjects in the library")
     sl.set_defaults(func=cmd_subject_list)

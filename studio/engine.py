@@ -73,7 +73,8 @@ class RenderResult:
             "seed": self.shot.seed,
             "model": {"preset": p.name, "family": p.family, "base": p.base, "motion_adapter": p.motion_adapter,
                       "revision": p.revision, "variant": p.variant, "scheduler_class": p.scheduler_class,
-                      "scheduler": dict(p.scheduler)},
+                      "scheduler": dict(p.scheduler), "random_weights": p.random_weights,
+                      "width_factor": p.width_factor, "layout": p.layout},
             "render": self.info,
             "identity": self.identity,
             "settings": self.settings,
@@ -100,9 +101,15 @@ def input_files(shot: shotlib.Shot) -> dict[str, str]:
     return {k: v for k, v in named.items() if v}
 
 
-def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
-    """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad)."""
-    preset = load_model_preset(shot.model)
+def prepare(shot: shotlib.Shot, preset: ModelPreset | None = None) -> tuple[shotlib.Shot, ModelPreset]:
+    """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad).
+
+    preset: the shot's model preset as the caller changed it (e.g. `presets.with_random_weights`), instead of the
+    one `shot.model` names; it must have that preset's name."""
+    if preset is None:
+        preset = load_model_preset(shot.model)
+    elif preset.name != load_model_preset(shot.model).name:
+        raise shotlib.ShotError("model", shot.model, f"the shot's model is not the preset given ({preset.name})")
     shot = shotlib.resolve(shot, preset)
     refine.check(shot)
     from studio import step_caches
@@ -112,15 +119,16 @@ def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
 
 
 def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress: Progress | None = None,
-           cancel: threading.Event | None = None) -> RenderResult:
-    """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot."""
+           cancel: threading.Event | None = None, preset: ModelPreset | None = None) -> RenderResult:
+    """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot (and preset: see
+    `prepare`)."""
     from studio.subjects import apply as subjects
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # 1. Validate and resolve the shot against its model preset; its trained subjects against the library (before
     #    any weights load: a subject of another base model must not cost a model load first).
-    shot, preset = prepare(shot)
+    shot, preset = prepare(shot, preset)
     plan, records = subjects.plan(shot, preset)
     # 2. Fetch the pipeline (cached by what determines it) and hold it: a render installs controls and adapters on
     #    it, so two renders on one pipeline at once would restore each other's state.
@@ -263,7 +271,8 @@ class RenderFiles:
 
 def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path | None = None,
                     gif: str | Path | None = None, manager: PipelineManager | None = None,
-                    progress: Progress | None = None, cancel: threading.Event | None = None) -> RenderFiles:
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    preset: ModelPreset | None = None) -> RenderFiles:
     """Render and write the MP4 with its JSON sidecar (and optional GIF / PNG frames).
 
     The output paths are checked before rendering (ShotError naming --out, --gif or --frames-dir). All or
@@ -274,7 +283,7 @@ def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path 
     gif = Path(gif) if gif is not None else None
     frames_dir = Path(frames_dir) if frames_dir is not None else None
     check_outputs(out, gif, frames_dir)
-    result = render(shot, manager, progress, cancel)
+    result = render(shot, manager, progress, cancel, preset)
     return write_outputs(result, out, frames_dir, gif)
 
 

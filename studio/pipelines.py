@@ -56,6 +56,7 @@ class PipelineKey:
     offload: str = "none"
     vae_tiling: bool = False
     vae_slicing: bool = False
+    random_weights: tuple = ()  # (layout, width factor) of a random-weight build of the layout, else ()
 
 
 def key_for(preset: ModelPreset, device: str, settings=None) -> PipelineKey:
@@ -65,7 +66,12 @@ def key_for(preset: ModelPreset, device: str, settings=None) -> PipelineKey:
     dtype = str(model_dtype(preset.dtype, settings, device, preset.family)).removeprefix("torch.")
     return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
                        preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())),
-                       preset.scheduler_class, settings.offload, settings.vae_tiling, settings.vae_slicing)
+                       preset.scheduler_class, settings.offload, settings.vae_tiling, settings.vae_slicing,
+                       random_key(preset))
+
+
+def random_key(preset: ModelPreset) -> tuple:
+    return (preset.layout or preset.name, float(preset.width_factor)) if preset.random_weights else ()
 
 
 def build_scheduler(current, preset: ModelPreset):
@@ -179,6 +185,17 @@ def load_pipeline(preset: ModelPreset, device: str, settings=None):
     if base.startswith("builtin:"):
         base = str(builtin_folder(base.removeprefix("builtin:")))
     kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
+    if preset.random_weights:  # the layout's published configs with random weights, built once into the cache
+        import dataclasses
+
+        from studio import random_weights
+
+        built = random_weights.build_folder(*random_key(preset))
+        adapter = str(built / "motion_adapter") if preset.family == "animatediff" and preset.motion_adapter else None
+        preset = dataclasses.replace(preset, base=str(built / "base"), motion_adapter=adapter, revision=None,
+                                     variant=None)
+        base = preset.base
+        kw.update(revision=None, variant=None)
     for r in [resolve_local(r) for r in family.weight_refs(preset)] + [base]:
         _check_reference(preset, r)
     loading = [preset.base]  # the reference being loaded, for the error
@@ -192,6 +209,12 @@ def load_pipeline(preset: ModelPreset, device: str, settings=None):
     family.check_pipeline(pipe, preset)
     pipe.scheduler = build_scheduler(pipe.scheduler, preset)
     pipe.set_progress_bar_config(disable=True)
+    # Inference only, and it must stay so: on the CPU torch's linear on a non-contiguous input takes another kernel
+    # when the weight requires grad (results differ in the last bits), so a LoRA load (peft freezes the base weights)
+    # would otherwise change every later plain render of Zeroscope's UNet3D (its proj_in). Training sets its own.
+    for module in pipe.components.values():
+        if hasattr(module, "requires_grad_"):
+            module.requires_grad_(False)
     return machine.place(pipe, device, settings)
 
 

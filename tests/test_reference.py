@@ -341,8 +341,14 @@ def test_a_box_region_changes_less_than_everywhere(pipe, purple):
     assert 0 < small < full
 
 
+@pytest.fixture
+def no_kept_banks(monkeypatch):
+    """Write passes are not answered from earlier renders' banks (tests of the passes themselves)."""
+    monkeypatch.setattr(reference, "BANKS_KEPT", 0)
+
+
 @pytest.mark.parametrize("unconditional", ["plain", "blank"])
-def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purple, unconditional):
+def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purple, unconditional, no_kept_banks):
     calls = []  # (frames, text) of every UNet call, write passes included
 
     def spy(module, args, kwargs):
@@ -379,7 +385,7 @@ def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purp
     assert not torch.equal(stored[(1, PROMPT)], stored[(1, "a white star on sky")])
 
 
-def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_tokens(pipe, purple):
+def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_tokens(pipe, purple, no_kept_banks):
     """With the schedule known, the refresh steps' write passes are one UNet call of R·K one-frame videos (at most
     the main call's rows per call), and the render matches the one-pass-per-refresh render."""
     items = [(purple, 1.0, ("all",)), (purple.flip(-1), 2.0, ("outside",))]  # R = 2
@@ -639,3 +645,68 @@ def test_references_past_the_rope_table_are_refused_naming_frames_and_references
     assert check_reference_positions(tr, 21, 5) is None
     why = check_reference_positions(tr, 29, 5)
     assert "29 latent frames + 5 reference(s) exceed the 32 time positions" in why
+
+
+# --- the write passes of earlier renders -------------------------------------------------------------------------
+
+
+def test_a_re_render_reuses_the_write_pass_bit_for_bit_and_any_change_runs_it_again(purple, monkeypatch):
+    """A render that makes the same write pass as an earlier one (same references, prompts, timesteps, weights,
+    adapters) takes its keys and values instead of running it; the frames are the same bit for bit as with the
+    pass run. A changed reference, prompt, schedule, weight in place, or LoRA state runs the pass again."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from studio.pipelines import PipelineManager
+    from studio.presets import load_model_preset
+    from studio.subjects.apply import _set_lora_enabled
+
+    made = []
+    real_init = reference.ReferenceInjection.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(reference.ReferenceInjection, "__init__", spy)
+    pipe = PipelineManager(1, "cpu").get(load_model_preset("tiny"))  # a pipeline of its own
+
+    def render(ref=purple, prompt=PROMPT, steps=4, every=2):
+        made.clear()
+        ctx = _ctx()
+        ctx.steps = steps
+        controls = [reference.ReferenceInjection(ctx, [(ref, 1.0, ("all",))], refresh_every=every,
+                                                 schedule=lambda: pipe.scheduler.timesteps)]
+        chain = step_end_chain(ctx, controls)
+        latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), applied(pipe, controls, ctx):
+            frames = pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=steps,
+                          guidance_scale=7.5, latents=latents, output_type="np",
+                          callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
+                          callback_on_step_end_tensor_inputs=["latents"]).frames
+        return frames, made[0].write_calls, made[0].bank_hits
+
+    with monkeypatch.context() as m:  # nothing kept: the pass runs
+        m.setattr(reference, "BANKS_KEPT", 0)
+        unkept, calls, hits = render()
+        assert (calls, hits) == (1, 0)
+    monkeypatch.setattr(reference, "BANKS_KEPT", 8)  # room for every variant below
+    first, calls, hits = render()
+    assert (calls, hits) == (1, 0) and np.array_equal(first, unkept)
+    again, calls, hits = render()
+    assert (calls, hits) == (0, 1) and np.array_equal(again, first)  # the kept bank: the same frames
+    for change in (dict(ref=purple.flip(-1)), dict(prompt="a white star on sky"), dict(steps=3), dict(every=1)):
+        frames, calls, hits = render(**change)
+        assert calls >= 1 and hits == 0, change
+    assert render()[1:] == (0, 1)  # the first render's bank is still kept
+    unet = pipe.unet
+    with torch.no_grad():
+        unet.conv_in.bias.add_(0.01)  # a weight changed in place
+    changed, calls, _ = render()
+    assert calls == 1 and not np.array_equal(changed, first)
+    assert render()[1:] == (0, 1)
+    with torch.random.fork_rng():  # a LoRA adapter injected (its B is zero: same output, other state)
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), unet, adapter_name="x")
+    frames, calls, _ = render()
+    assert calls == 1 and np.array_equal(frames, changed)
+    _set_lora_enabled(unet, False)
+    assert render()[1] == 1  # switched off: another state again

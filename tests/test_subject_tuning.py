@@ -99,6 +99,22 @@ def test_subject_in_a_shot_changes_the_render_the_same_way_in_a_fresh_pipeline(t
     assert a.sidecar()["shot"]["prompt"] == "a dog on grass"  # the sidecar keeps the user's shot
 
 
+def test_a_subject_saved_by_an_earlier_studio_renders_the_same(trained, library):
+    # format_version 1 kept one key per token in learned_embeds.safetensors; such subjects keep working.
+    import shutil
+
+    from test_subject_library import as_format_1
+
+    shutil.copytree(library.get("rex").path, library.root / "rex-old")
+    as_format_1(library.root / "rex-old")
+    m = PipelineManager(1, "cpu")
+    new = engine.render(_shot(subjects=[{"phrase": "dog", "subject": "rex"}]), m)
+    old = engine.render(_shot(subjects=[{"phrase": "dog", "subject": "rex-old"}]), m)
+    assert library.get("rex-old").metadata["format_version"] == 1
+    assert np.array_equal(old.frames, new.frames)
+    library.delete("rex-old")
+
+
 class _SafeOpenSpy:
     """safetensors.safe_open, counting the tensors read through it (reading a header only is free)."""
 
@@ -535,15 +551,18 @@ def test_training_and_loading_leave_the_global_rng_alone(trained, library):
 
 
 def test_the_files_load_with_plain_diffusers(trained, library):
-    # What README says: the LoRA through load_lora_weights, the tokens one state dict each.
-    from safetensors.torch import load_file
-
+    # What README says: the LoRA through load_lora_weights(folder), the tokens in one load_textual_inversion call
+    # whose token then stands for all the subject's vectors, in order.
     pipe = load_pipeline(load_model_preset("tiny"), "cpu")
     subject = library.get("rex")
-    pipe.load_lora_weights(str(subject.path), weight_name=subject.lora_path.name, adapter_name="rex")
-    d = load_file(str(subject.embeds_path))
-    pipe.load_textual_inversion([{t: v} for t, v in d.items()], token=list(d))
-    assert "rex" in pipe.unet.peft_config and all(t in pipe.tokenizer.get_vocab() for t in d)
+    pipe.load_lora_weights(str(subject.path), adapter_name="rex")
+    pipe.load_textual_inversion(str(subject.embeds_path), token="<rex>")
+    assert "rex" in pipe.unet.peft_config
+    assert pipe.maybe_convert_prompt("<rex> dog", pipe.tokenizer) == "<rex> <rex>_1 dog"
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    embeds = library.load_embeds("rex")
+    for t, want in zip(["<rex>", "<rex>_1"], embeds.values()):
+        assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids(t)], want)
 
 
 # --- preservation clips ----------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ Layout of `<root>/<name>/` (root: studio_home()/subjects unless given):
     masks/000.png ...                   their subject masks, 0/255 (optional; one per photo when present)
     pytorch_lora_weights.safetensors    LoRA in diffusers' format, when methods has "lora"
                                         (`pipe.load_lora_weights(subject.path, weight_name=LORA_FILE)`)
-    learned_embeds.safetensors          textual-inversion embeddings, token -> (D,) or (n, D), when methods has
-                                        "tokens" (diffusers' load_textual_inversion takes one token per state
-                                        dict: `pipe.load_textual_inversion([{t: v} for t, v in d.items()],
-                                        token=list(d))` with d = safetensors.torch.load_file(file))
+    learned_embeds.safetensors          the learned token vectors, when methods has "tokens": diffusers'
+                                        multi-vector textual-inversion format, one key `<name>` holding the
+                                        tokens' vectors in order (N, D) (metadata: embeds_key, and tokens with
+                                        token_vectors, the rows of each), so plain diffusers loads it in one call:
+                                        `pipe.load_textual_inversion(file, token="<name>")`, then "<name>" in a
+                                        prompt stands for all N vectors. Folders of format_version 1 hold
+                                        {token: (D,) or (n, D)} instead; they still load.
 
 A save builds the whole folder under a hidden temp name (".tmp-<name>-<random>") and renames it into place, so
 a reader sees the old subject or the new one, never half of one; folders starting with "." are never listed.
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: learned_embeds.safetensors in diffusers' one-key multi-vector format (1: {token: vector})
 METADATA_FILE = "metadata.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -141,7 +144,10 @@ def base_weights(preset) -> dict[str, str | None]:
         return f"models/{local.relative_to(root).as_posix()}" if local.is_relative_to(root) else str(local)
 
     adapter = preset.motion_adapter if preset.family == "animatediff" else None
-    return {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    weights = {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    if getattr(preset, "random_weights", False):  # a random-weight build of the layout is other weights
+        weights["random_weights"] = {"layout": preset.layout or preset.name, "width_factor": preset.width_factor}
+    return weights
 
 
 def check_base_model(subject: Subject, model, field: str = "subject") -> None:
@@ -161,7 +167,9 @@ def check_base_model(subject: Subject, model, field: str = "subject") -> None:
     if was == now:  # one name, other weights: say which
 
         def desc(w: dict) -> str:
-            return " + ".join(str(v) for v in (w.get("base"), w.get("motion_adapter")) if v)
+            rw = w.get("random_weights")
+            random = [f"random weights at width {rw.get('width_factor')}"] if isinstance(rw, dict) else []
+            return " + ".join([str(v) for v in (w.get("base"), w.get("motion_adapter")) if v] + random)
 
         was, now = f"{was} ({desc(recorded)})", f"{now} ({desc(current)})"
     raise ValueError(f"{field}: '{subject.name}' was trained for base model {was}, not {now}; train it again for "
@@ -269,12 +277,65 @@ def _check_weight_headers(subject: Subject) -> None:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
+            key = subject.metadata.get("embeds_key")
+            rows = _rows(_header_shape(path, key)) if path == subject.embeds_path and key in keys else 0
         except (SafetensorError, OSError, ValueError) as e:
             raise SubjectError(f"subject '{subject.name}': {path.name} is not readable safetensors ({e})") from None
-        lacking = sorted(set(subject.tokens) - keys) if path == subject.embeds_path else []
+        lacking = []
+        if path == subject.embeds_path and "embeds_key" in subject.metadata:  # one key, the tokens' rows in order
+            ends = np.cumsum(_token_vectors(subject))
+            lacking = [t for t, end in zip(subject.tokens, ends) if end > rows]
+        elif path == subject.embeds_path:  # format_version 1: a key per token
+            lacking = sorted(set(subject.tokens) - keys)
         if not keys or lacking:
             what = f"lacks the tokens {', '.join(lacking[:4])}" if lacking else "holds no tensors"
             raise SubjectError(f"subject '{subject.name}': {path.name} {what}")
+
+
+def _header_shape(path: Path, key: str) -> list[int]:
+    """A tensor's shape from a safetensors file's JSON header (no tensor data read): 8 bytes of header length, then
+    the header."""
+    import struct
+
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100_000_000:
+            raise ValueError("header too large")
+        return list(json.loads(f.read(size))[key]["shape"])
+
+
+def _rows(shape) -> int:
+    return 1 if len(shape) == 1 else int(shape[0])
+
+
+def _token_vectors(subject: Subject) -> list[int]:
+    """How many vectors (rows of the embeds key) each of the subject's tokens has (format_version >= 2)."""
+    rows = subject.metadata.get("token_vectors")
+    if not (isinstance(rows, list) and len(rows) == len(subject.tokens)
+            and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rows)):
+        raise SubjectError(f"subject '{subject.name}': {METADATA_FILE} lacks or garbles token_vectors")
+    return rows
+
+
+def pack_embeds(embeds: dict, tokens: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """{token: (D,) or (n, D)} -> the tokens' vectors stacked in `tokens` order (N, D) and each token's row count."""
+    import torch
+
+    parts = [embeds[t] if embeds[t].dim() == 2 else embeds[t][None] for t in tokens]
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"embeds: every token's vectors must have one width (got {sorted(widths)})")
+    return torch.cat(parts).contiguous(), [p.shape[0] for p in parts]
+
+
+def unpack_embeds(packed: torch.Tensor, tokens: list[str], rows: list[int]) -> dict:
+    """The inverse of pack_embeds: a token with one row gets a (D,) vector, others (n, D)."""
+    out, start = {}, 0
+    for t, n in zip(tokens, rows):
+        block = packed[start:start + n]
+        out[t] = block[0].clone() if n == 1 else block.clone()
+        start += n
+    return out
 
 
 def _expected_files(subject: Subject) -> list[Path]:
@@ -354,6 +415,10 @@ class SubjectLibrary:
             raise SubjectError(f"subject '{subject.name}' has no learned tokens (methods: "
                                f"{', '.join(subject.methods)})")
         embeds = _load_safetensors(subject.embeds_path)
+        key = subject.metadata.get("embeds_key")
+        if key is not None:  # format_version 2: one key, the tokens' vectors in order
+            packed = embeds[key] if embeds[key].dim() == 2 else embeds[key][None]
+            return unpack_embeds(packed, list(subject.tokens), _token_vectors(subject))
         order = [t for t in subject.tokens if t in embeds] + [t for t in embeds if t not in subject.tokens]
         return {token: embeds[token] for token in order}  # safetensors sorts keys; keep the saved token order
 
@@ -396,7 +461,7 @@ class SubjectLibrary:
                 methods and tokens default to the weights given). name, created, photos, masks and
                 format_version are filled in here.
             lora: LoRA state dict in diffusers' format (keys are the caller's), stored as safetensors.
-            embeds: token -> (D,) or (n, D) embedding, stored as safetensors.
+            embeds: token -> (D,) or (n, D) embedding, stored as safetensors in one key `<name>` (see the module).
             overwrite: replace an existing subject of that name; otherwise that is a ValueError.
         """
         # 1. Check inputs
@@ -406,6 +471,10 @@ class SubjectLibrary:
         lora, embeds = _check_tensors("lora", lora), _check_tensors("embeds", embeds, (1, 2))
         meta.update(name=name, photos=len(photos), masks=len(masks), format_version=FORMAT_VERSION,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if embeds:  # diffusers' multi-vector format: one key, loadable with one load_textual_inversion call
+            packed, rows = pack_embeds(embeds, meta["tokens"])
+            meta.update(embeds_key=f"<{name}>", token_vectors=rows)
+            embeds = {meta["embeds_key"]: packed}
         text = _metadata_json(meta)
         final = self.root / name
         self.root.mkdir(parents=True, exist_ok=True)

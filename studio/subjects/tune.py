@@ -296,8 +296,9 @@ def preservation_clips(pipe, preset, frames: int, width: int, height: int, folde
     if folder:
         return _user_clips(pipe, Path(folder), frames, width, height)
     prompts = PRESERVATION_PROMPTS.get(preset.name, PRESERVATION_PROMPTS["default"])
+    random = [[preset.layout or preset.name, preset.width_factor]] if getattr(preset, "random_weights", False) else []
     tag = hashlib.sha256(json.dumps([preset.name, preset.base, preset.motion_adapter, frames, width, height,
-                                     prompts]).encode()).hexdigest()[:12]
+                                     prompts] + random).encode()).hexdigest()[:12]  # random weights: other clips
     root = (cache_root or studio_home() / "preservation") / f"{preset.name}-{tag}"
     if (root / "clips.safetensors").exists():
         return load_file(str(root / "clips.safetensors"))["latents"], json.loads((root / "captions.json").read_text())
@@ -784,17 +785,18 @@ def _with_fault_points(progress: Progress | None) -> Progress | None:
     return on_step
 
 
-def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model: str,
+def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model,
                 settings: TuneSettings, library=None, manager=None, progress: Progress | None = None,
                 cancel: threading.Event | None = None, overwrite: bool = False, photo_names: list[str] | None = None):
     """Train a subject for a model preset and save it in the library (atomically, only when training finished).
 
+    model: a preset name or path, or a ModelPreset (e.g. with random weights).
     Trains on a freshly loaded pipeline (not the manager's cached one), so rendering is untouched meanwhile, on the
     manager's machine settings (device, dtype; without a manager, the environment's: studio.machine).
     Settings and photos are checked before any weights load; photo_names (e.g. the files') go into those messages.
     """
     from studio import machine
-    from studio.presets import load_model_preset
+    from studio.presets import ModelPreset, load_model_preset
     from studio.subjects.library import SubjectLibrary, base_weights, sanitize_name
 
     # 1. Check inputs: name, model, settings, photos.
@@ -802,7 +804,7 @@ def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | N
     library = library or SubjectLibrary()
     if library.exists(name) and not overwrite:
         raise ValueError(f"name: subject '{name}' already exists; remove it first or pass overwrite")
-    preset = load_model_preset(model)
+    preset = model if isinstance(model, ModelPreset) else load_model_preset(model)  # a preset changed by the caller
     s = resolve(settings, preset)
     check_photos(photos, masks, preset, photo_names)
     if len(photos) == 1:
