@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from studio.bench import quartiles  # noqa: E402 (after the path)
+
 CACHES = ("first_block", "pyramid_broadcast", "taylorseer", "sea", "mag")
 
 
@@ -70,13 +72,6 @@ def render(pipe, shot, setting, device: str) -> tuple[float, object, dict]:
     sync()
     seconds = time.perf_counter() - t0 if device.startswith("cuda") else time.process_time() - c0
     return seconds, out.float().cpu(), stats
-
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
 
 
 def main(argv=None) -> int:

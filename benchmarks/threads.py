@@ -96,14 +96,10 @@ def busy_core():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
-
-
 def main(argv=None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from studio.bench import quartiles  # light: no torch (the workers get their own environment)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)

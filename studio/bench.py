@@ -166,12 +166,17 @@ class PeakMemory:
         return False
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of xs (all three the value itself for one value); the benchmarks' summary of rounds."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
 def paired(times: list[float], base: list[float]) -> dict:
     """Median and quartiles of the per-round ratios times[i] / base[i]."""
-    ratios = sorted(t / b for t, b in zip(times, base))
-    if len(ratios) == 1:
-        return {"median": ratios[0], "q1": ratios[0], "q3": ratios[0]}
-    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    q1, q2, q3 = quartiles([t / b for t, b in zip(times, base)])
     return {"median": q2, "q1": q1, "q3": q3}
 
 

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 
 import studio  # first: the OpenMP wait policy of torch's threads is set before torch loads (studio.threads)
@@ -108,3 +109,17 @@ def write_tiny_zeroscope(folder, defaults: str = "{frames: 8, width: 64, height:
     preset = folder / f"{name}.yaml"
     preset.write_text(f"name: {name}\nfamily: zeroscope\nbase: {folder / 'model'}\ndefaults: {defaults}\n")
     return preset
+
+
+def red_photos(n=2, size=64):
+    """n training photos of a red rectangle (moving 4 px right per photo) on dark noise, and their masks."""
+    rng = np.random.default_rng(0)
+    photos, masks = [], []
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
+        m = np.zeros((size, size), bool)
+        m[16:48, 16 + i * 4:40 + i * 4] = True
+        photos.append(img)
+        masks.append(m)
+    return photos, masks

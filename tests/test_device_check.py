@@ -13,6 +13,7 @@ from studio import engine, shot as shotlib
 from studio.pipelines import PipelineManager, load_pipeline
 from studio.presets import load_model_preset
 from studio.subjects import tune
+from conftest import red_photos
 
 
 @pytest.fixture(autouse=True)
@@ -44,26 +45,13 @@ def test_the_fake_device_refuses_what_cuda_refuses_and_keeps_values():
         assert lin.weight.grad.device == DEVICE
 
 
-def _photos(n=2, size=64):
-    rng = np.random.default_rng(0)
-    photos, masks = [], []
-    for i in range(n):
-        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
-        m = np.zeros((size, size), bool)
-        m[16:48, 16 + i * 4:40 + i * 4] = True
-        photos.append(img)
-        masks.append(m)
-    return photos, masks
-
-
 def _train_one_step(on_device: bool, monkeypatch):
     preset = load_model_preset("tiny")
     pipe = load_pipeline(preset, "cpu")
     h, w = preset.defaults.height // pipe.vae_scale_factor, preset.defaults.width // pipe.vae_scale_factor
     clips = torch.randn((2, 4, 2, h, w), generator=torch.Generator().manual_seed(1))  # as cached: on the CPU
     monkeypatch.setattr(tune, "preservation_clips", lambda *a, **k: (clips, ["a clip", "another clip"]))
-    photos, masks = _photos()
+    photos, masks = red_photos()
     # both methods, STCA, preservation clip, Magic-Me's noise offset and full-image rate: every tensor of a step;
     # checkpointing on, as on the real models
     s = tune.TuneSettings(method="both", class_word="dog", steps=1, n_tokens=2, batch=2, full_image_rate=0.5,

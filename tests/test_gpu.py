@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_tiny_zeroscope
+from conftest import red_photos, write_tiny_zeroscope
 from studio import engine, shot as shotlib
 from studio.machine import MachineSettings
 from studio.pipelines import PipelineManager
@@ -50,19 +50,6 @@ def clip_cache(tmp_path_factory):
     tune.PRESERVATION_PROMPTS.update(prompts)
 
 
-def _photos(n=2, size=64):
-    rng = np.random.default_rng(0)
-    photos, masks = [], []
-    for i in range(n):
-        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
-        m = np.zeros((size, size), bool)
-        m[16:48, 16 + i * 4:40 + i * 4] = True
-        photos.append(img)
-        masks.append(m)
-    return photos, masks
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-zeroscope"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_steps(models, model, dtype, clip_cache):
@@ -79,7 +66,7 @@ def test_training_steps(models, model, dtype, clip_cache):
                          {p.dtype for p in module.parameters() if p.requires_grad}))
 
     pipe.unet.register_forward_hook(watch)
-    photos, masks = _photos()
+    photos, masks = red_photos()
     s = tune.TuneSettings(method="both", class_word="dog", steps=3, n_tokens=2, batch=2, checkpointing=True)
     r = tune.train(pipe, preset, photos, masks, "rex", s, cache_root=clip_cache)
     assert np.isfinite(r.losses).all() and len(r.losses) == 3
@@ -143,7 +130,7 @@ def test_a_trained_subject_renders_offloaded_and_training_leaves_the_renderer_al
     plain = shotlib.from_container({"model": "tiny", "prompt": "a dog on grass", "seed": 3, "frames": 4,
                                     "width": 64, "height": 64, "steps": 3})
     before = engine.render(plain, manager)
-    photos, masks = _photos()
+    photos, masks = red_photos()
     tune.add_subject("gpudog", photos, masks, "tiny", tune.TuneSettings(method="both", steps=2, n_tokens=1),
                      manager=manager, overwrite=True)
     assert np.array_equal(engine.render(plain, manager).frames, before.frames)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_tiny_zeroscope
+from conftest import red_photos, write_tiny_zeroscope
 from studio import engine, shot as shotlib
 from studio.machine import MachineSettings
 from studio.pipelines import PipelineManager, load_pipeline
@@ -35,19 +35,6 @@ def small_clips(monkeypatch):
     monkeypatch.setattr(tune, "preservation_clips", clips)
 
 
-def _photos(n=2, size=64):
-    rng = np.random.default_rng(0)
-    photos, masks = [], []
-    for i in range(n):
-        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
-        m = np.zeros((size, size), bool)
-        m[16:48, 16 + i * 4:40 + i * 4] = True
-        photos.append(img)
-        masks.append(m)
-    return photos, masks
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_trainable_weights_are_float32_under_autocast(dtype, small_clips, monkeypatch):
     preset = load_model_preset("tiny")
@@ -68,7 +55,7 @@ def test_trainable_weights_are_float32_under_autocast(dtype, small_clips, monkey
     real_step = torch.amp.GradScaler.step
     monkeypatch.setattr(torch.amp.GradScaler, "step",
                         lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
-    photos, masks = _photos()
+    photos, masks = red_photos()
     r = tune.train(pipe, preset, photos, masks, "rex",
                    tune.TuneSettings(method="both", class_word="dog", steps=2, n_tokens=2, batch=2))
     assert len(seen) == 4  # 2 steps × (photo batch + preservation clip)
@@ -88,7 +75,7 @@ def test_trainable_weights_are_float32_under_autocast(dtype, small_clips, monkey
 def test_float32_models_train_without_autocast_or_scaler(small_clips):
     preset = load_model_preset("tiny")
     pipe = load_pipeline(preset, "cpu")
-    r = tune.train(pipe, preset, *_photos(), "rex", tune.TuneSettings(method="lora", class_word="dog", steps=1))
+    r = tune.train(pipe, preset, *red_photos(), "rex", tune.TuneSettings(method="lora", class_word="dog", steps=1))
     assert r.precision["weights"] == "float32" and not r.precision["autocast"] and not r.precision["grad_scaler"]
 
 
@@ -180,7 +167,7 @@ def test_a_plain_render_after_training_is_identical_to_one_before(small_clips):
     shot = shotlib.from_container({"model": "tiny", "prompt": "a dog on grass", "seed": 3, "frames": 2,
                                    "width": 64, "height": 64, "steps": 2})
     before = engine.render(shot, manager)
-    tune.add_subject("precise", *_photos(), "tiny", tune.TuneSettings(method="both", steps=1, n_tokens=1),
+    tune.add_subject("precise", *red_photos(), "tiny", tune.TuneSettings(method="both", steps=1, n_tokens=1),
                      manager=manager, overwrite=True)
     after = engine.render(shot, manager)
     assert after.info["pipeline_loads"] == before.info["pipeline_loads"]  # the same cached pipeline
