@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from studio import refine, shot as shotlib
-from studio.controls import compose, noise_prior
+from studio.controls import compose, noise_prior, noise_warp
 from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
 from studio.presets import ModelPreset, load_model_preset
@@ -54,6 +54,7 @@ class RenderResult:
     preset: ModelPreset
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     info: dict = field(default_factory=dict)  # device, dtype, pipeline class, latent shape
+    measures: dict = field(default_factory=dict)  # what the controls achieved (studio.measures; sidecar `measures`)
 
     def sidecar(self) -> dict:
         """Everything needed to reproduce this video."""
@@ -69,6 +70,7 @@ class RenderResult:
             "render": self.info,
             "timings": self.timings,
             "versions": package_versions(),
+            "measures": self.measures,
         }
 
 
@@ -116,7 +118,8 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     scale = pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, shot.frames, shot.height // scale, shot.width // scale)  # (B, C, F, h, w)
     generator = torch.Generator("cpu").manual_seed(shot.seed)
-    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator).to(pipe.device, unet.dtype)
+    latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator)
+    latents = noise_warp.for_shot(shot, preset.family, pipe.scheduler, latents, generator).to(pipe.device, unet.dtype)
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
     controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
@@ -166,11 +169,27 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
         frames = refined.frames
         info["refine"] = refined.info
         timings["refine"] = time.perf_counter() - t3
+    measured = _measure(frames, shot, preset, ctx.boxes, timings)
     timings["total"] = time.perf_counter() - t0
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
-    return RenderResult(frames, shot, preset, timings, info)
+    return RenderResult(frames, shot, preset, timings, info, measured)
+
+
+def _measure(frames: np.ndarray, shot: shotlib.Shot, preset: ModelPreset, boxes: dict, timings: dict) -> dict:
+    """The render's per-control measures (studio.measures), the boxes where the controls left them; a measure that
+    fails is logged and recorded as not measured, never a lost render."""
+    from studio import measures
+
+    t = time.perf_counter()
+    try:
+        out = measures.measure(frames, shot, preset, {k: b.cpu().numpy() for k, b in boxes.items()})
+    except Exception as e:  # noqa: BLE001 - the render itself succeeded
+        logger.exception("measuring the render failed")
+        out = {"status": "not measured", "reason": f"the measure failed: {type(e).__name__}"}
+    timings["measure"] = time.perf_counter() - t
+    return out
 
 
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):

@@ -42,6 +42,10 @@ class Camera:
     # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
     start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
     shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
+    # Share β of the initial noise's variance that follows the camera path (studio/controls/noise_warp.py):
+    # eps'_k = sqrt(1 - β)·eps_k + sqrt(β)·(one noise canvas seen through frame k's camera window).
+    noise_warp: float = 0.0
+    fill: str = "row"  # the strip a shift vacates: row (MotionBooth: same-row tokens outside the boxes) | fresh
 
 
 @dataclass
@@ -161,6 +165,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_UNCONDITIONAL = ("blank", "plain")  # see ReferenceControl.unconditional
 BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
+CAMERA_FILLS = ("row", "fresh")  # see Camera.fill
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
@@ -468,9 +473,22 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("noise_prior.gamma", g, "must be in [0, 1): gamma = 1 would repeat one noise frame")
     for name in ("cx", "cy"):
         v = getattr(shot.camera, name)
-        if not -1.0 <= v <= 1.0:
-            raise ShotError(f"camera.{name}", v, "must be in -1..1 (fraction of the frame travelled over the clip)")
+        if not -1.0 <= v <= 1.0:  # the fraction of the frame travelled over the clip
+            raise ShotError(f"camera.{name}", v, f"the camera would travel more than the frame over the clip, so "
+                            f"the clip would leave the first frame's view entirely; the largest valid value is "
+                            f"{1.0 if v > 0 else -1.0}")
     c = shot.camera
+    if c.fill not in CAMERA_FILLS:
+        raise ShotError("camera.fill", c.fill, f"must be one of {', '.join(CAMERA_FILLS)}")
+    if not 0.0 <= c.noise_warp <= 1.0:
+        raise ShotError("camera.noise_warp", c.noise_warp, "must be in 0..1 (share of the initial noise that "
+                        "follows the camera path)")
+    if c.noise_warp and (c.cx or c.cy):
+        from studio.controls.noise_warp import unsupported
+
+        why = unsupported(preset.family, preset.scheduler_class)  # the model's own scheduler is checked at render
+        if why:
+            raise ShotError("camera.noise_warp", c.noise_warp, why)
     if c.start_step is not None and not 0 <= c.start_step < shot.steps:
         raise ShotError("camera.start_step", c.start_step, f"must be in 0..{shot.steps - 1} (steps - 1)")
     if c.shift_steps is not None and not 1 <= c.shift_steps <= shot.steps - (c.start_step or 0):

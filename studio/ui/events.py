@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import engine, shot as shotlib
+from studio import engine, measures, shot as shotlib
 from studio.pipelines import ModelLoadError, studio_home
 
 logger = logging.getLogger(__name__)
@@ -310,14 +310,17 @@ def render_event(shot_yaml: str, progress=None, manager=None, cancel: threading.
 
 
 def _status(r) -> str:
-    """One line on a finished render: size, model, seed, and where the time went."""
+    """One line on a finished render: size, model, seed, and where the time went; then one warning line when a control
+    did not take (studio.measures.warnings: a pan below half the request, a subject mostly outside its box)."""
     t, s = r.timings, r.shot
     line = (f"{s.frames} frames {s.width}×{s.height} on {r.preset.name}, seed {s.seed}: {t['total']:.2f} s "
             f"(set-up {t['load'] + t.get('prepare', 0.0):.2f} s, denoising {t.get('denoise', 0.0):.2f} s")
     if "refine" in t:
         h, w = r.frames.shape[1:3]
         line += f", refining {t['refine']:.2f} s to {w}×{h}"
-    return line + ")"
+    line += ")"
+    missed = measures.warnings(r.measures)
+    return line + (f"\n\n**Warning:** {'; '.join(missed)}." if missed else "")
 
 
 def history_rows(history: list[dict]) -> list[list]:

@@ -1,0 +1,170 @@
+"""Initial noise warped along the camera path (noise warping after Go-with-the-Flow, for a pan: a rigid shift).
+
+A panning camera sees one static world through a moving window. The warp gives the initial noise the same
+structure: one noise canvas N (B, C, h + |Δy|, w + |Δx|), drawn from the shot's generator, covers everything the
+camera sees over the clip, and latent frame k sees its h×w window at the camera's offset o_k (whole latent pixels).
+Mixed with the noise prior's own draw ε (γ keeps its meaning there):
+
+    ε'_k = sqrt(1 − β)·ε_k + sqrt(β)·N[o_k]        β = camera.noise_warp in [0, 1]
+
+Each term is unit-variance Gaussian and they are independent, so ε' is too; β = 0 leaves ε untouched (and draws
+nothing), β = 1 makes every frame's noise the previous frame's shifted by the camera's motion, with the strip it
+reveals drawn fresh (the part of N no earlier frame saw).
+
+Family-agnostic: the offsets are the video frames' camera offsets carried to latent frames through a frame map
+(for each latent frame, the video frames it covers; its offset is their mean). UNet families (AnimateDiff,
+Zeroscope) have one latent frame per video frame (`identity_map`); a causal video VAE that folds 4 frames into a
+latent frame after the first (Wan: latent frame k covers video frames 4k−3..4k) is `grouped_map(frames, 4)`.
+
+Shapes: B videos, C latent channels, F video frames, K latent frames, h×w latent size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+FrameMap = Sequence[Sequence[int]]  # for each latent frame k, the video frames it covers
+
+
+def identity_map(frames: int) -> list[list[int]]:
+    """One latent frame per video frame (the UNet families)."""
+    return [[f] for f in range(frames)]
+
+
+def grouped_map(frames: int, group: int) -> list[list[int]]:
+    """A causal video VAE's map: latent frame 0 covers video frame 0, each later one the next `group` frames
+    (Wan, group 4: latent frame k covers video frames 4k−3..4k). frames must be 1 + a multiple of group."""
+    if group < 1 or frames < 1 or (frames - 1) % group:
+        raise ValueError(f"{frames} frames do not fold into latent frames of {group} (need 1 + a multiple of it)")
+    return [[0]] + [list(range(1 + group * (k - 1), 1 + group * k)) for k in range(1, 1 + (frames - 1) // group)]
+
+
+# The frame map of each model family whose latent frames the warp knows; a family not here cannot be warped.
+FRAME_MAPS = {"animatediff": identity_map, "zeroscope": identity_map}
+
+# The schedulers whose noise level per step the warp knows (`noise_level`): single-step ones whose next step depends
+# on the current latents only. Others are refused: ancestral / SDE samplers add fresh, unwarped noise every step,
+# and multistep ones (PNDM, DPM-Solver++, UniPC, ...) keep a history of unshifted model outputs.
+NOISE_LEVELS = {"DDIMScheduler": "alphas", "EulerDiscreteScheduler": "sigmas", "FlowMatchEulerDiscreteScheduler": "sigmas"}
+
+
+def unsupported(family: str, scheduler) -> str | None:
+    """Why the warp cannot run on this family and scheduler (an instance, a class name, or None: the model's own,
+    not known yet), or None if it can."""
+    name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
+    shown = name or "(the model's own)"
+    if family not in FRAME_MAPS:
+        return (f"the noise warp does not support family '{family}' (scheduler {shown}): it does not know how its "
+                f"video frames map to latent frames")
+    if name is not None and name not in NOISE_LEVELS:
+        return (f"the noise warp does not support scheduler {shown} (family '{family}'): it needs a single-step "
+                f"scheduler whose noise level it knows ({', '.join(NOISE_LEVELS)})")
+    return None
+
+
+def noise_level(scheduler) -> Callable[[int], float]:
+    """i -> the share s of the (unit) initial noise in the latents that step i + 1 takes in, after step i (i = −1:
+    the initial noise itself, s = 1): sqrt(1 − ᾱ_t) on DDPM-type schedules (x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε),
+    σ on sigma schedules (Euler: x = x0 + σ·ε; flow matching: x = (1 − σ)·x0 + σ·ε). Read from the scheduler at
+    call time (the pipeline sets its timesteps when it starts)."""
+    kind = NOISE_LEVELS.get(type(scheduler).__name__)
+    if kind is None:
+        raise ValueError(f"no noise level for scheduler {type(scheduler).__name__}")
+
+    def level(i: int) -> float:
+        if i < 0:
+            return 1.0
+        if kind == "sigmas":
+            return float(scheduler.sigmas[i + 1]) if i + 1 < len(scheduler.sigmas) else 0.0
+        ts = scheduler.timesteps
+        if i + 1 >= len(ts):
+            return 0.0
+        return float((1.0 - scheduler.alphas_cumprod[int(ts[i + 1])]) ** 0.5)
+
+    return level
+
+
+def latent_offsets(video_offsets: torch.Tensor, frame_map: FrameMap) -> torch.Tensor:
+    """(K, 2) camera offset of each latent frame: the mean of its video frames' (F, 2) offsets."""
+    rows = []
+    for k, covered in enumerate(frame_map):
+        if not covered or min(covered) < 0 or max(covered) >= len(video_offsets):
+            raise ValueError(f"latent frame {k} covers video frames {list(covered)}, not in 0..{len(video_offsets) - 1}")
+        rows.append(video_offsets[list(covered)].mean(0))
+    return torch.stack(rows) if rows else video_offsets[:0]
+
+
+def whole_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """(K, 2) long: offsets rounded to whole latent pixels (half away from zero, so ±0.5 move alike)."""
+    return (offsets.abs() + 0.5).floor().copysign(offsets).long()
+
+
+def canvas_windows(shape: tuple[int, ...], offsets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, C, K, h, w) unit Gaussian noise: windows of one canvas drawn from generator, latent frame k's window at
+    whole-pixel offset offsets[k] = (x, y) (> 0: the camera went right / down, so the content moves left / up)."""
+    B, C, K, h, w = shape
+    if offsets.shape != (K, 2):
+        raise ValueError(f"need one (x, y) offset per latent frame: {K} frames, got offsets {tuple(offsets.shape)}")
+    lo = offsets.amin(0)  # (2,) the canvas's origin in the frames' coordinates
+    span = offsets.amax(0) - lo  # (2,)
+    canvas = torch.randn((B, C, h + int(span[1]), w + int(span[0])), generator=generator,
+                         device=generator.device, dtype=torch.float32)  # (B, C, h + |Δy|, w + |Δx|)
+    out = torch.empty((B, C, K, h, w), dtype=torch.float32, device=canvas.device)
+    for k in range(K):
+        x, y = (int(v) for v in offsets[k] - lo)
+        out[:, :, k] = canvas[:, :, y:y + h, x:x + w]
+    return out
+
+
+def low_pass(x: torch.Tensor, cycles: float) -> torch.Tensor:
+    """The orthogonal projection of x (..., h, w) onto spatial frequencies of at most `cycles` cycles per frame on
+    both axes (an ideal low-pass by FFT; `x - low_pass(x)` is the rest). For white noise the two parts are
+    independent and their variances add up to the noise's."""
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h, d=1.0 / h).abs()  # (h,) cycles per frame
+    fx = torch.fft.rfftfreq(w, d=1.0 / w)  # (w // 2 + 1,)
+    keep = ((fy[:, None] <= cycles) & (fx[None, :] <= cycles)).to(x.device)  # (h, w // 2 + 1)
+    return torch.fft.irfft2(torch.fft.rfft2(x.float()) * keep, s=(h, w)).to(x.dtype)
+
+
+def warp(noise: torch.Tensor, video_offsets: torch.Tensor, beta: float, generator: torch.Generator,
+         frame_map: FrameMap | None = None, fresh_below: float | None = None) -> torch.Tensor:
+    """ε' = sqrt(1 − β)·ε + sqrt(β)·N[o_k] (module docstring) for noise ε (B, C, K, h, w) and the video frames'
+    camera offsets (F, 2) in latent pixels (studio.controls.camera.frame_targets); frame_map defaults to one
+    latent frame per video frame. β = 0 returns noise itself and draws nothing."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"noise warp must be in 0..1, got {beta!r}")
+    if beta == 0.0:
+        return noise
+    K = noise.shape[2]
+    frame_map = identity_map(len(video_offsets)) if frame_map is None else frame_map
+    if len(frame_map) != K:
+        raise ValueError(f"the frame map has {len(frame_map)} latent frames, the noise {K}")
+    offsets = whole_offsets(latent_offsets(video_offsets.to(torch.float64), frame_map))
+    fresh = canvas_windows(tuple(noise.shape), offsets, generator).to(noise.device)
+    if fresh_below is not None:  # the canvas's lowest frequencies replaced by each frame's own
+        own = torch.randn(tuple(noise.shape), generator=generator, device=generator.device,
+                          dtype=torch.float32).to(noise.device)
+        fresh = fresh - low_pass(fresh, fresh_below) + low_pass(own, fresh_below)
+    out = (1.0 - beta) ** 0.5 * noise.float() + beta ** 0.5 * fresh
+    return out.to(noise.dtype)
+
+
+def for_shot(shot, family: str, scheduler, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The shot's initial noise (B, C, K, h, w) warped along its pan by camera.noise_warp (unchanged when there is
+    no pan or no warp). ShotError naming camera.noise_warp on a family or scheduler the warp cannot support."""
+    from studio import shot as shotlib
+    from studio.controls.camera import frame_targets
+
+    c = shot.camera
+    beta = float(c.noise_warp or 0.0)
+    if beta == 0.0 or not (c.cx or c.cy):
+        return noise
+    why = unsupported(family, scheduler)
+    if why:
+        raise shotlib.ShotError("camera.noise_warp", c.noise_warp, why)
+    _, _, _, h, w = noise.shape
+    video = frame_targets(shot.frames, c.cx, c.cy, h, w)  # (F, 2) camera offsets in latent pixels
+    return warp(noise, video, beta, generator, FRAME_MAPS[family](shot.frames))
