@@ -174,7 +174,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
-    return RenderResult(frames, shot, preset, timings, info, measured)
+    return RenderResult(frames, shot, preset, timings, info, measures=measured)
 
 
 def _measure(frames: np.ndarray, shot: shotlib.Shot, preset: ModelPreset, boxes: dict, timings: dict) -> dict:

@@ -42,9 +42,10 @@ class Camera:
     # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
     start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
     shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
-    # Share β of the initial noise's variance that follows the camera path (studio/controls/noise_warp.py):
-    # eps'_k = sqrt(1 - β)·eps_k + sqrt(β)·(one noise canvas seen through frame k's camera window).
+    # Share β of the initial noise's fine band that follows the camera path (studio/controls/noise_warp.py):
+    # eps'_k = L·eps_k + H·(sqrt(1 - β)·eps_k + sqrt(β)·(one noise canvas seen through frame k's camera window)).
     noise_warp: float = 0.0
+    warp_above: float = 2.0  # L keeps spatial frequencies up to this many cycles per frame each frame's own
     fill: str = "row"  # the strip a shift vacates: row (MotionBooth: same-row tokens outside the boxes) | fresh
 
 
@@ -483,6 +484,8 @@ def validate(shot: Shot, preset) -> None:
     if not 0.0 <= c.noise_warp <= 1.0:
         raise ShotError("camera.noise_warp", c.noise_warp, "must be in 0..1 (share of the initial noise that "
                         "follows the camera path)")
+    if not 0.0 <= c.warp_above <= 64.0:
+        raise ShotError("camera.warp_above", c.warp_above, "must be in 0..64 (cycles per frame)")
     if c.noise_warp and (c.cx or c.cy):
         from studio.controls.noise_warp import unsupported
 

@@ -88,6 +88,23 @@ def test_mix_keeps_unit_variance_and_the_prior_correlation_part():
         assert abs(path.item() - beta) < 0.05 and abs(fixed.item() - (1 - beta) * 0.5) < 0.05
 
 
+def test_the_low_band_stays_each_frames_own():
+    from studio.controls import noise_prior
+
+    eps = noise_prior.sample((4, 4, 8, 32, 32), 0.0, _gen(3))
+    out = noise_warp.warp(eps, frame_targets(8, 0.5, 0.0, 32, 32), 1.0, _gen(4), above=2.0)
+    low = noise_warp.low_pass(out, 2.0)
+    assert torch.allclose(low, noise_warp.low_pass(eps, 2.0), atol=1e-5)  # up to 2 cycles per frame: the prior's
+    assert abs(out.std().item() - 1.0) < 0.02
+    high = out - low  # the fine band follows the camera: frame 1 is frame 0 moved 2 columns left (2.29 -> 2)
+    path = torch.corrcoef(torch.stack([high[:, :, 1, :, 4:-6].flatten(), high[:, :, 0, :, 6:-4].flatten()]))[0, 1]
+    fixed = torch.corrcoef(torch.stack([high[:, :, 1].flatten(), high[:, :, 0].flatten()]))[0, 1]
+    assert path.item() > 0.9 and abs(fixed.item()) < 0.05, (path, fixed)
+    x = torch.randn(2000, 4, 16, 16, generator=_gen(6))  # the split is orthogonal: the variances add up
+    lo = noise_warp.low_pass(x, 1.0)
+    assert abs((lo * (x - lo)).mean().item()) < 1e-6 and abs(lo.var().item() - 9 / 256) < 0.003
+
+
 def test_unsupported_family_or_scheduler_names_both(tiny_shot):
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 

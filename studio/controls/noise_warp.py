@@ -1,14 +1,18 @@
 """Initial noise warped along the camera path (noise warping after Go-with-the-Flow, for a pan: a rigid shift).
 
 A panning camera sees one static world through a moving window. The warp gives the initial noise the same
-structure: one noise canvas N (B, C, h + |Δy|, w + |Δx|), drawn from the shot's generator, covers everything the
-camera sees over the clip, and latent frame k sees its h×w window at the camera's offset o_k (whole latent pixels).
-Mixed with the noise prior's own draw ε (γ keeps its meaning there):
+structure: one noise canvas N (B, C, h + |Δy|, w + |Δx|), drawn from the shot's generator after the noise prior's
+draw, covers everything the camera sees over the clip, and latent frame k sees its h×w window N[o_k] at the
+camera's offset o_k (whole latent pixels). Mixed into the noise prior's own draw ε (γ keeps its meaning):
 
-    ε'_k = sqrt(1 − β)·ε_k + sqrt(β)·N[o_k]        β = camera.noise_warp in [0, 1]
+    ε'_k = L·ε_k + H·(sqrt(1 − β)·ε_k + sqrt(β)·N[o_k])        β = camera.noise_warp in [0, 1]
 
-Each term is unit-variance Gaussian and they are independent, so ε' is too; β = 0 leaves ε untouched (and draws
-nothing), β = 1 makes every frame's noise the previous frame's shifted by the camera's motion, with the strip it
+L keeps the spatial frequencies of at most a = camera.warp_above cycles per frame on both axes (an ideal low-pass
+by FFT), H = I − L the rest. The low band stays each frame's own: noise shared by all frames at the scale of a
+subject or of the whole frame is read by the model as content (extra subjects, a sand background turned blue on the
+toy-world model), while the fine band carries the texture that shows the camera moving. For white ε the terms are
+independent with complementary spectra, so ε' is unit white noise again. β = 0 leaves ε untouched (and draws
+nothing); β = 1 gives every frame the previous frame's fine noise shifted by the camera's motion, the strip it
 reveals drawn fresh (the part of N no earlier frame saw).
 
 Family-agnostic: the offsets are the video frames' camera offsets carried to latent frames through a frame map
@@ -130,10 +134,11 @@ def low_pass(x: torch.Tensor, cycles: float) -> torch.Tensor:
 
 
 def warp(noise: torch.Tensor, video_offsets: torch.Tensor, beta: float, generator: torch.Generator,
-         frame_map: FrameMap | None = None, fresh_below: float | None = None) -> torch.Tensor:
-    """ε' = sqrt(1 − β)·ε + sqrt(β)·N[o_k] (module docstring) for noise ε (B, C, K, h, w) and the video frames'
-    camera offsets (F, 2) in latent pixels (studio.controls.camera.frame_targets); frame_map defaults to one
-    latent frame per video frame. β = 0 returns noise itself and draws nothing."""
+         frame_map: FrameMap | None = None, above: float | None = None) -> torch.Tensor:
+    """ε' = L·ε + H·(sqrt(1 − β)·ε + sqrt(β)·N[o_k]) (module docstring) for noise ε (B, C, K, h, w) and the video
+    frames' camera offsets (F, 2) in latent pixels (studio.controls.camera.frame_targets); `above` is the low band's
+    edge in cycles per frame (None: no low band, every frequency warped); frame_map defaults to one latent frame per
+    video frame. β = 0 returns noise itself and draws nothing."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"noise warp must be in 0..1, got {beta!r}")
     if beta == 0.0:
@@ -143,13 +148,12 @@ def warp(noise: torch.Tensor, video_offsets: torch.Tensor, beta: float, generato
     if len(frame_map) != K:
         raise ValueError(f"the frame map has {len(frame_map)} latent frames, the noise {K}")
     offsets = whole_offsets(latent_offsets(video_offsets.to(torch.float64), frame_map))
-    fresh = canvas_windows(tuple(noise.shape), offsets, generator).to(noise.device)
-    if fresh_below is not None:  # the canvas's lowest frequencies replaced by each frame's own
-        own = torch.randn(tuple(noise.shape), generator=generator, device=generator.device,
-                          dtype=torch.float32).to(noise.device)
-        fresh = fresh - low_pass(fresh, fresh_below) + low_pass(own, fresh_below)
-    out = (1.0 - beta) ** 0.5 * noise.float() + beta ** 0.5 * fresh
-    return out.to(noise.dtype)
+    eps = noise.float()
+    carried = canvas_windows(tuple(noise.shape), offsets, generator).to(noise.device)  # (B, C, K, h, w)
+    mixed = (1.0 - beta) ** 0.5 * eps + beta ** 0.5 * carried
+    if above is not None:  # the low band stays ε's own
+        mixed = mixed - low_pass(mixed, above) + low_pass(eps, above)
+    return mixed.to(noise.dtype)
 
 
 def for_shot(shot, family: str, scheduler, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -167,4 +171,4 @@ def for_shot(shot, family: str, scheduler, noise: torch.Tensor, generator: torch
         raise shotlib.ShotError("camera.noise_warp", c.noise_warp, why)
     _, _, _, h, w = noise.shape
     video = frame_targets(shot.frames, c.cx, c.cy, h, w)  # (F, 2) camera offsets in latent pixels
-    return warp(noise, video, beta, generator, FRAME_MAPS[family](shot.frames))
+    return warp(noise, video, beta, generator, FRAME_MAPS[family](shot.frames), c.warp_above)
