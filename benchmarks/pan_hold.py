@@ -5,7 +5,8 @@
 
 The main set is 4 prompts on textured backgrounds (grass, sand: the per-render pan measure needs texture; sky has
 little) × 4 directions (cx or cy = ±0.5) × `--seeds` seeds (default 4: 64 renders); `--set holdout` is 8 other
-pans (2 prompts × 4 directions, one seed each) kept aside from the tuning. Every (prompt, seed) is also rendered
+pans (2 prompts × 4 directions; one seed per prompt and axis) kept aside from the tuning (the per-render test in
+tests/test_controls_semantic.py renders the same 8). Every (prompt, seed) is also rendered
 without a pan, for the blob count. Each configuration (`--config name=camera.noise_warp=0.6,camera.start_step=2`;
 shot-field overrides as `studio render --set` takes them) renders the whole set. Per configuration it prints:
 
@@ -15,6 +16,8 @@ shot-field overrides as `studio render --set` takes them) renders the whole set.
 - ratio: mean of that per-render ratio (1 = as asked);
 - frame ratio / took: the same measured on the whole frame, subjects included (closer to what a glance sees
   when the background has little texture, and to the numbers issue 22 quotes);
+- subject: the subject's own centroid motion along the request (as a share of it), panned minus unpanned, mean
+  over renders: whether the subject travels with the world;
 - blobs: mean per frame of connected regions of the prompt's subject colour, panned vs the same shot without pan,
   and the share of renders with more regions in some frame than the unpanned render has in any;
 - right background: share of frames whose median colour is the prompt's background (a warp too strong turns sand
@@ -49,7 +52,7 @@ def jobs(which: str, seeds: int) -> list[dict]:
     if which == "main":
         return [{"prompt": p, "seed": s, "cx": cx, "cy": cy} for p in MAIN_PROMPTS for s in range(seeds)
                 for cx, cy in DIRECTIONS]
-    return [{"prompt": p, "seed": 100 + 10 * i + d, "cx": cx, "cy": cy} for i, p in enumerate(HOLDOUT_PROMPTS)
+    return [{"prompt": p, "seed": 100 + 10 * i + d // 2, "cx": cx, "cy": cy} for i, p in enumerate(HOLDOUT_PROMPTS)
             for d, (cx, cy) in enumerate(DIRECTIONS)]
 
 
@@ -75,6 +78,18 @@ def render(manager, job: dict, overrides: dict, pan: bool = True) -> tuple:
     return r.frames, r.shot, t["total"] - t["measure"], r.measures, t["measure"]
 
 
+def subject_velocity(frames: np.ndarray, colour: str) -> np.ndarray:
+    """(2,) px/frame: the subject's centroid (found by its toy-world colour) from the first to the last frame it is
+    seen in (zero when seen in fewer than 2 frames)."""
+    from studio.toyworld import evaluate
+
+    track = evaluate.subject_track(frames, colour)  # (F, 2), NaN where not found
+    seen = np.nonzero(~np.isnan(track).any(1))[0]
+    if len(seen) < 2:
+        return np.zeros(2)
+    return (track[seen[-1]] - track[seen[0]]) / (seen[-1] - seen[0])
+
+
 def score(frames: np.ndarray, plain: np.ndarray, job: dict) -> dict:
     from studio import measures
     from studio.metrics import subject_colour
@@ -89,6 +104,8 @@ def score(frames: np.ndarray, plain: np.ndarray, job: dict) -> dict:
     blobs, blobs0 = measures.blobs(frames, colour), measures.blobs(plain, colour)
     background = job["prompt"].split()[-1]
     return {"background": float(np.mean([evaluate.classify_background(f[None]) == background for f in frames])),
+            "subject_ratio": measures.pan_ratio(subject_velocity(frames, colour), want),
+            "subject_ratio_plain": measures.pan_ratio(subject_velocity(plain, colour), want),
             "ratio": measures.pan_ratio(bg, want), "frame_ratio": measures.pan_ratio(whole, want),
             "achieved": bg.round(3).tolist(), "requested": want.round(3).tolist(),
             "blobs": float(blobs.mean()), "blobs_plain": float(blobs0.mean()),
@@ -104,16 +121,17 @@ def summarise(rows: list[dict]) -> dict:
             "blobs_plain": float(np.mean([x["blobs_plain"] for x in rows])),
             "more_blobs": float(np.mean([x["more_blobs"] for x in rows])),
             "background": float(np.mean([x["background"] for x in rows])),
+            "subject": float(np.mean([x["subject_ratio"] - x["subject_ratio_plain"] for x in rows])),
             "measure_cost": float(statistics.median(x["measure_s"] / x["render_s"] for x in rows))}
 
 
 def table(results: dict) -> str:
     lines = ["| configuration | renders | took (>= half) | right way | mean ratio | min ratio | frame: took / ratio "
-             "| blobs/frame (no pan) | renders with more blobs | right background | measure cost |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| subject | blobs/frame (no pan) | renders with more blobs | right background | measure cost |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
         lines.append(f"| {name} | {s['n']} | {s['took']:.0%} | {s['right_way']:.0%} | {s['ratio']:.2f} | "
-                     f"{s['ratio_min']:.2f} | {s['frame_took']:.0%} / {s['frame_ratio']:.2f} | {s['blobs']:.2f} "
+                     f"{s['ratio_min']:.2f} | {s['frame_took']:.0%} / {s['frame_ratio']:.2f} | {s['subject']:.2f} | {s['blobs']:.2f} "
                      f"({s['blobs_plain']:.2f}) | {s['more_blobs']:.0%} | {s['background']:.0%} | {s['measure_cost']:.1%} |")
     return "\n".join(lines)
 

@@ -36,27 +36,20 @@ def test_whole_offsets_round_half_away_from_zero():
     assert got.tolist() == [[1, -1], [1, -3], [0, 0]]
 
 
-@pytest.mark.parametrize("dx, dy", [(2, 0), (-3, 0), (0, 2), (1, -1)])
-def test_canvas_windows_are_shifted_copies_with_fresh_strips(dx, dy):
-    offsets = torch.tensor([[0, 0], [dx, dy], [2 * dx, 2 * dy]])
-    n = noise_warp.canvas_windows((1, 2, 3, 6, 8), offsets, _gen())  # (B, C, K, h, w)
+@pytest.mark.parametrize("dx, dy", [(2, 0), (-3, 0), (0, 2), (1, -1), (9, 0)])
+def test_shift_fresh_moves_content_and_reveals_fresh_noise(dx, dy):
+    x = torch.randn(1, 2, 6, 8, generator=_gen(1))
+    out = noise_warp.shift_fresh(x, dx, dy, _gen(2))
     h, w = 6, 8
-    for k in (1, 2):
-        sx, sy = k * dx, k * dy  # frame k sees the canvas sx, sy further: its pixel (y, x) is frame 0's (y+sy, x+sx)
-        a = n[:, :, k, max(0, -sy):h - max(0, sy), max(0, -sx):w - max(0, sx)]
-        b = n[:, :, 0, max(0, sy):h + min(0, sy), max(0, sx):w + min(0, sx)]
-        assert torch.equal(a, b)
-    # the strip frame 2 reveals is nowhere in frame 0
-    if dx > 0:
-        strip = n[:, :, 2, :, w - 2 * dx:]
-    elif dx < 0:
-        strip = n[:, :, 2, :, :-2 * dx]
-    else:
-        strip = n[:, :, 2, h - 2 * dy:] if dy > 0 else n[:, :, 2, :-2 * dy]
-    assert not torch.isin(strip.flatten(), n[:, :, 0].flatten()).any()
+    revealed = torch.ones(h, w, dtype=torch.bool)
+    if abs(dx) < w:  # camera right: content moves left
+        kept = out[:, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+        assert torch.equal(kept, x[:, :, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)])
+        revealed[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = False
+    assert revealed.any() and not torch.isin(out[:, :, revealed], x).any()  # the strip is new noise
 
 
-def test_beta_zero_changes_nothing_and_draws_nothing():
+def test_rho_zero_changes_nothing_and_draws_nothing():
     noise = torch.randn(1, 4, 8, 6, 6, generator=_gen(1))
     g = _gen(5)
     state = g.get_state()
@@ -73,33 +66,35 @@ def test_full_warp_moves_frames_with_the_camera():
         assert torch.equal(out[:, :, f, :, :16 - d], out[:, :, 0, :, d:])
 
 
-def test_mix_keeps_unit_variance_and_the_prior_correlation_part():
+def test_along_the_path_frames_correlate_as_rho_to_the_distance():
     from studio.controls import noise_prior
 
-    shape = (4, 4, 8, 32, 32)
-    eps = noise_prior.sample(shape, 0.5, _gen(3))
-    for beta in (0.3, 0.7):
-        out = noise_warp.warp(eps, frame_targets(8, 0.0, 0.5, 32, 32), beta, _gen(4))
+    eps = noise_prior.sample((4, 4, 8, 32, 32), 0.0, _gen(3))
+    for rho in (0.5, 0.9):
+        out = noise_warp.warp(eps, frame_targets(8, 0.0, 0.5, 32, 32), rho, _gen(4))  # frame f: round(16f/7) rows
         assert abs(out.std().item() - 1.0) < 0.02
-        # along the camera path (frame 1 is frame 0 moved up by 2 rows) correlation beta + (1 - beta)·0 (the prior's
-        # part is at fixed positions, its path correlation near 0); at fixed positions, (1 - beta)·gamma + ~0
-        path = torch.corrcoef(torch.stack([out[:, :, 1, :-2].flatten(), out[:, :, 0, 2:].flatten()]))[0, 1]
-        fixed = torch.corrcoef(torch.stack([out[:, :, 1].flatten(), out[:, :, 0].flatten()]))[0, 1]
-        assert abs(path.item() - beta) < 0.05 and abs(fixed.item() - (1 - beta) * 0.5) < 0.05
+
+        def corr(a, b):
+            return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+        # frame 1 is frame 0 moved up 2 rows; frame 2 moved 5 (16·2/7 = 4.6 -> 5); at fixed pixels no correlation
+        assert abs(corr(out[:, :, 1, :-2], out[:, :, 0, 2:]) - rho) < 0.05
+        assert abs(corr(out[:, :, 2, :-5], out[:, :, 0, 5:]) - rho ** 2) < 0.05
+        assert abs(corr(out[:, :, 1], out[:, :, 0])) < 0.05
 
 
 def test_the_low_band_stays_each_frames_own():
     from studio.controls import noise_prior
 
     eps = noise_prior.sample((4, 4, 8, 32, 32), 0.0, _gen(3))
-    out = noise_warp.warp(eps, frame_targets(8, 0.5, 0.0, 32, 32), 1.0, _gen(4), above=2.0)
+    out = noise_warp.warp(eps, frame_targets(8, 0.5, 0.0, 32, 32), 0.9, _gen(4), above=2.0)
     low = noise_warp.low_pass(out, 2.0)
     assert torch.allclose(low, noise_warp.low_pass(eps, 2.0), atol=1e-5)  # up to 2 cycles per frame: the prior's
     assert abs(out.std().item() - 1.0) < 0.02
     high = out - low  # the fine band follows the camera: frame 1 is frame 0 moved 2 columns left (2.29 -> 2)
     path = torch.corrcoef(torch.stack([high[:, :, 1, :, 4:-6].flatten(), high[:, :, 0, :, 6:-4].flatten()]))[0, 1]
     fixed = torch.corrcoef(torch.stack([high[:, :, 1].flatten(), high[:, :, 0].flatten()]))[0, 1]
-    assert path.item() > 0.9 and abs(fixed.item()) < 0.05, (path, fixed)
+    assert path.item() > 0.85 and abs(fixed.item()) < 0.05, (path, fixed)
     x = torch.randn(2000, 4, 16, 16, generator=_gen(6))  # the split is orthogonal: the variances add up
     lo = noise_warp.low_pass(x, 1.0)
     assert abs((lo * (x - lo)).mean().item()) < 1e-6 and abs(lo.var().item() - 9 / 256) < 0.003

@@ -1,19 +1,21 @@
 """Initial noise warped along the camera path (noise warping after Go-with-the-Flow, for a pan: a rigid shift).
 
-A panning camera sees one static world through a moving window. The warp gives the initial noise the same
-structure: one noise canvas N (B, C, h + |Δy|, w + |Δx|), drawn from the shot's generator after the noise prior's
-draw, covers everything the camera sees over the clip, and latent frame k sees its h×w window N[o_k] at the
-camera's offset o_k (whole latent pixels). Mixed into the noise prior's own draw ε (γ keeps its meaning):
+A panning camera sees one static world through a moving window, so what frame k sees is mostly what frame k − 1 saw,
+moved by the camera's step. The warp gives the initial noise that structure. From the noise prior's own draw ε (γ
+keeps its meaning there), the warped noise n follows the camera path as an AR(1) process:
 
-    ε'_k = L·ε_k + H·(sqrt(1 − β)·ε_k + sqrt(β)·N[o_k])        β = camera.noise_warp in [0, 1]
+    n_0 = ε_0,    n_k = ρ·S_k(n_{k−1}) + sqrt(1 − ρ²)·ε_k        ρ = camera.noise_warp in [0, 1]
+    ε'_k = L·ε_k + H·n_k
 
+S_k moves a frame by the camera's step between latent frames k − 1 and k (whole latent pixels, the content moving
+against the camera) and fills the strip it reveals with fresh noise from the shot's generator. So along the camera
+path the noise of frames k and j correlates as ρ^|k−j|: γ's law, along the path instead of at fixed pixels.
 L keeps the spatial frequencies of at most a = camera.warp_above cycles per frame on both axes (an ideal low-pass
-by FFT), H = I − L the rest. The low band stays each frame's own: noise shared by all frames at the scale of a
-subject or of the whole frame is read by the model as content (extra subjects, a sand background turned blue on the
-toy-world model), while the fine band carries the texture that shows the camera moving. For white ε the terms are
-independent with complementary spectra, so ε' is unit white noise again. β = 0 leaves ε untouched (and draws
-nothing); β = 1 gives every frame the previous frame's fine noise shifted by the camera's motion, the strip it
-reveals drawn fresh (the part of N no earlier frame saw).
+by FFT), H = I − L the rest: the low band stays each frame's own noise, because noise shared across frames at the
+scale of a subject or of the frame is read by the model as content (extra subjects, a sand background turned blue on
+the toy-world model), while the fine band carries the texture that shows the camera moving. For white ε, n and ε'
+are unit white noise again. ρ = 0 leaves ε untouched (and draws nothing); ρ = 1 makes each frame's fine noise the
+previous frame's, moved by the camera.
 
 Family-agnostic: the offsets are the video frames' camera offsets carried to latent frames through a frame map
 (for each latent frame, the video frames it covers; its offset is their mean). UNet families (AnimateDiff,
@@ -105,20 +107,15 @@ def whole_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return (offsets.abs() + 0.5).floor().copysign(offsets).long()
 
 
-def canvas_windows(shape: tuple[int, ...], offsets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, C, K, h, w) unit Gaussian noise: windows of one canvas drawn from generator, latent frame k's window at
-    whole-pixel offset offsets[k] = (x, y) (> 0: the camera went right / down, so the content moves left / up)."""
-    B, C, K, h, w = shape
-    if offsets.shape != (K, 2):
-        raise ValueError(f"need one (x, y) offset per latent frame: {K} frames, got offsets {tuple(offsets.shape)}")
-    lo = offsets.amin(0)  # (2,) the canvas's origin in the frames' coordinates
-    span = offsets.amax(0) - lo  # (2,)
-    canvas = torch.randn((B, C, h + int(span[1]), w + int(span[0])), generator=generator,
-                         device=generator.device, dtype=torch.float32)  # (B, C, h + |Δy|, w + |Δx|)
-    out = torch.empty((B, C, K, h, w), dtype=torch.float32, device=canvas.device)
-    for k in range(K):
-        x, y = (int(v) for v in offsets[k] - lo)
-        out[:, :, k] = canvas[:, :, y:y + h, x:x + w]
+def shift_fresh(x: torch.Tensor, dx: int, dy: int, generator: torch.Generator) -> torch.Tensor:
+    """x (B, C, h, w) with its content moved dx pixels left (right if dx < 0) and dy up (down if dy < 0): the camera
+    moved right / down by (dx, dy). The strip it reveals is fresh unit noise from generator (one full-size draw)."""
+    B, C, h, w = x.shape
+    out = torch.randn((B, C, h, w), generator=generator, device=generator.device, dtype=torch.float32).to(x.device)
+    dx, dy = max(-w, min(w, int(dx))), max(-h, min(h, int(dy)))
+    if abs(dx) < w and abs(dy) < h:
+        out[:, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+            x[:, :, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].float()
     return out
 
 
@@ -133,27 +130,31 @@ def low_pass(x: torch.Tensor, cycles: float) -> torch.Tensor:
     return torch.fft.irfft2(torch.fft.rfft2(x.float()) * keep, s=(h, w)).to(x.dtype)
 
 
-def warp(noise: torch.Tensor, video_offsets: torch.Tensor, beta: float, generator: torch.Generator,
+def warp(noise: torch.Tensor, video_offsets: torch.Tensor, rho: float, generator: torch.Generator,
          frame_map: FrameMap | None = None, above: float | None = None) -> torch.Tensor:
-    """ε' = L·ε + H·(sqrt(1 − β)·ε + sqrt(β)·N[o_k]) (module docstring) for noise ε (B, C, K, h, w) and the video
-    frames' camera offsets (F, 2) in latent pixels (studio.controls.camera.frame_targets); `above` is the low band's
-    edge in cycles per frame (None: no low band, every frequency warped); frame_map defaults to one latent frame per
-    video frame. β = 0 returns noise itself and draws nothing."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"noise warp must be in 0..1, got {beta!r}")
-    if beta == 0.0:
+    """ε'_k = L·ε_k + H·n_k with n the AR(1) along the camera path (module docstring), for noise ε (B, C, K, h, w) and
+    the video frames' camera offsets (F, 2) in latent pixels (studio.controls.camera.frame_targets); `above` is the
+    low band's edge in cycles per frame (None: every frequency warped); frame_map defaults to one latent frame per
+    video frame. ρ = 0 returns noise itself and draws nothing."""
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"noise warp must be in 0..1, got {rho!r}")
+    if rho == 0.0:
         return noise
     K = noise.shape[2]
     frame_map = identity_map(len(video_offsets)) if frame_map is None else frame_map
     if len(frame_map) != K:
         raise ValueError(f"the frame map has {len(frame_map)} latent frames, the noise {K}")
-    offsets = whole_offsets(latent_offsets(video_offsets.to(torch.float64), frame_map))
+    offsets = whole_offsets(latent_offsets(video_offsets.to(torch.float64), frame_map))  # (K, 2)
     eps = noise.float()
-    carried = canvas_windows(tuple(noise.shape), offsets, generator).to(noise.device)  # (B, C, K, h, w)
-    mixed = (1.0 - beta) ** 0.5 * eps + beta ** 0.5 * carried
+    n = torch.empty_like(eps)  # (B, C, K, h, w)
+    n[:, :, 0] = eps[:, :, 0]
+    keep = (1.0 - rho * rho) ** 0.5
+    for k in range(1, K):
+        dx, dy = (int(v) for v in offsets[k] - offsets[k - 1])
+        n[:, :, k] = rho * shift_fresh(n[:, :, k - 1], dx, dy, generator) + keep * eps[:, :, k]
     if above is not None:  # the low band stays ε's own
-        mixed = mixed - low_pass(mixed, above) + low_pass(eps, above)
-    return mixed.to(noise.dtype)
+        n = n - low_pass(n, above) + low_pass(eps, above)
+    return n.to(noise.dtype)
 
 
 def for_shot(shot, family: str, scheduler, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -163,12 +164,12 @@ def for_shot(shot, family: str, scheduler, noise: torch.Tensor, generator: torch
     from studio.controls.camera import frame_targets
 
     c = shot.camera
-    beta = float(c.noise_warp or 0.0)
-    if beta == 0.0 or not (c.cx or c.cy):
+    rho = float(c.noise_warp or 0.0)
+    if rho == 0.0 or not (c.cx or c.cy):
         return noise
     why = unsupported(family, scheduler)
     if why:
         raise shotlib.ShotError("camera.noise_warp", c.noise_warp, why)
     _, _, _, h, w = noise.shape
     video = frame_targets(shot.frames, c.cx, c.cy, h, w)  # (F, 2) camera offsets in latent pixels
-    return warp(noise, video, beta, generator, FRAME_MAPS[family](shot.frames), c.warp_above)
+    return warp(noise, video, rho, generator, FRAME_MAPS[family](shot.frames), c.warp_above)
