@@ -215,7 +215,7 @@ def test_with_a_noise_level_the_noise_stays_and_the_content_moves():
     signal = torch.randn(1, 4, F, H, W, generator=_gen(2))
     s = 0.6
     for fill in ("row", "fresh"):
-        ctl = camera.CameraShift(0.5, 0.0, 1, 1, fill, noise_level=lambda i: 1.0 if i < 0 else s)
+        ctl = camera.CameraShift(0.5, 0.0, 1, 1, fill=fill, noise_level=lambda i: 1.0 if i < 0 else s)
         assert ctl.on_step_end(ctx, -1, eps) is None  # before step 0: keeps the initial noise, no shift yet
         out = ctl.on_step_end(ctx, 0, signal + s * eps)
         assert torch.equal(out[:, :, 0], (signal + s * eps)[:, :, 0])  # frame 0 never moves
