@@ -49,8 +49,9 @@ class Camera:
     cx: float = 0.0  # fraction of the frame width the camera travels over the clip; > 0 pans right (content moves left)
     cy: float = 0.0  # same for the height; > 0 pans down (content moves up)
     # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
-    start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
-    shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
+    # None: 20% of the steps for both (MotionBooth); with a noise warp from 10% for 30% (CAMERA_WARP_WINDOW)
+    start_step: Optional[int] = None  # first step of the shift window
+    shift_steps: Optional[int] = None  # length of the window (at least 1)
     # ρ: the initial noise's fine band follows the camera path, frames k and j correlating as ρ^|k−j| along it
     # (studio/controls/noise_warp.py): n_k = ρ·shift(n_{k−1}) + sqrt(1 − ρ²)·eps_k, eps'_k = L·eps_k + H·n_k.
     noise_warp: Optional[float] = None  # None: CAMERA_NOISE_WARP when the shot pans, else 0 (no warp)
@@ -183,6 +184,8 @@ BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
 CAMERA_FILLS = ("row", "fresh")  # see Camera.fill
 CAMERA_NOISE_WARP = 0.9  # camera.noise_warp of a pan that does not set it (benchmarks/pan_hold.py, README)
+# A warped pan's default shift window as fractions of the steps (start, length): from 10% for 30% (2..7 of 20)
+CAMERA_WARP_WINDOW = (0.1, 0.3)
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
@@ -517,11 +520,16 @@ def resolve(shot: Shot, preset) -> Shot:
     if isinstance(out.steps, int) and out.steps >= 1:  # step windows default to the methods' fractions
         if out.box_control.amplify_steps is None:
             out.box_control.amplify_steps = round(0.3 * out.steps)
-        if out.camera.start_step is None:
-            out.camera.start_step = min(out.steps - 1, round(0.2 * out.steps))
-        if out.camera.shift_steps is None:
-            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(0.2 * out.steps)))
     _resolve_camera(out.camera, preset)
+    if isinstance(out.steps, int) and out.steps >= 1:
+        # MotionBooth's window (from 20% of the steps, for 20%); a warped pan's starts earlier and lasts longer
+        # (CAMERA_WARP_WINDOW, measured with benchmarks/pan_hold.py)
+        c = out.camera
+        start, length = CAMERA_WARP_WINDOW if c.noise_warp and (c.cx or c.cy) else (0.2, 0.2)
+        if out.camera.start_step is None:
+            out.camera.start_step = min(out.steps - 1, round(start * out.steps))
+        if out.camera.shift_steps is None:
+            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(length * out.steps)))
     validate(out, preset)
     return out
 
