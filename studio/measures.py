@@ -128,13 +128,15 @@ def subject_pixels(frames: np.ndarray) -> np.ndarray:
 
 def blobs(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
     """(F,) int: per frame, the connected regions (8-connected) of a toy-world subject colour of at least
-    max(3, H·W/256) pixels: 1 for one subject, 2 when a second copy appeared, 0 when it is not drawn."""
+    max(3, H·W/64) pixels: 1 for one subject, 2 when a second copy appeared, 0 when it is not drawn. The floor
+    (16 px at 32×32; a toy subject is 80..160 px, a quarter of one still counts) leaves out the specks of a
+    textured background that classify as a subject colour (sand's grains as yellow: 1..7 px each)."""
     import cv2
 
     from studio.toyworld import evaluate
 
     m = evaluate._pixels_of(frames, colour)  # (F, H, W) bool
-    min_area = max(3, m.shape[1] * m.shape[2] // 256)
+    min_area = max(3, m.shape[1] * m.shape[2] // 64)
     out = []
     for x in m:
         n, _, stats, _ = cv2.connectedComponentsWithStats(x.astype(np.uint8), connectivity=8)

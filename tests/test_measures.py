@@ -51,6 +51,14 @@ def test_blobs_counts_copies_of_a_subject():
     frames = world.render_clip("grass", [one, two, other], seed=1).frames
     assert measures.blobs(frames, "red").tolist() == [2] * world.FRAMES
     assert measures.blobs(frames, "purple").tolist() == [0] * world.FRAMES
+    specks = frames.copy()  # texture specks of a subject's colour (a yellowish sand grain: up to 7 px) are no copy
+    specks[:, 2:4, 28:31] = frames[0, 8, 8]  # 6 px
+    specks[:, 28:30, 2:6] = frames[0, 8, 8]  # 8 px
+    assert measures.blobs(specks, "red").tolist() == [2] * world.FRAMES
+    quarter = frames.copy()  # a quarter of a subject left at the frame's edge still counts
+    quarter[:, :, 24:] = frames[:, :, 24:].copy()
+    quarter[:, :5, 27:] = frames[:, 8:13, 3:8]
+    assert measures.blobs(quarter, "red").tolist() == [3] * world.FRAMES
 
 
 def test_warnings():
