@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from studio import families, refine, shot as shotlib
-from studio.controls import compose, noise_prior
+from studio.controls import compose, noise_prior, noise_warp
 from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
 from studio.presets import ModelPreset, load_model_preset
@@ -60,6 +60,7 @@ class RenderResult:
     info: dict = field(default_factory=dict)  # device, dtype, pipeline class, latent shape
     identity: dict = field(default_factory=dict)  # weights and inputs by content hash (studio.identity)
     settings: dict = field(default_factory=dict)  # pixel-changing machine settings (studio.machine)
+    measures: dict = field(default_factory=dict)  # what the controls achieved (studio.measures; sidecar `measures`)
 
     def sidecar(self) -> dict:
         """Everything needed to reproduce this video: the shot, the model by name and by content hash, the machine
@@ -81,6 +82,7 @@ class RenderResult:
             "frames": frames_record(self.frames),
             "timings": self.timings,
             "versions": package_versions(),
+            "measures": self.measures,
         }
 
 
@@ -163,6 +165,7 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     generator = torch.Generator("cpu").manual_seed(shot.seed)
     prior = latent_prior(shot, family, family.temporal_factor(pipe))
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator, times=prior["times"])
+    latents = noise_warp.for_shot(shot, preset.family, pipe.scheduler, latents, generator)  # along the pan
     latents = latents.to(machine.execution_device(pipe), family.latent_dtype(pipe))
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
@@ -217,11 +220,12 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
         frames = refined.frames
         info["refine"] = refined.info
         timings["refine"] = time.perf_counter() - t3
+    measured = _measure(frames, shot, preset, ctx.boxes, timings)
     timings["total"] = time.perf_counter() - t0
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
-    return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe))
+    return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe), measured)
 
 
 def latent_prior(shot: shotlib.Shot, family, temporal: int) -> dict:
@@ -244,6 +248,21 @@ def render_identity(pipe, shot: shotlib.Shot, preset: ModelPreset, records: list
     return {"components": identity.of_pipeline(pipe, preset.variant),
             "subjects": {rec.name: identity.subject_identity(rec) for _, rec in records},
             "inputs": {k: identity.file_sha256(v) for k, v in input_files(shot).items()}}
+
+
+def _measure(frames: np.ndarray, shot: shotlib.Shot, preset: ModelPreset, boxes: dict, timings: dict) -> dict:
+    """The render's per-control measures (studio.measures), the boxes where the controls left them; a measure that
+    fails is logged and recorded as not measured, never a lost render."""
+    from studio import measures
+
+    t = time.perf_counter()
+    try:
+        out = measures.measure(frames, shot, preset, {k: b.cpu().numpy() for k, b in boxes.items()})
+    except Exception as e:  # noqa: BLE001 - the render itself succeeded
+        logger.exception("measuring the render failed")
+        out = {"status": "not measured", "reason": f"the measure failed: {type(e).__name__}"}
+    timings["measure"] = time.perf_counter() - t
+    return out
 
 
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):

@@ -49,8 +49,16 @@ class Camera:
     cx: float = 0.0  # fraction of the frame width the camera travels over the clip; > 0 pans right (content moves left)
     cy: float = 0.0  # same for the height; > 0 pans down (content moves up)
     # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
-    start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
-    shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
+    # None: 20% of the steps for both (MotionBooth); with a noise warp from 10% for 30% (CAMERA_WARP_WINDOW)
+    start_step: Optional[int] = None  # first step of the shift window
+    shift_steps: Optional[int] = None  # length of the window (at least 1)
+    # ρ: the initial noise's fine band follows the camera path, frames k and j correlating as ρ^|k−j| along it
+    # (studio/controls/noise_warp.py): n_k = ρ·shift(n_{k−1}) + sqrt(1 − ρ²)·eps_k, eps'_k = L·eps_k + H·n_k.
+    noise_warp: Optional[float] = None  # None: CAMERA_NOISE_WARP when the shot pans, else 0 (no warp)
+    warp_above: float = 2.0  # L keeps spatial frequencies up to this many cycles per frame each frame's own
+    # The strip a shift vacates: row (MotionBooth: tokens of the same row outside the boxes) | fresh (the row's
+    # level and fresh noise: the warped initial noise there when noise_warp > 0). None: fresh with a warp, else row.
+    fill: Optional[str] = None
 
 
 @dataclass
@@ -174,6 +182,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_UNCONDITIONAL = ("blank", "plain")  # see ReferenceControl.unconditional
 BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
+CAMERA_FILLS = ("row", "fresh")  # see Camera.fill
+CAMERA_NOISE_WARP = 0.9  # camera.noise_warp of a pan that does not set it (benchmarks/pan_hold.py, README)
+# A warped pan's default shift window as fractions of the steps (start, length): from 10% for 30% (2..7 of 20)
+CAMERA_WARP_WINDOW = (0.1, 0.3)
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
@@ -508,12 +520,32 @@ def resolve(shot: Shot, preset) -> Shot:
     if isinstance(out.steps, int) and out.steps >= 1:  # step windows default to the methods' fractions
         if out.box_control.amplify_steps is None:
             out.box_control.amplify_steps = round(0.3 * out.steps)
+    _resolve_camera(out.camera, preset)
+    if isinstance(out.steps, int) and out.steps >= 1:
+        # MotionBooth's window (from 20% of the steps, for 20%); a warped pan's starts earlier and lasts longer
+        # (CAMERA_WARP_WINDOW, measured with benchmarks/pan_hold.py)
+        c = out.camera
+        start, length = CAMERA_WARP_WINDOW if c.noise_warp and (c.cx or c.cy) else (0.2, 0.2)
         if out.camera.start_step is None:
-            out.camera.start_step = min(out.steps - 1, round(0.2 * out.steps))
+            out.camera.start_step = min(out.steps - 1, round(start * out.steps))
         if out.camera.shift_steps is None:
-            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(0.2 * out.steps)))
+            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(length * out.steps)))
     validate(out, preset)
     return out
+
+
+def _resolve_camera(c: Camera, preset) -> None:
+    """A pan warps its initial noise and fills with fresh noise unless the shot says otherwise (issue 22: the pan
+    then holds per render), where the preset's family and scheduler allow it (a preset that keeps its model's own
+    scheduler is assumed to; one that does not is refused at render, naming both); a shot without a pan, or on a
+    model the warp does not support, resolves to no warp (MotionBooth's shift alone)."""
+    from studio.controls.noise_warp import unsupported
+
+    if c.noise_warp is None:
+        c.noise_warp = CAMERA_NOISE_WARP if (c.cx or c.cy) and not unsupported(preset.family,
+                                                                               preset.scheduler_class) else 0.0
+    if c.fill is None:
+        c.fill = "fresh" if c.noise_warp else "row"
 
 
 def _check_range(field: str, value, lo: int, hi: int) -> None:
@@ -538,9 +570,24 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("noise_prior.gamma", g, "must be in [0, 1): gamma = 1 would repeat one noise frame")
     for name in ("cx", "cy"):
         v = getattr(shot.camera, name)
-        if not -1.0 <= v <= 1.0:
-            raise ShotError(f"camera.{name}", v, "must be in -1..1 (fraction of the frame travelled over the clip)")
+        if not -1.0 <= v <= 1.0:  # the fraction of the frame travelled over the clip
+            raise ShotError(f"camera.{name}", v, f"the camera would travel more than the frame over the clip, so "
+                            f"the clip would leave the first frame's view entirely; the largest valid value is "
+                            f"{1.0 if v > 0 else -1.0}")
     c = shot.camera
+    if c.fill not in CAMERA_FILLS:
+        raise ShotError("camera.fill", c.fill, f"must be one of {', '.join(CAMERA_FILLS)}")
+    if not 0.0 <= c.noise_warp <= 1.0:
+        raise ShotError("camera.noise_warp", c.noise_warp, "must be in 0..1 (the correlation of consecutive "
+                        "frames' fine noise along the camera path)")
+    if not 0.0 <= c.warp_above <= 64.0:
+        raise ShotError("camera.warp_above", c.warp_above, "must be in 0..64 (cycles per frame)")
+    if c.noise_warp and (c.cx or c.cy):
+        from studio.controls.noise_warp import unsupported
+
+        why = unsupported(preset.family, preset.scheduler_class)  # the model's own scheduler is checked at render
+        if why:
+            raise ShotError("camera.noise_warp", c.noise_warp, why)
     if c.start_step is not None and not 0 <= c.start_step < shot.steps:
         raise ShotError("camera.start_step", c.start_step, f"must be in 0..{shot.steps - 1} (steps - 1)")
     if c.shift_steps is not None and not 1 <= c.shift_steps <= shot.steps - (c.start_step or 0):

@@ -195,6 +195,52 @@ def test_fill_in_a_schedule_avoids_the_subject():
         assert (out[:, :, f, :, 8 + n:12 + n] == 99.0).all()  # the subject itself moved right by n
 
 
+@pytest.mark.parametrize("dx", [2, -3])
+def test_fresh_fill_copies_no_token_and_keeps_the_row_level(dx):
+    z = torch.randn(1, 4, 6, 8, generator=_gen(5)) + torch.arange(6.0).view(1, 1, 6, 1) * 10  # rows at 0, 10, ...
+    z[:, :, 1:5, 2:5] = 1000.0  # the subject, outside every box (no boxes): row fill could copy it
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    out = camera.shift_frame(z, dx, 0, keep, _gen(), fill="fresh")
+    strip = out[..., -dx:] if dx > 0 else out[..., :-dx]  # (B, C, h, |dx|)
+    assert not torch.isin(strip, z).any()  # nothing copied
+    assert (strip < 500).all()  # the subject's tokens are a minority of each row: its median is background
+    rows = strip.mean((0, 1, 3))
+    assert torch.allclose(rows, torch.arange(6.0) * 10, atol=3.0)  # each row keeps its level
+
+
+def test_with_a_noise_level_the_noise_stays_and_the_content_moves():
+    """With a warped initial noise the shift moves latents - s·eps and puts s·eps back where it was."""
+    ctx = Context(frames=F, latent_h=H, latent_w=W, steps=4, do_cfg=False, generator=_gen())
+    eps = torch.randn(1, 4, F, H, W, generator=_gen(1))  # the initial (warped) noise
+    signal = torch.randn(1, 4, F, H, W, generator=_gen(2))
+    s = 0.6
+    for fill in ("row", "fresh"):
+        ctl = camera.CameraShift(0.5, 0.0, 1, 1, fill=fill, noise_level=lambda i: 1.0 if i < 0 else s)
+        assert ctl.on_step_end(ctx, -1, eps) is None  # before step 0: keeps the initial noise, no shift yet
+        out = ctl.on_step_end(ctx, 0, signal + s * eps)
+        assert torch.equal(out[:, :, 0], (signal + s * eps)[:, :, 0])  # frame 0 never moves
+        content = out - s * eps
+        for f in range(1, F):
+            d = int(f / (F - 1) * 0.5 * W + 1e-6)
+            assert torch.allclose(content[:, :, f, :, :W - d], signal[:, :, f, :, d:], atol=1e-5)
+            if fill == "fresh":  # the strip's content is each row's median level; its noise is eps there
+                level = signal[:, :, f].median(-1, keepdim=True).values.expand(-1, -1, -1, d)
+                assert torch.allclose(content[:, :, f, :, W - d:], level, atol=1e-5)
+        ctl.close()
+    with pytest.raises(RuntimeError):  # without the i = -1 call there is no initial noise to keep
+        camera.CameraShift(0.5, 0.0, 1, 1, noise_level=lambda i: 0.5).on_step_end(ctx, 0, eps)
+
+
+def test_frame_map_moves_a_latent_frame_by_its_video_frames_mean():
+    from studio.controls.noise_warp import grouped_map
+
+    ctx = Context(frames=3, latent_h=H, latent_w=W, steps=2, do_cfg=False, generator=_gen())
+    ctl = camera.CameraShift(0.5, 0.0, 0, 1, frame_map=grouped_map(9, 4))  # 9 video frames in 3 latent frames
+    ctl.on_step_end(ctx, -1, torch.randn(1, 4, 3, H, W, generator=_gen(1)))
+    # video frame v moves v/8·8 = v px; latent frame 1 covers 1..4 (mean 2.5 -> 2), latent frame 2 5..8 (6.5 -> 6)
+    assert ctl.moved[:, 0].tolist() == [0, 2, 6]
+
+
 def test_invalid_window():
     with pytest.raises(ValueError):
         camera.CameraShift(0.5, 0.0, 0, 0)
@@ -246,7 +292,8 @@ def test_engine_pans_a_shot_and_resolves_the_window(model_shot, manager):
     plain.camera.cx = -0.5
     r = engine.render(plain, manager)
     assert r.info["controls"] == ["camera"]
-    assert r.shot.camera.start_step == 1 and r.shot.camera.shift_steps == 1  # 20% of 4 steps, recorded
+    c = r.shot.camera  # recorded: with a noise warp (UNets) from 10% of 4 steps for 30%, else 20% for 20%
+    assert (c.start_step, c.shift_steps) == ((0, 1) if c.noise_warp else (1, 1)), c
     assert changed(base, r.frames, plain.model)
     plain.camera.cx = 0.0
     assert np.array_equal(engine.render(plain, manager).frames, base)

@@ -56,7 +56,13 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
     if c.cx or c.cy:
         from studio.controls.camera import CameraShift
 
-        controls.append(CameraShift(c.cx, c.cy, c.start_step, c.shift_steps, scheduler=pipe.scheduler))
+        level = None
+        if c.noise_warp:  # the initial noise was warped along the pan (engine): shift the content, not the noise
+            from studio.controls.noise_warp import noise_level
+
+            level = noise_level(pipe.scheduler)
+        controls.append(CameraShift(c.cx, c.cy, c.start_step, c.shift_steps, scheduler=pipe.scheduler, fill=c.fill,
+                                    noise_level=level))
     # 3./4. Subject and background references: injection into spatial self-attention.
     refs = [(k, s.reference, s.reference_strength) for k, s in enumerate(shot.subjects) if s.reference]
     if shot.background.reference:
