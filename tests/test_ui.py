@@ -567,6 +567,14 @@ def page(manager):
     return p
 
 
+def test_the_training_panel_starts_from_the_subject_add_defaults(page):
+    # the page's method, steps label and method line are tune.DEFAULTS', the table `studio subject add` resolves
+    start = sj.training_defaults(page.start["model"])
+    assert start["method"] in ("lora", "tokens", "both")
+    assert page.method.value == start["method"] and page.method_note.value == start["note"]
+    assert str(start["steps"]) in page.train_steps.label and start["note"].startswith("Default for")
+
+
 def _event(demo, api_name):
     return next(fn for fn in demo.fns.values() if fn.api_name == api_name)
 
