@@ -42,6 +42,8 @@ CONFIGS = {
     "lora-80-cross": dict(method="lora", steps=80, lr=6e-3, rank=8, lora_targets="cross"),
     "lora-80-nopres": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.0),
     "lora-80-pres0.5": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.5),
+    "lora-80-photo": dict(method="lora", steps=80, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
+    "lora-120-lr1.2e-2": dict(method="lora", steps=120, lr=1.2e-2, rank=8),
     "tokens-200": dict(method="tokens", steps=200, token_lr=5e-3),
     "tokens-200-lr2e-2": dict(method="tokens", steps=200, token_lr=2e-2),
     "both-80": dict(method="both", steps=80, lr=6e-3, token_lr=5e-3, rank=8),

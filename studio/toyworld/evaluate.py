@@ -612,7 +612,8 @@ def subject_pixels(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def measure_likeness(manager, subject: str | None, look: str, model: str = "toyworld", seeds=range(3)) -> dict:
     """'a star on sky' with the left-to-right box track on the phrase "star", the trained subject on it (None: the
     untuned model), per render seed: `distance` (sliced_distance of the subject's pixels in its box to the photos'
-    subject colours), and `hit_rate` / `iou` of the look's colours in the box. Means over seeds, and the lists."""
+    subject colours), `balance` of the look's two colours (colour_balance) and `hit_rate` / `iou` of the look's
+    colours in the box. Means over seeds, and the per-seed rows."""
     from studio.controls.boxes import interpolate
 
     photos, masks = subject_photos(LOOKS.get(look, look), LIKENESS_SHAPE)
@@ -625,6 +626,7 @@ def measure_likeness(manager, subject: str | None, look: str, model: str = "toyw
         subj = {"phrase": LIKENESS_SHAPE, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
         frames = _render(manager, model, prompt=f"a {LIKENESS_SHAPE} on sky", seed=s, subjects=[subj])
         rows.append({"distance": sliced_distance(subject_pixels(frames, boxes), ref),
+                     "balance": colour_balance(frames, colours) if len(colours) == 2 else float("nan"),
                      **box_adherence(frames, colours, boxes)})
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     out["per_seed"] = rows
