@@ -1,6 +1,7 @@
 """Subject-training defaults: one table (tune.DEFAULTS) that `studio subject add` and the page's training panel both
 read, and the methods a model cannot train refused in one line."""
 
+import numpy as np
 import pytest
 
 from studio import cli
@@ -50,3 +51,20 @@ def test_a_method_the_model_cannot_train_is_one_line(method):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("method:") and method in msg and "tiny" in msg
     tune.check_method("lora", preset, pipe)  # a LoRA needs no text encoder: accepted
+
+
+def test_caption_form_and_lora_targets_reach_the_training(monkeypatch):
+    from studio.subjects import tune as t
+
+    seen = []
+    real = t._encode_text
+    monkeypatch.setattr(t, "_encode_text", lambda pipe, caps, dev: seen.extend(caps) or real(pipe, caps, dev))
+    preset = load_model_preset("tiny")
+    photos = [np.full((64, 64, 3), 200, np.uint8)]
+    r = tune.train(load_pipeline(preset, "cpu"), preset, photos, None, "cap",
+                   tune.TuneSettings(method="lora", class_word="dog", steps=1, batch=1, video_weight=0.0,
+                                     caption="a photo of a {phrase}", lora_targets="cross"))
+    assert seen == ["a photo of a sks dog"]
+    assert r.lora and all(".attn2." in k for k in r.lora)
+    assert tune.resolve(tune.TuneSettings(), load_model_preset("toyworld")).caption == \
+        tune.DEFAULTS["toyworld"]["caption"]
