@@ -32,24 +32,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Named settings (fields of tune.TuneSettings; unset fields are the preset's defaults).
+# Named settings (fields of tune.TuneSettings; unset fields are the preset's defaults; each names its caption form,
+# so a name means the same settings whatever the defaults are).
 CONFIGS = {
     "default": {},
-    "lora-80": dict(method="lora", steps=80, lr=6e-3, rank=8),
-    "lora-160": dict(method="lora", steps=160, lr=6e-3, rank=8),
-    "lora-80-lr1.2e-2": dict(method="lora", steps=80, lr=1.2e-2, rank=8),
-    "lora-80-r16": dict(method="lora", steps=80, lr=6e-3, rank=16),
-    "lora-80-cross": dict(method="lora", steps=80, lr=6e-3, rank=8, lora_targets="cross"),
-    "lora-80-nopres": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.0),
-    "lora-80-pres0.5": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.5),
+    "lora-80": dict(method="lora", steps=80, lr=6e-3, rank=8, caption="a {phrase}"),
+    "lora-160": dict(method="lora", steps=160, lr=6e-3, rank=8, caption="a {phrase}"),
+    "lora-80-lr1.2e-2": dict(method="lora", steps=80, lr=1.2e-2, rank=8, caption="a {phrase}"),
+    "lora-80-r16": dict(method="lora", steps=80, lr=6e-3, rank=16, caption="a {phrase}"),
+    "lora-80-cross": dict(method="lora", steps=80, lr=6e-3, rank=8, lora_targets="cross", caption="a {phrase}"),
+    "lora-80-nopres": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.0, caption="a {phrase}"),
+    "lora-80-pres0.5": dict(method="lora", steps=80, lr=6e-3, rank=8, video_weight=0.5, caption="a {phrase}"),
     "lora-80-photo": dict(method="lora", steps=80, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
-    "lora-120-lr1.2e-2": dict(method="lora", steps=120, lr=1.2e-2, rank=8),
-    "tokens-200": dict(method="tokens", steps=200, token_lr=5e-3),
-    "tokens-200-lr2e-2": dict(method="tokens", steps=200, token_lr=2e-2),
-    "both-80": dict(method="both", steps=80, lr=6e-3, token_lr=5e-3, rank=8),
-    "both-120": dict(method="both", steps=120, lr=6e-3, token_lr=5e-3, rank=8),
-    "both-160": dict(method="both", steps=160, lr=6e-3, token_lr=5e-3, rank=8),
-    "both-80-tlr2e-2": dict(method="both", steps=80, lr=6e-3, token_lr=2e-2, rank=8),
+    "lora-120-lr1.2e-2": dict(method="lora", steps=120, lr=1.2e-2, rank=8, caption="a {phrase}"),
+    "lora-160-photo": dict(method="lora", steps=160, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
+    "lora-120-photo": dict(method="lora", steps=120, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
+    "tokens-200": dict(method="tokens", steps=200, token_lr=5e-3, caption="a {phrase}"),
+    "tokens-200-lr2e-2": dict(method="tokens", steps=200, token_lr=2e-2, caption="a {phrase}"),
+    "both-80": dict(method="both", steps=80, lr=6e-3, token_lr=5e-3, rank=8, caption="a {phrase}"),
+    "both-120": dict(method="both", steps=120, lr=6e-3, token_lr=5e-3, rank=8, caption="a {phrase}"),
+    "both-160": dict(method="both", steps=160, lr=6e-3, token_lr=5e-3, rank=8, caption="a {phrase}"),
+    "both-80-tlr2e-2": dict(method="both", steps=80, lr=6e-3, token_lr=2e-2, rank=8, caption="a {phrase}"),
     "both-80-photo": dict(method="both", steps=80, lr=6e-3, token_lr=5e-3, rank=8, caption="a photo of a {phrase}"),
 }
 
@@ -77,7 +80,7 @@ def run_one(manager, library, look: str, config: str, seed: int, render_seeds, b
     return {"look": look, "config": config, "seed": seed, "method": s.method, "steps": s.steps, "lr": s.lr,
             "token_lr": s.token_lr, "rank": s.rank, "lora_targets": s.lora_targets, "video_weight": s.video_weight,
             "caption": s.caption, "ratio": m["distance"] / base["distance"], "distance": m["distance"],
-            "untuned": base["distance"], "hit_rate": m["hit_rate"], "iou": m["iou"],
+            "untuned": base["distance"], "balance": m["balance"], "hit_rate": m["hit_rate"], "iou": m["iou"],
             "train_s": round(result.seconds, 1), "render_seeds": list(render_seeds)}
 
 
@@ -91,7 +94,7 @@ def table(rows: list[dict], ceilings: dict | None = None) -> str:
         for look, c in ceilings.items():
             out.append(f"| {look} | {c['vae']:.3f} | {c['untuned']:.3f} | {c['vae'] / c['untuned']:.2f} |")
         out.append("")
-    out += ["| look | config | method | steps | seeds | tuned / untuned distance per seed | max | hit rate (min) "
+    out += ["| look | config | method | steps | training seeds | tuned / untuned distance per seed | max | hit rate (min) "
             "| train s |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
@@ -100,7 +103,8 @@ def table(rows: list[dict], ceilings: dict | None = None) -> str:
         rs = sorted(rs, key=lambda r: r["seed"])
         ratios = [r["ratio"] for r in rs]
         hits = [r["hit_rate"] for r in rs]
-        out.append(f"| {look} | {config} | {rs[0]['method']} | {rs[0]['steps']} | {len(rs)} | "
+        out.append(f"| {look} | {config} | {rs[0]['method']} | {rs[0]['steps']} | "
+                   f"{','.join(str(r['seed']) for r in rs)} | "
                    f"{' '.join(f'{x:.2f}' for x in ratios)} | {max(ratios):.2f} | {np.mean(hits):.2f} "
                    f"({min(hits):.2f}) | {np.mean([r['train_s'] for r in rs]):.0f} |")
     return "\n".join(out)

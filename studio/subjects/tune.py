@@ -116,9 +116,9 @@ class TuneSettings:
 DEFAULTS = {
     "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
                      caption="a photo of a {phrase}",
-                     why="LoRA (80 steps, captions 'a photo of a ...'): measured closest to the photos per second "
-                         "of training; ID tokens alone did not move the colours and LoRA + tokens moved them away "
-                         "(benchmarks/likeness.py)"),
+                     why="LoRA, 80 steps, captions 'a photo of a ...': the closest to the photos measured per "
+                         "second of training; ID tokens alone left the colours as they were and LoRA + tokens moved "
+                         "them away (benchmarks/likeness.py)"),
     "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION,
                  why="LoRA: a random-weights test model; nothing measured"),
     "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
