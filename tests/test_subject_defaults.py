@@ -33,6 +33,10 @@ def test_page_and_cli_start_from_the_same_defaults(model):
     assert "\n" not in panel["note"] and panel["note"]
 
 
+def test_the_panel_says_when_a_model_cannot_train():
+    assert "not available on tiny-wan" in sj.training_defaults("tiny-wan")["note"]
+
+
 def test_one_table_moves_both(monkeypatch):
     # change the table only: the CLI's resolved settings and the panel's start both follow (no second copy)
     monkeypatch.setitem(tune.DEFAULTS, "tiny", {**tune.DEFAULTS["tiny"], "method": "tokens", "steps": 7,

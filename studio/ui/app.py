@@ -612,8 +612,6 @@ class Page:
         import gradio as gr
 
         def on_model(model):  # another model: its training defaults and the line saying why
-            import gradio as gr
-
             d = self.training_start(model)
             return {self.method: d["method"], self.method_note: d["note"],
                     self.train_steps: gr.Number(label=f"steps (empty: the model's default, {d['steps']})")}

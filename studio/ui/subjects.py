@@ -100,11 +100,15 @@ def replace_mask_event(photo_set: list[dict], number, mask_path: str | None) -> 
 def training_defaults(model: str) -> dict:
     """The training panel's starting values for a model preset: method, steps and the one line saying which method
     and why; from tune.DEFAULTS, the table `studio subject add` resolves its defaults from."""
+    from studio import families
     from studio.presets import load_model_preset
     from studio.subjects import tune
 
     preset = load_model_preset(model)
     d = tune.defaults(preset)
+    if "subject_tuning" not in families.get(preset.family).supports:
+        return {"method": d["method"], "steps": d["steps"],
+                "note": f"Subject training is not available on {preset.name} (the {preset.family} family) yet."}
     return {"method": d["method"], "steps": d["steps"], "note": tune.method_note(preset)}
 
 
