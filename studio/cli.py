@@ -497,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("name", help="the subject's name (letters, digits, - and _), used as subjects[i].subject")
     sa.add_argument("--images", required=True, help="folder of photos (png, jpg, webp)")
     sa.add_argument("--model", default="toyworld", help="model preset the subject is trained for")
-    sa.add_argument("--method", default="lora", choices=["lora", "tokens", "both"])
+    sa.add_argument("--method", choices=["lora", "tokens", "both"],
+                    help="what to train (default: the model's, from the table the page's training panel also reads: "
+                         "studio.subjects.tune.DEFAULTS)")
     sa.add_argument("--steps", type=int, help="training steps (default: the model's)")
     sa.add_argument("--phrase", help="trigger word(s) and class word, e.g. 'sks dog' (default: 'sks NAME')")
     sa.add_argument("--masks", help="folder of masks named like the photos (default: automatic masks)")

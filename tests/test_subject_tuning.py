@@ -208,7 +208,11 @@ def test_cancel_saves_nothing(tmp_path):
                                                  ("steps", 0, r"steps: must be an integer in 1\.\.100000 \(got 0\)"),
                                                  ("lr", -1.0, r"lr: must be a finite number > 0 \(got -1\.0\)"),
                                                  ("class_word", " ", "class_word"),
-                                                 ("preservation", "/nonexistent", "preservation: not a folder")])
+                                                 ("preservation", "/nonexistent", "preservation: not a folder"),
+                                                 ("lora_targets", "all", "lora_targets: must be one of attention, "
+                                                                         "cross"),
+                                                 ("caption", "a sks dog", r"caption: must hold \{phrase\} once"),
+                                                 ("caption", "{phrase} {x}", "caption: must hold")])
 def test_settings_are_checked(field, value, match):
     with pytest.raises(ValueError, match=match):
         tune.resolve(tune.TuneSettings(**{field: value}), load_model_preset("tiny"))

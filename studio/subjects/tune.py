@@ -54,6 +54,10 @@ METHODS = ("lora", "tokens", "both")
 # Every spatial (per-frame) attention projection; the motion modules (AnimateDiff) and temp_attentions
 # (Zeroscope's UNet3D) do not match: their names hold "motion_modules." / "temp_attentions.", never ".attentions.".
 LORA_TARGETS = r"^(?!.*motion_modules).*(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+# TuneSettings.lora_targets: every spatial attention projection ("attention"), or the cross-attention only ("cross":
+# attn2, where the text meets the image)
+TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2")}
+CAPTION = "a {phrase}"  # the training captions' form (TuneSettings.caption); {phrase}: e.g. "sks star"
 ADAPTER = "subject"
 
 # Preservation prompts: varied motion and scenes, generated once per base model by the frozen model itself.
@@ -77,13 +81,15 @@ class TuneCancelled(RuntimeError):
 class TuneSettings:
     """How to teach a subject. None means the base model's default (see `defaults`)."""
 
-    method: str = "lora"  # lora | tokens | both
+    method: Optional[str] = None  # lora | tokens | both; None: the base model's default (DEFAULTS)
     class_word: str = "dog"  # what the subject is; the phrase shots use ("sks dog")
     trigger: str = "sks"  # the rare word that names the subject (LoRA)
     steps: Optional[int] = None
     lr: Optional[float] = None  # LoRA learning rate
     token_lr: Optional[float] = None  # extended ID tokens' learning rate (Magic-Me: 1e-3)
     rank: Optional[int] = None  # LoRA rank
+    lora_targets: str = "attention"  # a TARGET_SETS key: which spatial attention projections the LoRA adapts
+    caption: Optional[str] = None  # the training captions' form, "{phrase}" standing for the subject's words
     n_tokens: int = 4  # extended ID tokens (Magic-Me: 4)
     batch: int = 4  # photos per step
     region_loss: bool = True  # loss on subject pixels only (False: the whole photo)
@@ -103,18 +109,52 @@ class TuneSettings:
     checkpointing: Optional[bool] = None
 
 
-# Per base model: steps, LoRA lr, token lr, rank. Real models follow the methods' settings scaled to a LoRA
-# (MotionBooth fine-tunes the full UNet at 5e-6 for 300 steps; a rank-32 LoRA needs a larger lr).
+# Per base model, the one source of the training defaults (`studio subject add` and the page's training panel both
+# read it): method, steps, LoRA lr, token lr, rank, and why that method, in one line. Real models follow the methods'
+# settings scaled to a LoRA (MotionBooth fine-tunes the full UNet at 5e-6 for 300 steps; a rank-32 LoRA needs a
+# larger lr). The toy-world model's come from benchmarks/likeness.py (the table in the README).
 DEFAULTS = {
-    "toyworld": dict(steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False),  # ~65 s on 2 CPU cores
-    "tiny": dict(steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False),
-    "animatediff": dict(steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True),
-    "zeroscope": dict(steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True),
+    "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
+                     caption="a photo of a {phrase}",
+                     why="LoRA, 80 steps, captions 'a photo of a ...': the closest to the photos measured per "
+                         "second of training; ID tokens alone left the colours as they were and LoRA + tokens moved "
+                         "them away (benchmarks/likeness.py)"),
+    "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION,
+                 why="LoRA: a random-weights test model; nothing measured"),
+    "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
+                        caption=CAPTION,
+                        why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
+    "zeroscope": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
+                      caption=CAPTION,
+                      why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
 }
+NOTES = ("why",)  # DEFAULTS keys that are not TuneSettings fields
+
+
+def _defaults_entry(preset) -> dict:
+    return DEFAULTS.get(preset.name) or DEFAULTS.get(preset.family) or DEFAULTS["animatediff"]
 
 
 def defaults(preset) -> dict:
-    return dict(DEFAULTS.get(preset.name) or DEFAULTS.get(preset.family) or DEFAULTS["animatediff"])
+    """The preset's default TuneSettings fields (method, steps, lr, token_lr, rank, checkpointing)."""
+    return {k: v for k, v in _defaults_entry(preset).items() if k not in NOTES}
+
+
+def method_note(preset) -> str:
+    """One line: the preset's default method and why (the page's training panel shows it)."""
+    return f"Default for {preset.name}: {_defaults_entry(preset)['why']}"
+
+
+def check_method(method: str, preset, pipe=None) -> None:
+    """ValueError naming the method and the preset when the preset cannot train it: tokens (and both) extend the
+    text encoder's embedding table, which a model without a text encoder (or with one that has no input
+    embeddings) does not have."""
+    if method not in ("tokens", "both") or pipe is None:
+        return
+    te = getattr(pipe, "text_encoder", None)
+    if te is None or not hasattr(te, "get_input_embeddings") or getattr(pipe, "tokenizer", None) is None:
+        raise ValueError(f"method: {method} cannot be trained on {preset.name}: it has no text encoder whose "
+                         f"tokens can be extended; use lora (got {method!r})")
 
 
 def resolve(settings: TuneSettings, preset) -> TuneSettings:
@@ -146,6 +186,12 @@ def resolve(settings: TuneSettings, preset) -> TuneSettings:
     v = s.full_image_rate
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
         raise ValueError(f"full_image_rate: must be a number in 0..1 (got {v!r})")
+    if s.lora_targets not in TARGET_SETS:
+        raise ValueError(f"lora_targets: must be one of {', '.join(TARGET_SETS)} (got {s.lora_targets!r})")
+    if not isinstance(s.caption, str) or s.caption.count("{phrase}") != 1 or len(s.caption) > 80 or \
+            "{" in s.caption.replace("{phrase}", ""):
+        raise ValueError(f"caption: must hold {{phrase}} once and no other braces, e.g. {CAPTION!r} "
+                         f"(got {s.caption!r})")
     for name in ("class_word", "trigger"):
         v = getattr(s, name)
         if not isinstance(v, str) or not v.strip() or len(v) > 40:
@@ -556,7 +602,7 @@ def add_trainables(pipe, s: TuneSettings, name: str, generator) -> Trainables:
         m.requires_grad_(False)
     out = Trainables()
     if s.method in ("lora", "both"):
-        out.lora = add_lora(unet, LORA_TARGETS, s.rank, ADAPTER, generator)
+        out.lora = add_lora(unet, TARGET_SETS[s.lora_targets], s.rank, ADAPTER, generator)
     if s.method in ("tokens", "both"):
         out.tokens = token_strings(name, s.n_tokens)
         if add_token_rows(tok, te, out.tokens) != len(out.tokens):
@@ -620,7 +666,7 @@ def photo_loss(c: StepContext):
         ms.append(m2[0])
         areas.append(m2[1])
         region.append(m2[1] if whole else m2[0])  # Magic-Me's use_orig_img_rate: the whole photo
-        caps.append(f"a {pre + ' ' if pre else ''}{c.phrase}")
+        caps.append(s.caption.replace("{phrase}", f"{pre + ' ' if pre else ''}{c.phrase}"))
     z0 = _encode_pixels(pipe, torch.stack(xs), gen)[:, :, None]  # (B, C, 1, h, w) on the device, float32
     eps = torch.randn(z0.shape, generator=gen)  # drawn on the CPU from the seed, then moved
     if s.noise_offset > 0:  # Magic-Me's offset noise: a constant per item and channel
@@ -715,6 +761,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
 
     # 1. Check inputs before any work.
     s = resolve(settings, preset)
+    check_method(s.method, preset, pipe)
     kind = check_prediction_type(pipe.scheduler)
     check_photos(photos, masks, preset, warn=False)
     t_start = time.perf_counter()
