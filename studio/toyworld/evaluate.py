@@ -453,18 +453,146 @@ def colour_balance(frames: np.ndarray, colours: tuple[str, str]) -> float:
     return 2 * min(a, b) / max(a + b, 1.0)
 
 
-def look_colours(photos: list[np.ndarray]) -> tuple[np.ndarray, tuple]:
-    """The photos' mean colour histogram over world.COLORS, and the world colours that make up over 10% of it."""
-    target = np.mean([colour_histogram(p[None]) for p in photos], 0)
-    return target, tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
+def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
+    """Every control measurement on a model folder (through a preset written for it, like `evaluate`)."""
+    from studio.pipelines import PipelineManager
+
+    manager = PipelineManager(max_pipelines=1, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(_preset_file(Path(model_dir), Path(tmp)))
+        ref = reference_image(Path(tmp) / "purple.png")
+        return {"box": measure_box_control(manager, model), "two_subjects": measure_two_subjects(manager, model),
+                "camera": {f"{cx},{cy}": measure_camera(manager, cx, cy, model)
+                           for cx, cy in ((0.5, 0.0), (-0.5, 0.0), (0.0, 0.5), (0.0, -0.5))},
+                "reference": measure_reference(manager, ref, model=model)}
 
 
-def _tracked_renders(manager, model: str, shape: str, subject: str | None, seeds):
-    """The frames of 'a <shape> on sky' with the left-to-right box track on the phrase (and the trained subject on
-    it, or None: the untuned model), one render per seed."""
-    for s in seeds:
-        subj = {"phrase": shape, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
-        yield _render(manager, model, prompt=f"a {shape} on sky", seed=s, subjects=[subj])
+def model_card(result: dict, model_dir: str | Path, hardware: str, train_seconds: float | None = None) -> str:
+    """The model folder's README: data, architecture, training run and the measured gates (from `result`)."""
+    import json
+
+    from studio.toyworld.train import reproduce_command
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "training.json").read_text())
+    cfg = info["config"]
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    te = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    sizes = {p.parent.name: p.stat().st_size for p in model_dir.rglob("*.safetensors")}
+    hours = f"{train_seconds / 3600:.1f} h" if train_seconds else "see training.json"
+    failed = [k for k, ok in result["passed"].items() if not ok]
+    verdict = ("All gates pass." if not failed else
+               f"Gates not reached by this run: {', '.join(failed)}. The eval keeps them, so a longer training "
+               f"run (`studio toyworld train` resumes) can pass them.")
+    lines = [
+        "# toyworld: the Shot Studio embedded model", "",
+        "A tiny text-to-video model in the AnimateDiff layout (diffusers format), trained by this project on its "
+        "synthetic toy world so the studio runs, and its controls can be tested, on a CPU with no download. "
+        "Load it like any AnimateDiff folder: `AnimateDiffPipeline.from_pretrained(\"models/toyworld\")`, or use "
+        "the `toyworld` preset.", "",
+        "## Data", "",
+        "Clips generated on the fly by `studio/toyworld/world.py` (deterministic by seed): 8 frames of 32×32 "
+        "pixels; backgrounds grass (textured green), sand (textured beige), sky (blue gradient with clouds); "
+        "one subject (75%) or two (25%): circle, square, triangle or star in red, yellow, white or purple; motion "
+        "left/right/up/down named in the caption (\"a red circle moving right on grass\"), or still / a free path "
+        "with no motion word (25%), or a camera pan over the background (15%, the subject still in the world); "
+        "per-frame masks and boxes. Personal looks (checkered, striped) and trigger words (sks, zorb, blick) "
+        "never appear in training captions. Held-out evaluation seeds start at 10⁹; training seeds stay below.", "",
+        "## Architecture", "",
+        f"- VAE: AutoencoderKL, channels {vae['block_out_channels']}, 4 latent channels, factor 2 "
+        f"(32×32 → 16×16), scaling factor {vae['scaling_factor']:.4f}; trained first for {info['vae_steps']} steps "
+        f"with the loss weighted ×{1 + cfg['vae_subject_weight']:.0f} on subject pixels.",
+        f"- UNet: UNetMotionModel from a UNet2DConditionModel with channels {unet['block_out_channels']}, one "
+        f"layer per block, {unet['motion_num_attention_heads']} heads, cross-attention dim "
+        f"{unet['cross_attention_dim']}, motion modules of up to {unet['motion_max_seq_length']} frames.",
+        f"- Text: CLIPTextModel, hidden {te['hidden_size']} × {te['num_hidden_layers']} layers; CLIPTokenizer "
+        "with a vocabulary built by the project in which every world word is one token.",
+        "- Scheduler: DDIM, linear β 0.00085–0.012, 1000 steps, ε-prediction.",
+        f"- Weights: fp16 safetensors, {sum(sizes.values()) / 2**20:.1f} MB "
+        f"({', '.join(f'{k} {v / 2**20:.1f} MB' for k, v in sorted(sizes.items()))}).", "",
+        "## Training", "",
+        f"- {info['t2v_steps']} text-to-video steps at batch {cfg['batch']} clips, AdamW lr {cfg['lr']} "
+        f"(warm-up {cfg['warmup']}), caption dropout {cfg['p_uncond']} for guidance, EMA {cfg['ema_decay']}; "
+        f"UNet and text encoder trained together; seed {cfg['seed']}.",
+        f"- Loss: ε-MSE + {cfg['stca_weight']} × STCA (MotionBooth's subject-token cross-attention loss: BCE "
+        "between each subject phrase's spatial cross-attention map and its true mask), which binds the subject "
+        "words to where the subject is, so box control by cross-attention editing works on this model.",
+        f"- Hardware: {hardware}; wall clock {hours}.",
+        f"- Reproduce: `mkdir -p runs && {reproduce_command(info)} > runs/train.log 2>&1` (the recorded "
+        "settings, with the step count reached as --steps so that the steps and not the clock end the run; "
+        "resumable; floating-point results depend on the torch build and thread count), then `studio toyworld eval --model runs/toyworld/model`. Continue training this model "
+        "instead: `studio toyworld train --init models/toyworld --budget SECONDS`.", "",
+        "## Measured gates", "",
+        format_report(result), "",
+        verdict, "",
+        "Checks: colour = the subject colour with most pixels; background = nearest background to the median "
+        "colour; direction = the subject colour's centroid travel between the first and last thirds of the clip; "
+        "binding = attention mass of the phrase inside the true mask over the mask's area (1 = unbound). The "
+        "\"ground truth\" column is the same checks on the world's own clips.", "",
+        "## Limits", "",
+        "Only this world's words mean anything to it. 32×32 pixels. Shape is learned less well than colour and "
+        "background. Not for anything but demos, tests and CPU-only use of the studio.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- likeness of a taught subject (benchmarks/likeness.py, tests/test_subject_semantic.py) -----------------------
+
+# The looks the world never shows, as a subject's photos (world.HALVES, world.PATTERNS painted on a star).
+LOOKS = {"two-tone": "halves", "striped": "striped", "checkered": "checkered"}
+LIKENESS_SHAPE = "star"
+_BACKGROUND_TOL = 60.0  # RGB distance from its row's background beyond which a pixel in the box is the subject
+
+
+def _directions(n: int = 32) -> np.ndarray:
+    """(n, 3) fixed unit directions in RGB for the sliced distance (the same in every call)."""
+    d = np.random.default_rng(0).normal(size=(n, 3))
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def sliced_distance(a: np.ndarray, b: np.ndarray, quantiles: int = 64) -> float:
+    """Sliced Wasserstein-1 distance between two colour sets (n, 3) and (m, 3) in 0..255, in units of 0..1: the
+    mean over fixed directions of the distance between the projected colours' distributions. Proportions count: a
+    one-colour subject is half the distance between its two colours away from photos half of each colour."""
+    q = (np.arange(quantiles) + 0.5) / quantiles
+    dirs = _directions()
+    pa = np.quantile(a.astype(np.float64) / 255.0 @ dirs.T, q, axis=0)  # (quantiles, directions)
+    pb = np.quantile(b.astype(np.float64) / 255.0 @ dirs.T, q, axis=0)
+    return float(np.abs(pa - pb).mean())
+
+
+def photo_colours(photos: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    """(n, 3) the subject's pixels of all photos (their true masks)."""
+    return np.concatenate([p[m] for p, m in zip(photos, masks)])
+
+
+def subject_pixels(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n, 3) the pixels inside each frame's box (F, 4 normalised) that are not background: farther than
+    _BACKGROUND_TOL from the median of the same row's pixels outside the box (the sky is a vertical gradient).
+    A render with almost nothing in its boxes gives all the boxes' pixels (background included: far from a
+    subject's colours)."""
+    F, S = frames.shape[:2]
+    picked, everything = [], []
+    for f in range(F):
+        x0, y0, x1, y1 = boxes[f]
+        c0, c1 = int(np.floor(x0 * S)), int(np.ceil(x1 * S))
+        r0, r1 = int(np.floor(y0 * S)), int(np.ceil(y1 * S))
+        inside = np.zeros((S, S), bool)
+        inside[r0:r1, c0:c1] = True
+        img = frames[f].astype(np.float32)
+        for y in range(r0, r1):
+            out = img[y][~inside[y]]
+            if len(out) == 0:
+                continue
+            bg = np.median(out, axis=0)
+            row = img[y, c0:c1]
+            everything.append(row)
+            picked.append(row[np.linalg.norm(row - bg, axis=-1) > _BACKGROUND_TOL])
+    sel = np.concatenate(picked) if picked else np.zeros((0, 3), np.float32)
+    if len(sel) < _MIN_PIXELS * F:
+        return np.concatenate(everything)
+    return sel
 
 
 def measure_likeness(manager, subject: str | None, look: str, model: str = "toyworld", seeds=range(3)) -> dict:
@@ -476,10 +604,13 @@ def measure_likeness(manager, subject: str | None, look: str, model: str = "toyw
 
     photos, masks = subject_photos(LOOKS.get(look, look), LIKENESS_SHAPE)
     ref = photo_colours(photos, masks)
-    _, colours = look_colours(photos)
+    target = np.mean([colour_histogram(p[None]) for p in photos], 0)
+    colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
     boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
     rows = []
-    for frames in _tracked_renders(manager, model, LIKENESS_SHAPE, subject, seeds):
+    for s in seeds:
+        subj = {"phrase": LIKENESS_SHAPE, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
+        frames = _render(manager, model, prompt=f"a {LIKENESS_SHAPE} on sky", seed=s, subjects=[subj])
         rows.append({"distance": sliced_distance(subject_pixels(frames, boxes), ref),
                      "balance": colour_balance(frames, colours) if len(colours) == 2 else float("nan"),
                      **box_adherence(frames, colours, boxes)})
