@@ -181,10 +181,6 @@ def load_pipeline(preset: ModelPreset, device: str, settings=None):
     settings = settings or machine.MachineSettings()
     scheduler_class(preset)  # a bad class name fails before any weights load
     dtype = machine.model_dtype(preset.dtype, settings, device, preset.family)
-    base = resolve_local(preset.base)
-    if base.startswith("builtin:"):
-        base = str(builtin_folder(base.removeprefix("builtin:")))
-    kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
     if preset.random_weights:  # the layout's published configs with random weights, built once into the cache
         import dataclasses
 
@@ -194,8 +190,10 @@ def load_pipeline(preset: ModelPreset, device: str, settings=None):
         adapter = str(built / "motion_adapter") if preset.family == "animatediff" and preset.motion_adapter else None
         preset = dataclasses.replace(preset, base=str(built / "base"), motion_adapter=adapter, revision=None,
                                      variant=None)
-        base = preset.base
-        kw.update(revision=None, variant=None)
+    base = resolve_local(preset.base)
+    if base.startswith("builtin:"):
+        base = str(builtin_folder(base.removeprefix("builtin:")))
+    kw = dict(dtype=dtype, revision=preset.revision, variant=preset.variant)
     for r in [resolve_local(r) for r in family.weight_refs(preset)] + [base]:
         _check_reference(preset, r)
     loading = [preset.base]  # the reference being loaded, for the error
