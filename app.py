@@ -7,6 +7,8 @@ On a Space (SPACE_ID set) it listens on 0.0.0.0 and loads the default model befo
 import logging
 import os
 
+import studio  # noqa: F401  (first: sets the OpenMP wait policy of torch's threads before anything loads torch)
+
 try:  # ZeroGPU: `spaces` must be imported before torch initialises CUDA
     import spaces  # noqa: F401
 except ImportError:

@@ -377,6 +377,8 @@ class Outcome:
     seconds: float = 0.0
     error: str | None = None
     result: Any = None  # engine.RenderResult of a rendered job (frames, resolved shot, identity, settings, timings)
+    written: bool = False  # the worker wrote the MP4 + sidecar itself (a shared folder): `result` is None then
+    thumbs: list[bytes] | None = None  # with `written`: the contact sheet's thumbnails as PNG
 
 
 def _error_text(e: BaseException) -> str:
@@ -410,6 +412,29 @@ def execute(job: Job, manager, progress: Callable[[int, int], None] | None = Non
     except Exception as e:
         logger.info("job %s failed", job.id, exc_info=True)
         return Outcome(job.id, FAILED, None, time.perf_counter() - t0, _error_text(e))
+
+
+def batch_record(job: Job, job_hash: str | None) -> dict:
+    """The sidecar's "batch" key of a job's render."""
+    return {"job_id": job.id, "job_hash": job_hash, "values": job.values, "shot_file": job.shot_file,
+            "manifest": MANIFEST_JSON}
+
+
+def write_on_worker(job: Job, outcome: Outcome, out: Path) -> Outcome:
+    """A rendered job's MP4 + sidecar written by the worker into `out` (an output folder every machine mounts at
+    the same path), as the Recorder would write them; the Outcome then carries thumbnails instead of frames. A
+    failed write is a failed job."""
+    from studio import engine
+
+    t0 = time.perf_counter()
+    try:
+        engine.write_outputs(outcome.result, out / job.video, extra={"batch": batch_record(job, outcome.job_hash)})
+        thumbs = [_png(t) for t in thumbnails(outcome.result.frames)]
+    except Exception as e:
+        logger.info("job %s: writing failed", job.id, exc_info=True)
+        return Outcome(job.id, FAILED, outcome.job_hash, outcome.seconds + time.perf_counter() - t0, _error_text(e))
+    return Outcome(job.id, RENDERED, outcome.job_hash, outcome.seconds + time.perf_counter() - t0, written=True,
+                   thumbs=thumbs)
 
 
 Deliver = Callable[[Job, Outcome], None]
@@ -452,6 +477,10 @@ class LocalExecutor:
     @property
     def loads(self) -> int:
         return self.manager.loads - self._loads0
+
+    def info(self) -> dict:
+        """The manifest's "executor"."""
+        return {"kind": "local", "workers": 1, "devices": [self.manager.device]}
 
     def run(self, jobs: list[Job], deliver: Deliver, stop: threading.Event, cancel: threading.Event,
             on_step: StepProgress | None = None) -> None:
@@ -500,9 +529,11 @@ class Recorder:
       (contact_sheet-2.png, ... beyond SHEET_ROWS jobs).
     """
 
-    def __init__(self, plan: Plan, loads: Callable[[], int] = lambda: 0):
+    def __init__(self, plan: Plan, loads: Callable[[], int] = lambda: 0,
+                 executor_info: Callable[[], dict] | None = None):
         self.plan = plan
         self.loads = loads
+        self.executor_info = executor_info
         self.started = _now()
         self.t0 = time.perf_counter()
         self.rows = {j.id: {"id": j.id, "index": j.index, "shot": j.shot_file, "values": j.values, "model": j.model,
@@ -519,12 +550,14 @@ class Recorder:
 
         row = self.rows[job.id]
         row.update(job_hash=outcome.job_hash, seconds=round(outcome.seconds, 3), error=outcome.error)
-        if outcome.status == RENDERED:
+        if outcome.status == RENDERED and outcome.written:  # by the worker, into this folder (shared)
+            row.update(status=DONE, video=job.video, sidecar=job.sidecar)
+            self.thumbs[job.id] = list(outcome.thumbs or [])
+        elif outcome.status == RENDERED:
             t0 = time.perf_counter()
             try:
-                engine.write_outputs(outcome.result, self.plan.out / job.video, extra={"batch": {
-                    "job_id": job.id, "job_hash": outcome.job_hash, "values": job.values, "shot_file": job.shot_file,
-                    "manifest": MANIFEST_JSON}})
+                engine.write_outputs(outcome.result, self.plan.out / job.video,
+                                     extra={"batch": batch_record(job, outcome.job_hash)})
                 row.update(status=DONE, video=job.video, sidecar=job.sidecar)
                 self.thumbs[job.id] = [_png(t) for t in thumbnails(outcome.result.frames)]
             except Exception as e:  # a full disk, a folder gone: this job fails, the batch goes on
@@ -556,6 +589,7 @@ class Recorder:
             "overrides": self.plan.overrides,
             "counts": self.counts(),
             "pipeline_loads": self.loads(),
+            **({"executor": self.executor_info()} if self.executor_info is not None else {}),
             "order": [j.id for j in self.plan.order],
             "contact_sheets": [p.name for p in self.contact_sheets],
             "jobs": [self.rows[j.id] for j in self.plan.jobs],
@@ -745,8 +779,9 @@ class ProgressBar:
 
     WIDTH = 24
 
-    def __init__(self, total: int, stream=None, tty: bool | None = None, quiet: bool = False):
+    def __init__(self, total: int, stream=None, tty: bool | None = None, quiet: bool = False, workers: int = 1):
         self.total = total
+        self.workers = max(1, workers)  # jobs running at once (a Ray farm): the ETA divides by them
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.tty = False if quiet else self.stream.isatty() if tty is None else tty
@@ -762,7 +797,7 @@ class ProgressBar:
     def eta(self) -> float | None:
         left = self.total - self.finished - self.fraction
         if self.rendered:
-            return left * self.rendered_s / self.rendered
+            return left * self.rendered_s / self.rendered / self.workers
         elapsed = time.perf_counter() - self.job_t0
         if self.job is not None and self.fraction > 0.05:
             return left * elapsed / self.fraction
@@ -870,7 +905,7 @@ def run(plan: Plan, executor: Executor | None = None, progress: ProgressBar | No
     executor = executor or LocalExecutor()
     stop = stop or threading.Event()
     cancel = cancel or threading.Event()
-    recorder = Recorder(plan, lambda: executor.loads)
+    recorder = Recorder(plan, lambda: executor.loads, getattr(executor, "info", None))
 
     def deliver(job: Job, outcome: Outcome) -> None:
         row = recorder.record(job, outcome)

@@ -50,11 +50,61 @@ def first_line(e: BaseException) -> str:
 
 
 EXIT_MISMATCH = 1
+EXIT_FAILED_BASE = 10  # studio batch / eval --ray: 10 + the number of failed jobs
+
+
+def _manager(args):
+    """The pipeline manager of a command: the machine settings of the environment and the command's flags, checked
+    against this machine (one line naming the flag or variable when it cannot do them). Without flags that change
+    the environment's settings, the process's own manager (engine.default_manager), with what it has loaded."""
+    from studio import engine, machine
+    from studio.pipelines import PipelineManager
+
+    settings = machine.from_args(args)
+    if settings == machine.from_env():
+        return engine.default_manager()
+    return PipelineManager(settings=settings)
+
+
+def use_step_cache(args) -> None:
+    """--step-cache NAME: the machine's step cache for this process (SHOT_STUDIO_STEP_CACHE), checked here."""
+    import os
+
+    from studio import step_caches
+
+    if getattr(args, "step_cache", None) is not None:
+        step_caches.parse(args.step_cache, "--step-cache")
+        os.environ[step_caches.ENV] = args.step_cache
+    else:
+        step_caches.configured()  # a bad SHOT_STUDIO_STEP_CACHE is one line too
+
+
+def cli_preset(model: str, args):
+    """The model preset as the CLI flags change it (--random-weights, --width-factor), or None when they don't."""
+    if getattr(args, "width_factor", None) is not None and not args.random_weights:
+        from studio.shot import ShotError
+
+        raise ShotError("--width-factor", args.width_factor, "only applies with --random-weights")
+    if not getattr(args, "random_weights", False):
+        return None
+    from studio import presets
+
+    return presets.with_random_weights(presets.load_model_preset(model), args.width_factor)
+
+
+def _add_weight_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of the model's real layout (its published configs, presets/configs/) "
+                             "instead of its weights: no download; recorded in the sidecar")
+    parser.add_argument("--width-factor", type=float, metavar="F",
+                        help="with --random-weights: the same layout with every channel width x F (heads and depths "
+                             "kept), e.g. 0.125 for a CPU")
 
 
 def cmd_render(args) -> int:
     from studio import engine, shot as shotlib
 
+    use_step_cache(args)
     if args.verify:
         if args.shot or args.out:
             raise ValueError("--verify: give only the sidecar (the shot and outputs are the sidecar's)")
@@ -64,6 +114,7 @@ def cmd_render(args) -> int:
     if not args.out:
         raise ValueError("--out: required: the .mp4 to write (its sidecar goes beside it as .json)")
     shot = shotlib.load(args.shot, args.set + [f"refine.{r}.enabled=true" for r in args.refine])
+    preset = cli_preset(shot.model, args)
     last = [-1]
 
     def progress(i: int, n: int) -> None:
@@ -71,9 +122,12 @@ def cmd_render(args) -> int:
             last[0] = i
             print(f"\rstep {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
-    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress)
+    files = engine.render_to_files(shot, args.out, frames_dir=args.frames_dir, gif=args.gif, progress=progress,
+                                   manager=_manager(args), preset=preset)
     r = files.result
-    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, model {r.preset.name}, "
+    weights = f" (random weights, width {r.preset.width_factor:g})" if r.preset.random_weights else ""
+    print(f"{files.video}  ({len(r.frames)} frames {r.frames.shape[2]}x{r.frames.shape[1]}, "
+          f"model {r.preset.name}{weights}, "
           f"seed {r.shot.seed}, {r.timings['total']:.2f} s)  sidecar {files.sidecar}")
     return 0
 
@@ -82,7 +136,7 @@ def cmd_verify(args) -> int:
     """Re-render a sidecar's shot; exit 0 when the frames match, 1 when they do not."""
     from studio import verify
 
-    v = verify.verify(args.verify)
+    v = verify.verify(args.verify, _manager(args))
     print(verify.format_report(v, args.verify))
     return 0 if v.frames_match else EXIT_MISMATCH
 
@@ -94,6 +148,8 @@ def cmd_batch(args) -> int:
 
     from studio import batch
 
+    use_ray = _ray_flags(args)
+    use_step_cache(args)
     overrides = args.set + [f"refine.{r}.enabled=true" for r in args.refine]
     plan = batch.plan(args.shots, args.out, args.sweep, overrides)
     from diffusers.utils import logging as diffusers_logging  # after the plan: bad input answers without diffusers
@@ -102,18 +158,78 @@ def cmd_batch(args) -> int:
     diffusers_logging.disable_progress_bar()  # their loading bars would break the batch's own
     transformers_logging.disable_progress_bar()
     stop, cancel = threading.Event(), threading.Event()
-    bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
-    with batch.sigint_stops(stop, cancel, bar.note):
-        report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
-    print(batch.summary(report))
+    if not use_ray:
+        bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress)  # failures are shown either way
+        with batch.sigint_stops(stop, cancel, bar.note):
+            report = batch.run(plan, batch.LocalExecutor(), bar, stop, cancel)
+        print(batch.summary(report))
+        return report.exit_status
+    from studio import ray_farm
+
+    faults = ray_farm.faults_from_env()
+    shared = plan.out.absolute() if args.ray_shared else None
+    with ray_farm.farm(args.ray_address, args.ray_workers, shared, args.verbose) as farm:
+        bar = batch.ProgressBar(len(plan.jobs), quiet=not args.progress, workers=farm.pool.size)
+        executor = ray_farm.RayExecutor(farm.pool, args.ray_retries, shared, faults, notify=bar.note)
+        if args.progress:
+            bar.note(f"ray: {farm.describe()}")
+        with batch.sigint_stops(stop, cancel, bar.note):
+            report = batch.run(plan, executor, bar, stop, cancel)
+        replaced = executor.info()["replaced"]
+        where = farm.pool.describe() + (f", {replaced} replaced after dying" if replaced else "")
+    print(f"{batch.summary(report)}  ({where})")
     return report.exit_status
+
+
+def _ray_flags(args) -> bool:
+    """Whether the command runs on Ray (--ray or --ray-address); the Ray flags checked, and Ray importable, before
+    anything else (one line, exit 2)."""
+    use = bool(args.ray or args.ray_address)
+    if not use:
+        for flag, value in (("--ray-workers", args.ray_workers), ("--ray-retries", args.ray_retries),
+                            ("--ray-shared", getattr(args, "ray_shared", False) or None)):
+            if value is not None:
+                raise ValueError(f"{flag}: only with --ray (or --ray-address)")
+        return False
+    from studio import ray_farm
+
+    ray_farm.import_ray()
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise ValueError(f"--ray-workers: must be 1 or more (got {args.ray_workers})")
+    if args.ray_retries is None:
+        args.ray_retries = ray_farm.DEFAULT_RETRIES
+    if args.ray_retries < 0:
+        raise ValueError(f"--ray-retries: must be 0 or more (got {args.ray_retries})")
+    return True
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser, what: str, shared: bool) -> None:
+    parser.add_argument("--ray", action="store_true",
+                        help=f"render the {what} on a Ray cluster (the optional extra: pip install -e \".[ray]\"): "
+                             "one worker per GPU, or per CPU with one torch thread each; without --ray-address it "
+                             "joins the cluster `ray start` runs on this machine, or starts a local one")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="the Ray cluster's head, HOST:PORT (implies --ray; also ray://HOST:PORT, auto)")
+    parser.add_argument("--ray-workers", type=int, metavar="N", help="at most N Ray workers (default: one per GPU, "
+                                                                      "or one per CPU on a CPU-only cluster)")
+    parser.add_argument("--ray-retries", type=int, metavar="N",
+                        help="a job whose worker dies (killed, out of memory) runs again on a new worker up to N "
+                             "times, then it is recorded as failed (default: 2)")
+    if shared:
+        parser.add_argument("--ray-shared", action="store_true",
+                            help="--out is a folder every node mounts at the same path (NFS, ...): the workers write "
+                                 "each job's MP4 + sidecar there themselves, and only the job's record and "
+                                 "thumbnails come back (no frames through Ray)")
 
 
 def cmd_eval(args) -> int:
     from studio import evaluation
 
+    use_ray = _ray_flags(args)
     if bool(args.prompt_set) == bool(args.videos):
         raise ValueError("studio eval: give a prompt set (YAML) or --videos, one of the two")
+    if use_ray and args.videos:
+        raise ValueError("--ray: renders prompt sets; --videos only scores renders that exist (no Ray needed)")
     scorer = evaluation.Scorer(clip_model=args.clip_model, dino_model=args.dino_model)
     if args.videos:
         res = evaluation.score_videos(args.videos, args.out, scorer)
@@ -129,10 +245,29 @@ def cmd_eval(args) -> int:
         if args.limit:
             ps.shots = ps.shots[:args.limit]
         progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.progress else None
-        res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress)
+        if use_ray:
+            from studio import ray_farm
+
+            evaluation.plan_jobs(ps, configs, args.set)  # bad pairs answer before any cluster starts
+            with ray_farm.farm(args.ray_address, args.ray_workers, None, args.verbose) as farm:
+                if progress is not None:
+                    progress(f"ray: {farm.describe()}")
+                executor = ray_farm.RayExecutor(farm.pool, args.ray_retries, faults=ray_farm.faults_from_env(),
+                                                notify=lambda msg: print(msg, file=sys.stderr, flush=True))
+                res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress,
+                                                executor=executor)
+        else:
+            res = evaluation.run_prompt_set(ps, configs, args.out, scorer, overrides=args.set, progress=progress)
     print(evaluation.markdown(res))
     print(f"wrote {res.files['json']}, {res.files['markdown']}, {res.files['plot']}")
-    return 0
+    failed = len(res.info.get("failed") or [])
+    return EXIT_FAILED_BASE + min(failed, 100) if failed else 0
+
+
+def cmd_bench(args) -> int:
+    from studio import bench
+
+    return bench.main(args)
 
 
 def cmd_presets(args) -> int:
@@ -155,7 +290,7 @@ def cmd_presets(args) -> int:
 def cmd_ui(args) -> int:
     from studio.ui import launch
 
-    launch(host=args.host, port=args.port, share=args.share)
+    launch(host=args.host, port=args.port, share=args.share, manager=_manager(args))
     return 0
 
 
@@ -234,8 +369,9 @@ def cmd_subject_add(args) -> int:
             print(f"\rstep {i}/{n}  loss {loss:.4f}  {left:.0f} s left", end="" if i < n else "\n",
                   file=sys.stderr, flush=True)
 
-    subject, result = tune.add_subject(args.name, photos, masks, args.model, settings, SubjectLibrary(),
-                                       progress=progress, overwrite=args.overwrite,
+    model = cli_preset(args.model, args) or args.model
+    subject, result = tune.add_subject(args.name, photos, masks, model, settings, SubjectLibrary(),
+                                       manager=_manager(args), progress=progress, overwrite=args.overwrite,
                                        photo_names=[f.name for f in files])
     print(f"{subject.name}: {', '.join(subject.methods)} for {subject.base_model}, phrase "
           f"'{subject.trigger} {subject.class_word}', {subject.photos} photos, {result.seconds:.0f} s  {subject.path}")
@@ -263,7 +399,14 @@ def cmd_subject_remove(args) -> int:
     return 0
 
 
+STEP_CACHE_HELP = ("a machine setting: diffusers' step cache for Wan models, NAME or NAME:key=value,...: none, "
+                   "first_block, pyramid_broadcast, taylorseer, sea, mag, faster (see studio.step_caches); same as "
+                   "SHOT_STUDIO_STEP_CACHE=NAME; recorded in the sidecar's settings.step_cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from studio import machine
+
     p = argparse.ArgumentParser(prog="studio", description="Shot Studio: customized text-to-video.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action="append", default=[], choices=["face", "tiled"],
                    help="also run a refinement pass (Face VCD, Tiled VCD); same as --set refine.NAME.enabled=true")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no per-step progress on stderr")
+    r.add_argument("--threads", metavar="N", help=THREADS_HELP)
+    machine.add_arguments(r)
+    r.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
+    _add_weight_flags(r)
     r.set_defaults(func=cmd_render)
 
     b = sub.add_parser("batch", help="render shot files × sweeps of fields into a folder: MP4 + sidecar per job, a "
@@ -304,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a refinement pass on every job; same as --set refine.NAME.enabled=true")
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr (failed jobs are still reported there)")
+    _add_ray_flags(b, "jobs", shared=True)
+    b.add_argument("--step-cache", metavar="NAME", help=STEP_CACHE_HELP)
     b.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="render a prompt set under configurations (or score renders) and write "
@@ -321,7 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP weights (local cache only)")
     ev.add_argument("--dino-model", default="facebook/dino-vits16", help="DINO weights (local cache only)")
     ev.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_ray_flags(ev, "renders", shared=False)
     ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="speed and memory of a model: seconds per render and step, peak memory, "
+                                     "the controls' overhead (paired ratios), tuning seconds per step; table + JSON")
+    from studio import bench as bench_module
+
+    bench_module.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("presets", help="list model and shot presets")
     s.set_defaults(func=cmd_presets)
@@ -330,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--share", action="store_true", help="create a public Gradio link")
+    u.add_argument("--threads", metavar="N", help=THREADS_HELP)
+    machine.add_arguments(u)
     u.set_defaults(func=cmd_ui)
 
     sj = sub.add_parser("subject", help="teach the studio a subject; list and remove subjects")
@@ -338,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("name", help="the subject's name (letters, digits, - and _), used as subjects[i].subject")
     sa.add_argument("--images", required=True, help="folder of photos (png, jpg, webp)")
     sa.add_argument("--model", default="toyworld", help="model preset the subject is trained for")
-    sa.add_argument("--method", default="lora", choices=["lora", "tokens", "both"])
+    sa.add_argument("--method", choices=["lora", "tokens", "both"],
+                    help="what to train (default: the model's, from the table the page's training panel also reads: "
+                         "studio.subjects.tune.DEFAULTS)")
     sa.add_argument("--steps", type=int, help="training steps (default: the model's)")
     sa.add_argument("--phrase", help="trigger word(s) and class word, e.g. 'sks dog' (default: 'sks NAME')")
     sa.add_argument("--masks", help="folder of masks named like the photos (default: automatic masks)")
@@ -346,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--overwrite", action="store_true", help="replace a subject of that name")
     sa.add_argument("--no-progress", dest="progress", action="store_false")
+    machine.add_arguments(sa)
+    _add_weight_flags(sa)
     sa.set_defaults(func=cmd_subject_add)
     sl = ssub.add_parser("list", help="the subjects in the library")
     sl.set_defaults(func=cmd_subject_list)
@@ -389,6 +552,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
 
 
+def _runs_models(args) -> bool:
+    """Whether the command runs a model (and so needs torch's CPU threads chosen): not presets, subject list/remove."""
+    return args.command not in ("presets",) and getattr(args, "subject_command", "add") == "add"
+
+
+THREADS_HELP = ("torch CPU threads (a machine setting, recorded in the sidecar; default: SHOT_STUDIO_THREADS, else "
+                "OMP_NUM_THREADS, else the studio's choice: one core left free, so 1 thread on 2 cores)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
@@ -397,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "toyworld":
         logging.getLogger("studio").setLevel(logging.INFO)
     try:
+        if _runs_models(args):  # before any model loads: torch's CPU threads (studio.threads)
+            from studio import threads
+
+            threads.apply(args.threads if args.command in ("render", "ui") else None)
         return args.func(args)
     except Exception as e:
         if not _is_input_error(e):

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from studio import families, refine, shot as shotlib
-from studio.controls import compose, noise_prior
+from studio.controls import compose, noise_prior, noise_warp
 from studio.controls.base import applied, step_end_chain
 from studio.pipelines import PipelineManager
 from studio.presets import ModelPreset, load_model_preset
@@ -36,11 +36,14 @@ _default_lock = threading.Lock()
 
 
 def default_manager() -> PipelineManager:
-    """The process-wide pipeline manager (created on first use, never at import)."""
+    """The process-wide pipeline manager (created on first use, never at import), with the machine settings of the
+    environment (SHOT_STUDIO_DEVICE, _DTYPE, _OFFLOAD, ...: studio.machine.ENV)."""
     global _default_manager
     with _default_lock:
         if _default_manager is None:
-            _default_manager = PipelineManager()
+            from studio import machine
+
+            _default_manager = PipelineManager(settings=machine.from_env())
         return _default_manager
 
 
@@ -57,6 +60,7 @@ class RenderResult:
     info: dict = field(default_factory=dict)  # device, dtype, pipeline class, latent shape
     identity: dict = field(default_factory=dict)  # weights and inputs by content hash (studio.identity)
     settings: dict = field(default_factory=dict)  # pixel-changing machine settings (studio.machine)
+    measures: dict = field(default_factory=dict)  # what the controls achieved (studio.measures; sidecar `measures`)
 
     def sidecar(self) -> dict:
         """Everything needed to reproduce this video: the shot, the model by name and by content hash, the machine
@@ -70,13 +74,15 @@ class RenderResult:
             "seed": self.shot.seed,
             "model": {"preset": p.name, "family": p.family, "base": p.base, "motion_adapter": p.motion_adapter,
                       "revision": p.revision, "variant": p.variant, "scheduler_class": p.scheduler_class,
-                      "scheduler": dict(p.scheduler)},
+                      "scheduler": dict(p.scheduler), "random_weights": p.random_weights,
+                      "width_factor": p.width_factor, "layout": p.layout},
             "render": self.info,
             "identity": self.identity,
             "settings": self.settings,
             "frames": frames_record(self.frames),
             "timings": self.timings,
             "versions": package_versions(),
+            "measures": self.measures,
         }
 
 
@@ -97,24 +103,34 @@ def input_files(shot: shotlib.Shot) -> dict[str, str]:
     return {k: v for k, v in named.items() if v}
 
 
-def prepare(shot: shotlib.Shot) -> tuple[shotlib.Shot, ModelPreset]:
-    """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad)."""
-    preset = load_model_preset(shot.model)
+def prepare(shot: shotlib.Shot, preset: ModelPreset | None = None) -> tuple[shotlib.Shot, ModelPreset]:
+    """Validate a shot at the boundary: load its model preset and resolve defaults (ShotError if bad).
+
+    preset: the shot's model preset as the caller changed it (e.g. `presets.with_random_weights`), instead of the
+    one `shot.model` names; it must have that preset's name."""
+    if preset is None:
+        preset = load_model_preset(shot.model)
+    elif preset.name != load_model_preset(shot.model).name:
+        raise shotlib.ShotError("model", shot.model, f"the shot's model is not the preset given ({preset.name})")
     shot = shotlib.resolve(shot, preset)
     refine.check(shot)
+    from studio import step_caches
+
+    step_caches.check(shot, preset)  # the machine's step cache against the shot's controls
     return shot, preset
 
 
 def render(shot: shotlib.Shot, manager: PipelineManager | None = None, progress: Progress | None = None,
-           cancel: threading.Event | None = None) -> RenderResult:
-    """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot."""
+           cancel: threading.Event | None = None, preset: ModelPreset | None = None) -> RenderResult:
+    """Render a shot to frames. Reproducible bit for bit on the same machine for the same shot (and preset: see
+    `prepare`)."""
     from studio.subjects import apply as subjects
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # 1. Validate and resolve the shot against its model preset; its trained subjects against the library (before
     #    any weights load: a subject of another base model must not cost a model load first).
-    shot, preset = prepare(shot)
+    shot, preset = prepare(shot, preset)
     plan, records = subjects.plan(shot, preset)
     # 2. Fetch the pipeline (cached by what determines it) and hold it: a render installs controls and adapters on
     #    it, so two renders on one pipeline at once would restore each other's state.
@@ -137,7 +153,8 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     # 2b. Trained subjects: their words go into the prompt and phrases, their weights into the pipeline (loaded
     #     once per pipeline, then switched by adapter weights).
     if records:
-        subjects.load(pipe, records)
+        with machine.offload_paused(pipe):  # weights where peft can see them (sequential offload keeps none)
+            subjects.load(pipe, records)
     timings["load"] = time.perf_counter() - t0
     # 3. Initial noise from the 3D Gaussian prior over the model's latent frames, drawn on the CPU from the shot's
     #    seed. The family says the latent layout (B, C, F', h, w) and when each latent frame stands in video time.
@@ -148,10 +165,12 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
     generator = torch.Generator("cpu").manual_seed(shot.seed)
     prior = latent_prior(shot, family, family.temporal_factor(pipe))
     latents = noise_prior.sample(shape, shot.noise_prior.gamma, generator, times=prior["times"])
-    latents = latents.to(pipe.device, family.latent_dtype(pipe))
+    latents = noise_warp.for_shot(shot, preset.family, pipe.scheduler, latents, generator)  # along the pan
+    latents = latents.to(machine.execution_device(pipe), family.latent_dtype(pipe))
     # 4. Controls the shot asks for (boxes, camera, references): built and checked before any denoising.
     ctx = compose.context(plan.shot, shape[3], shape[4])
     ctx.latent_frames, ctx.cfg_batched = shape[2], family.cfg_batched
+    ctx.temporal = family.temporal_factor(pipe)
     controls = compose.build(plan.shot, pipe, ctx, preset.name, plan.adapters)
     regional = any(c.name == subjects.RegionalLora.name for c in controls)
     chain = step_end_chain(ctx, controls)
@@ -169,16 +188,24 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
                   height=shot.height, width=shot.width, num_inference_steps=shot.steps,
                   guidance_scale=shot.guidance_scale, latents=latents, generator=generator, output_type="np")
     kwargs.update(family.call_kwargs(pipe, step_cb, check_cancel))
-    with torch.inference_mode(), subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
+    from studio import step_caches
+
+    cache_stats: dict = {}
+    with torch.inference_mode(), step_caches.enabled(pipe, shot, stats=cache_stats), \
+            subjects.activated(pipe, plan.adapters, regional), applied(pipe, controls, ctx):
         out = pipe(**kwargs).frames
     check_cancel()
     timings["denoise"] = time.perf_counter() - t2
     # 6. Frames to uint8.
     video = np.asarray(out[0] if len(out) == 1 else out)  # (F, H, W, 3) float in 0..1
     frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    info = {"device": str(pipe.device), "dtype": str(denoiser.dtype).removeprefix("torch."),
+    info = {"device": str(machine.execution_device(pipe)), "dtype": str(denoiser.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "latent_shape": list(shape), "pipeline_loads": manager.loads,
-            "controls": [c.name for c in controls], "noise_prior": prior}
+            "controls": [c.name for c in controls], "noise_prior": prior, "machine": machine.notes(pipe)}
+    if cache_stats:  # the step cache and how much attention it skipped
+        info["step_cache"] = cache_stats
+    if ctx.temporal > 1 and ctx.boxes:  # how the video frames' boxes became one box per latent frame
+        info["latent_boxes"] = {"rule": "union", "frames": ctx.frame_groups()}
     # 7. Refinement (Face VCD, then Tiled VCD) when the shot asks for it: video-to-video with the same pipeline,
     #    prompt and subjects (box/camera/reference controls are not applied to these passes).
     if refine.enabled(shot):
@@ -193,11 +220,12 @@ def _render_on(pipe, shot: shotlib.Shot, preset: ModelPreset, plan, records: lis
         frames = refined.frames
         info["refine"] = refined.info
         timings["refine"] = time.perf_counter() - t3
+    measured = _measure(frames, shot, preset, ctx.boxes, timings)
     timings["total"] = time.perf_counter() - t0
     if plan.names:
         info.update(subjects=plan.names, prompt=plan.shot.prompt)
     logger.info("rendered %d frames %dx%d in %.2f s", len(frames), frames.shape[2], frames.shape[1], timings["total"])
-    return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe))
+    return RenderResult(frames, shot, preset, timings, info, ident, machine.record(pipe), measured)
 
 
 def latent_prior(shot: shotlib.Shot, family, temporal: int) -> dict:
@@ -220,6 +248,21 @@ def render_identity(pipe, shot: shotlib.Shot, preset: ModelPreset, records: list
     return {"components": identity.of_pipeline(pipe, preset.variant),
             "subjects": {rec.name: identity.subject_identity(rec) for _, rec in records},
             "inputs": {k: identity.file_sha256(v) for k, v in input_files(shot).items()}}
+
+
+def _measure(frames: np.ndarray, shot: shotlib.Shot, preset: ModelPreset, boxes: dict, timings: dict) -> dict:
+    """The render's per-control measures (studio.measures), the boxes where the controls left them; a measure that
+    fails is logged and recorded as not measured, never a lost render."""
+    from studio import measures
+
+    t = time.perf_counter()
+    try:
+        out = measures.measure(frames, shot, preset, {k: b.cpu().numpy() for k, b in boxes.items()})
+    except Exception as e:  # noqa: BLE001 - the render itself succeeded
+        logger.exception("measuring the render failed")
+        out = {"status": "not measured", "reason": f"the measure failed: {type(e).__name__}"}
+    timings["measure"] = time.perf_counter() - t
+    return out
 
 
 def _step_callback(total: int, progress: Progress | None, cancel: threading.Event | None, chain=None):
@@ -247,7 +290,8 @@ class RenderFiles:
 
 def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path | None = None,
                     gif: str | Path | None = None, manager: PipelineManager | None = None,
-                    progress: Progress | None = None, cancel: threading.Event | None = None) -> RenderFiles:
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    preset: ModelPreset | None = None) -> RenderFiles:
     """Render and write the MP4 with its JSON sidecar (and optional GIF / PNG frames).
 
     The output paths are checked before rendering (ShotError naming --out, --gif or --frames-dir). All or
@@ -258,7 +302,7 @@ def render_to_files(shot: shotlib.Shot, out: str | Path, frames_dir: str | Path 
     gif = Path(gif) if gif is not None else None
     frames_dir = Path(frames_dir) if frames_dir is not None else None
     check_outputs(out, gif, frames_dir)
-    result = render(shot, manager, progress, cancel)
+    result = render(shot, manager, progress, cancel, preset)
     return write_outputs(result, out, frames_dir, gif)
 
 

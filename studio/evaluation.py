@@ -426,40 +426,117 @@ def plan_jobs(ps: PromptSet, configs: list[str], overrides: list[str] | None = N
 
 def run_prompt_set(ps: PromptSet, configs: list[str], out_dir: str | Path, scorer: Scorer | None = None,
                    manager=None, overrides: list[str] | None = None,
-                   progress: Callable[[str], None] | None = None) -> EvalResult:
+                   progress: Callable[[str], None] | None = None, executor=None) -> EvalResult:
     """Render every shot × seed under every configuration into out_dir/videos/<config>/ and score them.
 
     Every job is checked first (`plan_jobs`): an invalid (configuration, shot) pair stops the run before the first
-    render (InvalidJobs names each)."""
+    render (InvalidJobs names each).
+
+    `executor`: a studio.batch Executor (a Ray farm, studio.ray_farm.RayExecutor) renders the jobs instead of this
+    process; this process writes each video and its sidecar as they arrive and scores them. A job that fails there
+    is left out of the scores and listed in info["failed"]; the rows keep the jobs' order either way."""
     from studio import engine, export
     from studio.pipelines import PipelineManager
 
     jobs = plan_jobs(ps, configs, overrides)
     out_dir = Path(out_dir)
     scorer = scorer or Scorer()
-    manager = manager or PipelineManager(max_pipelines=1)
     rows, t0 = [], time.perf_counter()
-    for k, job in enumerate(jobs):
-        config, ps_shot, seed, target = job.config, job.ps_shot, job.seed, job.target
-        video = out_dir / "videos" / config / f"{ps_shot.id}-s{seed}.mp4"
-        files = engine.render_to_files(job.shot, video, manager=manager)
-        r = files.result
-        side = json.loads(files.sidecar.read_text())
-        side["eval"] = {"config": config, "shot_id": ps_shot.id, "target": shotlib.to_dict(target),
-                        "subject_images": ps_shot.subject_images, "prompt_set": ps.name}
-        export.write_sidecar(video, side)
-        row = {"config": config, "shot": ps_shot.id, "seed": seed, "video": str(video),
-               "size": [int(r.frames.shape[2]), int(r.frames.shape[1])], "render_s": r.timings["total"]}
-        row.update(scorer.score(r.frames, target, r.shot.fps, subject_image_sets(target, ps_shot.subject_images)))
-        rows.append(row)
-        msg = f"[{k + 1}/{len(jobs)}] {config} {ps_shot.id} seed {seed}: {r.timings['total']:.1f} s"
-        logger.info(msg)
-        if progress is not None:
-            progress(msg)
+    failed: list[dict] = []
+    if executor is not None:
+        rows, failed = _run_on(executor, jobs, ps, out_dir, scorer, progress)
+    else:
+        manager = manager or PipelineManager(max_pipelines=1)
+        for k, job in enumerate(jobs):
+            video = _video(out_dir, job)
+            files = engine.render_to_files(job.shot, video, manager=manager)
+            r = files.result
+            side = json.loads(files.sidecar.read_text())
+            side["eval"] = _eval_record(job, ps)
+            export.write_sidecar(video, side)
+            rows.append(_scored_row(job, r, video, scorer))
+            _report(progress, f"[{k + 1}/{len(jobs)}] {job.config} {job.ps_shot.id} seed {job.seed}: "
+                              f"{r.timings['total']:.1f} s")
     info = {"prompt_set": ps.name, "path": ps.path, "configs": configs, "seeds": ps.seeds,
             "shots": [s.id for s in ps.shots], "overrides": list(overrides or []),
             "seconds": time.perf_counter() - t0, "mode": "render"}
+    if executor is not None:
+        info["executor"] = executor.info() if hasattr(executor, "info") else {}
+        info["failed"] = failed
     return _finish(rows, scorer, info, out_dir)
+
+
+def _video(out_dir: Path, job: Job) -> Path:
+    return out_dir / "videos" / job.config / f"{job.ps_shot.id}-s{job.seed}.mp4"
+
+
+def _eval_record(job: Job, ps: PromptSet) -> dict:
+    """The sidecar's "eval" key: what the video is scored against."""
+    return {"config": job.config, "shot_id": job.ps_shot.id, "target": shotlib.to_dict(job.target),
+            "subject_images": job.ps_shot.subject_images, "prompt_set": ps.name}
+
+
+def _scored_row(job: Job, r, video: Path, scorer: Scorer) -> dict:
+    row = {"config": job.config, "shot": job.ps_shot.id, "seed": job.seed, "video": str(video),
+           "size": [int(r.frames.shape[2]), int(r.frames.shape[1])], "render_s": r.timings["total"]}
+    row.update(scorer.score(r.frames, job.target, r.shot.fps,
+                            subject_image_sets(job.target, job.ps_shot.subject_images)))
+    return row
+
+
+def _report(progress: Callable[[str], None] | None, msg: str) -> None:
+    logger.info(msg)
+    if progress is not None:
+        progress(msg)
+
+
+def batch_jobs(jobs: list[Job], ps: PromptSet) -> list:
+    """The evaluation's jobs as studio.batch Jobs (index: the position in `jobs`), so that any batch Executor can
+    render them: grouped by pipeline and trained subjects like a batch's."""
+    from studio import batch, engine
+    from studio.pipelines import key_for
+    from studio.subjects import apply as subjects
+
+    out = []
+    for k, job in enumerate(jobs):
+        shot, preset = engine.prepare(job.shot)
+        _, records = subjects.plan(shot, preset)
+        used = tuple(rec.name for _, rec in records)
+        out.append(batch.Job(k, f"{job.config}/{job.ps_shot.id}-s{job.seed}", ps.path or ps.name,
+                             {"config": job.config, "shot": job.ps_shot.id, "seed": job.seed}, [], job.shot,
+                             preset.name, used, (key_for(preset, "cpu"), used)))
+    return out
+
+
+def _run_on(executor, jobs: list[Job], ps: PromptSet, out_dir: Path, scorer: Scorer,
+            progress: Callable[[str], None] | None) -> tuple[list[dict], list[dict]]:
+    """Render the jobs on an executor; write and score each one here as it arrives. (rows in job order, failures)."""
+    import threading
+
+    from studio import batch, engine
+
+    for job in jobs:
+        engine.check_outputs(_video(out_dir, job))
+    scored: dict[int, dict] = {}
+    failed: list[dict] = []
+
+    def deliver(bjob, outcome) -> None:
+        job = jobs[bjob.index]
+        n = len(scored) + len(failed) + 1
+        if outcome.status != batch.RENDERED:
+            failed.append({"config": job.config, "shot": job.ps_shot.id, "seed": job.seed,
+                           "status": outcome.status, "error": outcome.error})
+            _report(progress, f"[{n}/{len(jobs)}] {job.config} {job.ps_shot.id} seed {job.seed}: {outcome.status}: "
+                              f"{outcome.error}")
+            return
+        r, video = outcome.result, _video(out_dir, job)
+        engine.write_outputs(r, video, extra={"eval": _eval_record(job, ps)})
+        scored[bjob.index] = _scored_row(job, r, video, scorer)
+        _report(progress, f"[{n}/{len(jobs)}] {job.config} {job.ps_shot.id} seed {job.seed}: "
+                          f"{r.timings['total']:.1f} s")
+
+    executor.run(batch.order_jobs(batch_jobs(jobs, ps)), deliver, threading.Event(), threading.Event())
+    return [scored[k] for k in sorted(scored)], failed
 
 
 def score_videos(paths: list[str | Path], out_dir: str | Path, scorer: Scorer | None = None) -> EvalResult:
@@ -511,7 +588,9 @@ def means(rows: list[dict]) -> dict:
 
 
 def _finish(rows: list[dict], scorer: Scorer, info: dict, out_dir: Path) -> EvalResult:
-    res = EvalResult(rows, means(rows), dict(scorer.notes), info)
+    order = [key for key, _, _ in METRICS]  # skipped metrics in the table's order, whatever order videos came in
+    notes = dict(sorted(scorer.notes.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    res = EvalResult(rows, means(rows), notes, info)
     out_dir.mkdir(parents=True, exist_ok=True)
     res.files = {"json": str(out_dir / "results.json"), "markdown": str(out_dir / "results.md"),
                  "plot": str(out_dir / "results.png")}
@@ -548,6 +627,10 @@ def markdown(res: EvalResult) -> str:
     for config, m in res.means.items():
         cells = ["–" if m[k] is None else f"{m[k]:.3f}" if abs(m[k]) < 100 else f"{m[k]:.0f}" for k, _, _ in cols]
         lines.append(f"| {config} | {m['n']} | " + " | ".join(cells) + " |")
+    failed = res.info.get("failed") or []
+    if failed:
+        lines += ["", f"Failed, not scored ({len(failed)}):", ""] + [
+            f"- {f['config']} x {f['shot']} seed {f['seed']}: {f['status']}: {f['error']}" for f in failed]
     if res.notes:
         by_reason: dict[str, list[str]] = {}
         for key, reasons in res.notes.items():

@@ -39,18 +39,6 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_dtype(name: str, device: str, family: str = "animatediff"):
-    """The torch dtype of a preset's `dtype` on a device; `auto` is the family's choice (fp16 on CUDA for the UNets,
-    bf16 for Wan; fp32 on a CPU)."""
-    import torch
-
-    if name == "auto":
-        from studio import families
-
-        name = families.get(family).auto_dtype(device)
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 @dataclass(frozen=True)
 class PipelineKey:
     """Everything that determines a loaded pipeline (and nothing else: shot values never reload)."""
@@ -64,13 +52,26 @@ class PipelineKey:
     device: str
     scheduler: tuple
     scheduler_class: str | None
+    # machine settings that change how the pipeline is built (studio.machine.MachineSettings)
+    offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    random_weights: tuple = ()  # (layout, width factor) of a random-weight build of the layout, else ()
 
 
-def key_for(preset: ModelPreset, device: str) -> PipelineKey:
-    dtype = str(torch_dtype(preset.dtype, device, preset.family)).removeprefix("torch.")
+def key_for(preset: ModelPreset, device: str, settings=None) -> PipelineKey:
+    from studio.machine import MachineSettings, model_dtype
+
+    settings = settings or MachineSettings()
+    dtype = str(model_dtype(preset.dtype, settings, device, preset.family)).removeprefix("torch.")
     return PipelineKey(preset.family, resolve_local(preset.base), preset.motion_adapter, preset.revision,
                        preset.variant, dtype, device, tuple(sorted((k, repr(v)) for k, v in preset.scheduler.items())),
-                       preset.scheduler_class)
+                       preset.scheduler_class, settings.offload, settings.vae_tiling, settings.vae_slicing,
+                       random_key(preset))
+
+
+def random_key(preset: ModelPreset) -> tuple:
+    return (preset.layout or preset.name, float(preset.width_factor)) if preset.random_weights else ()
 
 
 def build_scheduler(current, preset: ModelPreset):
@@ -168,16 +169,27 @@ def _is_missing_weights(e: Exception) -> bool:
     return isinstance(e, OSError) or type(e).__module__.startswith(("huggingface_hub", "requests", "httpx"))
 
 
-def load_pipeline(preset: ModelPreset, device: str):
-    """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager).
+def load_pipeline(preset: ModelPreset, device: str, settings=None):
+    """Build the diffusers pipeline of a preset on a device (no caching here; see PipelineManager), with the machine
+    settings' dtype, offload and VAE options (studio.machine; default: none of them).
 
     The one load path of every preset: the family (studio.families) names the pipeline class and loads its parts.
     """
-    from studio import families
+    from studio import families, machine
 
     family = families.get(preset.family)
+    settings = settings or machine.MachineSettings()
     scheduler_class(preset)  # a bad class name fails before any weights load
-    dtype = torch_dtype(preset.dtype, device, preset.family)
+    dtype = machine.model_dtype(preset.dtype, settings, device, preset.family)
+    if preset.random_weights:  # the layout's published configs with random weights, built once into the cache
+        import dataclasses
+
+        from studio import random_weights
+
+        built = random_weights.build_folder(*random_key(preset))
+        adapter = str(built / "motion_adapter") if preset.family == "animatediff" and preset.motion_adapter else None
+        preset = dataclasses.replace(preset, base=str(built / "base"), motion_adapter=adapter, revision=None,
+                                     variant=None)
     base = resolve_local(preset.base)
     if base.startswith("builtin:"):
         base = str(builtin_folder(base.removeprefix("builtin:")))
@@ -195,7 +207,13 @@ def load_pipeline(preset: ModelPreset, device: str):
     family.check_pipeline(pipe, preset)
     pipe.scheduler = build_scheduler(pipe.scheduler, preset)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # Inference only, and it must stay so: on the CPU torch's linear on a non-contiguous input takes another kernel
+    # when the weight requires grad (results differ in the last bits), so a LoRA load (peft freezes the base weights)
+    # would otherwise change every later plain render of Zeroscope's UNet3D (its proj_in). Training sets its own.
+    for module in pipe.components.values():
+        if hasattr(module, "requires_grad_"):
+            module.requires_grad_(False)
+    return machine.place(pipe, device, settings)
 
 
 class PipelineManager:
@@ -204,21 +222,31 @@ class PipelineManager:
     Thread-safe; one instance is shared by the CLI, the UI's tabs and the evaluation harness.
     """
 
-    def __init__(self, max_pipelines: int = 2, device: str | None = None):
+    def __init__(self, max_pipelines: int = 2, device: str | None = None, settings=None):
+        """settings: the machine settings (studio.machine; default: none, device auto), checked against this
+        machine here (ValueError, one line); `device` overrides theirs. Their attention choice is applied
+        process-wide now."""
+        from studio import machine
+
+        settings = settings or machine.MachineSettings()
+        if device is not None:
+            settings = settings.replace(device=device)
+        self.settings = settings.checked()
+        machine.apply_attention(self.settings)
         self.max_pipelines = max_pipelines
-        self.device = device or pick_device()
+        self.device = self.settings.device
         self._cache: OrderedDict[PipelineKey, object] = OrderedDict()
         self._lock = threading.RLock()
         self.loads = 0  # how many pipelines were built (a cache hit builds none)
 
     def get(self, preset: ModelPreset):
-        key = key_for(preset, self.device)
+        key = key_for(preset, self.device, self.settings)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             t0 = time.perf_counter()
-            pipe = load_pipeline(preset, self.device)
+            pipe = load_pipeline(preset, self.device, self.settings)
             from studio import identity
 
             identity.of_pipeline(pipe, preset.variant)  # hashed while the pipeline is as loaded (see identity)

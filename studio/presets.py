@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from studio import trust
-from studio.shot import ShotError, yaml_position
+from studio.shot import ShotError, path_is_file, yaml_position
 
 
 def presets_root() -> Path:
@@ -70,6 +70,12 @@ class ModelPreset:
     # Expected peak accelerator memory of a render at the defaults (e.g. "18.5 GB on an H100, bf16"), or
     # "not measured" until a GPU measures it.
     peak_memory: str = ""
+    # Random weights of the preset's exact layout instead of its weights: the published configs under
+    # presets/configs/<layout>/ built with a seeded initialisation (studio/random_weights.py), for tests and
+    # benchmarks at a real size without a download. `studio render --random-weights` sets it.
+    random_weights: bool = False
+    width_factor: float = 1.0  # with random_weights: channel widths × this (heads and depths kept), e.g. 0.125
+    layout: Optional[str] = None  # the folder of presets/configs/ with the configs; None: the preset's name
 
 
 def _families() -> tuple[str, ...]:
@@ -104,11 +110,11 @@ def load_model_preset(model: str) -> ModelPreset:
     the names studio.trust allows)."""
     trust.current().check_model(model)
     p = Path(model)
-    if model.endswith((".yaml", ".yml")) or p.is_file():
+    if model.endswith((".yaml", ".yml")) or path_is_file(p):
         path = p
     else:
         path = presets_root() / "models" / f"{model}.yaml"
-    if not path.is_file():
+    if not path_is_file(path):
         known = ", ".join(list_model_presets()) or "none"
         raise ShotError("model", model, f"no such model preset (known: {known}; or give a path to a preset YAML)")
     preset = _load_yaml(path, ModelPreset, "model", model)
@@ -118,6 +124,10 @@ def load_model_preset(model: str) -> ModelPreset:
     if preset.scheduler_class is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", preset.scheduler_class):
         raise ShotError("model", model, "not a preset YAML (its scheduler_class must be a diffusers class name "
                                         "such as DDIMScheduler)")
+    if preset.width_factor != 1 and not preset.random_weights:
+        raise ShotError("model", model, f"width_factor {preset.width_factor:g} only applies with random_weights: true")
+    if preset.random_weights:
+        preset = with_random_weights(preset, preset.width_factor, field="width_factor", switch="random_weights")
     return preset
 
 
@@ -159,6 +169,25 @@ def _check_frame_rule(preset: ModelPreset, model: str) -> None:
     if not any(valid_frames(preset, f) for f in range(preset.min_frames, preset.max_frames + 1)):
         raise ShotError("model", model, f"no frame count in {preset.min_frames}..{preset.max_frames} is "
                                         f"{preset.frame_offset} + k·{preset.frame_step} (the frame rule)")
+
+
+def with_random_weights(preset: ModelPreset, width_factor: float | None = None, field: str = "--width-factor",
+                        switch: str = "--random-weights") -> ModelPreset:
+    """The preset with random weights of its layout at `width_factor` (default: the preset's). ShotError naming
+    `field` for a factor that breaks the layout, and naming `switch` for a preset without published configs (or whose
+    motion adapter the configs lack), before anything is built."""
+    import dataclasses
+
+    from studio import random_weights
+
+    factor = preset.width_factor if width_factor is None else width_factor
+    layout = preset.layout or preset.name
+    random_weights.check(layout, factor, field, switch)
+    adapter = preset.family == "animatediff" and preset.motion_adapter
+    if adapter and not random_weights.has_repo(layout, "motion_adapter"):
+        raise ShotError(switch, preset.name, f"the configs of layout '{layout}' have no motion_adapter/, "
+                                                       f"which this preset loads")
+    return dataclasses.replace(preset, random_weights=True, width_factor=float(factor))
 
 
 def scheduler_class(preset: ModelPreset):

@@ -59,7 +59,8 @@ def v2v_pipeline(pipe):
         raise ValueError(f"refine: no video-to-video pass on the {family.name} family yet")
     with _V2V_LOCK:
         v2v = _V2V.get(pipe)
-        if v2v is None:  # AnimateDiff: AnimateDiffVideoToVideoPipeline; Zeroscope / ModelScope: VideoToVideoSD
+        if v2v is None:  # AnimateDiff: AnimateDiffVideoToVideoPipeline; Zeroscope / ModelScope: VideoToVideoSD;
+            # Wan: WanVideoToVideoPipeline
             v2v = getattr(diffusers, family.video_to_video).from_pipe(pipe)
             v2v.set_progress_bar_config(disable=True)
             _V2V[pipe] = v2v
@@ -111,9 +112,9 @@ def video_to_video(frames: np.ndarray, strength: float, p: Pass) -> np.ndarray:
     kwargs = dict(video=video, prompt=p.prompt, negative_prompt=p.negative_prompt or None, height=h, width=w,
                   strength=strength, num_inference_steps=total, guidance_scale=p.guidance_scale,
                   generator=p.generator, output_type="np")
-    import diffusers
+    import inspect
 
-    if isinstance(v2v, diffusers.AnimateDiffVideoToVideoPipeline):
+    if "callback_on_step_end" in inspect.signature(type(v2v).__call__).parameters:  # AnimateDiff's, Wan's
         kwargs.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
     else:  # VideoToVideoSDPipeline: legacy callback, no height/width (the video's size is used)
         kwargs.pop("height"), kwargs.pop("width")
@@ -177,13 +178,13 @@ def detector_models() -> dict[str, str]:
 def detector_model_path(model: str) -> str | None:
     """The file a `refine.face.detector_model` stands for: a detector model's name (detector_models), else a path
     to a file; None when it is neither."""
-    from pathlib import Path
-
     if "/" not in model and "\\" not in model:
         found = detector_models().get(model)
         if found:
             return found
-    return model if Path(model).is_file() else None
+    from studio.shot import path_is_file
+
+    return model if path_is_file(model) else None
 
 
 def _haar(model: str | None) -> Detector:

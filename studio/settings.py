@@ -109,10 +109,32 @@ def _shown(f: dataclasses.Field) -> str:
     return f"`{f.default}`" if not isinstance(f.default, int) else str(f.default)
 
 
+def machine_rows() -> list[tuple[str, str, str]]:
+    """(variable, default, what) of the machine settings (studio.machine, studio.threads): how this machine runs
+    models, for the page and a Space; the CLI's flags of the same names win over them."""
+    import dataclasses as dc
+
+    from studio import machine, step_caches, threads
+
+    defaults = {f.name: f.default for f in dc.fields(machine.MachineSettings)}
+    rows = [(threads.ENV, "`auto`", "torch CPU threads (`--threads`): a whole number, or `auto` (one core left "
+                                    "free: 1 thread on 1–2 cores, cores − 1 from 3 on); see \"CPU threads\"")]
+    for name, var in machine.ENV.items():
+        d = defaults[name]
+        shown = ("on" if d else "off") if isinstance(d, bool) else f"`{d}`"
+        what = machine.HELP[name].replace("|", ",")  # a bar would split the table's cell
+        rows.append((var, shown, f"{what} (`{machine.FLAGS[name]}`); see \"Machine settings\""))
+    rows.append((step_caches.ENV, "`none`", "diffusers' step cache for Wan models: NAME or NAME:key=value,... "
+                                           "(`--step-cache`); see \"Step caches\""))
+    return rows
+
+
 def markdown_table() -> str:
-    """The README's table: one row per setting."""
+    """The README's table of every SHOT_STUDIO_* variable: what strangers may do (Settings), then how the machine
+    runs models (machine_rows)."""
     rows = ["| variable | default | what it does |", "|---|---|---|"]
     rows += [f"| `{env_name(f.name)}` | {_shown(f)} | {f.metadata['help']} |" for f in dataclasses.fields(Settings)]
+    rows += [f"| `{var}` | {shown} | {what} |" for var, shown, what in machine_rows()]
     return "\n".join(rows) + "\n"
 
 

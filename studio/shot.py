@@ -33,7 +33,10 @@ class ShotError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str, show_value: bool = True):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(f"{field}: {problem}" + (f" (got {value!r})" if show_value else ""))
+        # one line, whatever the input held: a field name with control characters (a YAML key "a\nb") is quoted
+        shown = field if str(field).isprintable() else repr(field)
+        got = f" (got {value!r})" if show_value else ""
+        super().__init__(f"{shown}: {' '.join(str(problem).splitlines())}{got}")
 
 
 @dataclass
@@ -46,8 +49,16 @@ class Camera:
     cx: float = 0.0  # fraction of the frame width the camera travels over the clip; > 0 pans right (content moves left)
     cy: float = 0.0  # same for the height; > 0 pans down (content moves up)
     # MotionBooth shifts the noisy latents during a window of early-middle steps (10..20 of 50).
-    start_step: Optional[int] = None  # first step of the shift window; None: 20% of the steps
-    shift_steps: Optional[int] = None  # length of the window; None: 20% of the steps (at least 1)
+    # None: 20% of the steps for both (MotionBooth); with a noise warp from 10% for 30% (CAMERA_WARP_WINDOW)
+    start_step: Optional[int] = None  # first step of the shift window
+    shift_steps: Optional[int] = None  # length of the window (at least 1)
+    # ρ: the initial noise's fine band follows the camera path, frames k and j correlating as ρ^|k−j| along it
+    # (studio/controls/noise_warp.py): n_k = ρ·shift(n_{k−1}) + sqrt(1 − ρ²)·eps_k, eps'_k = L·eps_k + H·n_k.
+    noise_warp: Optional[float] = None  # None: CAMERA_NOISE_WARP when the shot pans, else 0 (no warp)
+    warp_above: float = 2.0  # L keeps spatial frequencies up to this many cycles per frame each frame's own
+    # The strip a shift vacates: row (MotionBooth: tokens of the same row outside the boxes) | fresh (the row's
+    # level and fresh noise: the warped initial noise there when noise_warp > 0). None: fresh with a warp, else row.
+    fill: Optional[str] = None
 
 
 @dataclass
@@ -87,7 +98,8 @@ class ReferenceControl:
     # released code) or not (METHODS.md's advice: excluded, so the reference does not pull frames toward a still).
     temporal_attention: bool = False
     # Recompute the reference's tokens (a one-frame UNet pass) every this many steps and reuse them in between:
-    # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step).
+    # they change slowly with the timestep, and the pass is the reference's main cost (1 = every step). Wan: no
+    # effect (the references ride in the render's own calls, their tokens are always the current step's).
     refresh_every: int = 4
     # Layers with more tokens than this see the reference average-pooled down to at most this many (cost; 0 < n).
     max_tokens: int = 64
@@ -170,6 +182,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_UNCONDITIONAL = ("blank", "plain")  # see ReferenceControl.unconditional
 BOX_SUPPRESS = ("all_words", "subject_words")
 BOX_INTERPOLATION = ("linear", "smooth")
+CAMERA_FILLS = ("row", "fresh")  # see Camera.fill
+CAMERA_NOISE_WARP = 0.9  # camera.noise_warp of a pan that does not set it (benchmarks/pan_hold.py, README)
+# A warped pan's default shift window as fractions of the steps (start, length): from 10% for 30% (2..7 of 20)
+CAMERA_WARP_WINDOW = (0.1, 0.3)
 FACE_DETECTORS = ("auto", "haar", "yunet", "boxes")
 UPSCALERS = ("cubic", "lanczos", "linear", "nearest")
 MAX_REFINED_SIDE = 4096  # pixels a side of a tiled refine's output
@@ -274,7 +290,8 @@ def _conform(value, tp, where: str):
 
     Returns the value with keyframe keys (dict[int, ...]) turned into ints where they are digit strings.
     Unknown fields are refused here (quoted only when they look like a field name); scalar types are left to
-    omegaconf, which names them itself.
+    omegaconf, which names them itself. Strings holding an omegaconf interpolation ("${...}") are refused: a shot
+    file is data, and a resolver could read the environment.
     """
     tp = _unwrap_optional(tp)
     if value is None:
@@ -309,6 +326,8 @@ def _conform(value, tp, where: str):
         return out
     if isinstance(value, (Mapping, list, tuple)):
         raise ShotError(where, value, f"must be a {_SCALAR_NAMES.get(tp, 'single value')}, not {_kind(value)}")
+    if isinstance(value, str) and "${" in value:  # omegaconf would resolve it: ${oc.env:...} reads the environment
+        raise ShotError(where, value, "interpolations (${...}) are not allowed in a shot file: write the value itself")
     return value
 
 
@@ -344,7 +363,7 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
     except OmegaConfBaseException:
         raise
     except Exception as e:  # the YAML parser's errors ('seed=[1,2' leaves a list open)
-        raise ShotError("--set", item, f"the value is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError("--set", item, f"the value is {_yaml_problem(e)}") from None
     node, tp, where = cfg, Shot, ""
     for i, part in enumerate(parts):
         k, tp, name = _child(node, tp, part, where)
@@ -424,12 +443,12 @@ def _check_subjects(shot: Shot) -> None:
 def load(path: str | Path, overrides: list[str] | None = None) -> Shot:
     """Load a shot YAML file; any problem is a ShotError naming the field."""
     path = Path(path)
-    if not path.is_file():
+    if not path_is_file(path):
         raise ShotError("shot", str(path), "shot file not found")
     try:
         data = OmegaConf.load(path)
     except Exception as e:  # YAML syntax errors come in several types; their text quotes the file: never shown
-        raise ShotError("shot", str(path), f"not valid YAML{yaml_position(e)}") from None
+        raise ShotError("shot", str(path), _yaml_problem(e, quote=False)) from None
     return from_container(data, overrides)
 
 
@@ -444,10 +463,27 @@ def loads(text: str, overrides: list[str] | None = None, where: str = "shot") ->
     try:
         data = OmegaConf.create(text or "{}")
     except Exception as e:
-        raise ShotError(where, (text or "").strip()[:40], f"not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ShotError(where, (text or "").strip()[:40], _yaml_problem(e)) from None
     if isinstance(data, ListConfig):
         raise ShotError(where, "a list", "a shot file must be a mapping of fields")
     return from_container(data, overrides)
+
+
+def _yaml_problem(e: Exception, quote: bool = True) -> str:
+    """One line for YAML omegaconf could not load (its parsers' errors span lines; some have no message). quote:
+    the parser's own first line (it may quote the text: only for text the caller sent), else only the position."""
+    lines = str(e).strip().splitlines()
+    if not lines or str(e).startswith("Invalid loaded object type"):  # a lone value ("3"): omegaconf asserts
+        return "a shot file must be a mapping of fields, not a single value"
+    return f"not valid YAML: {lines[0]}" if quote else f"not valid YAML{yaml_position(e)}"
+
+
+def path_is_file(path: str | Path) -> bool:
+    """Whether a path names a file; False, rather than an OSError, for names the system refuses (too long, NUL)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def to_dict(shot: Shot) -> dict:
@@ -484,12 +520,32 @@ def resolve(shot: Shot, preset) -> Shot:
     if isinstance(out.steps, int) and out.steps >= 1:  # step windows default to the methods' fractions
         if out.box_control.amplify_steps is None:
             out.box_control.amplify_steps = round(0.3 * out.steps)
+    _resolve_camera(out.camera, preset)
+    if isinstance(out.steps, int) and out.steps >= 1:
+        # MotionBooth's window (from 20% of the steps, for 20%); a warped pan's starts earlier and lasts longer
+        # (CAMERA_WARP_WINDOW, measured with benchmarks/pan_hold.py)
+        c = out.camera
+        start, length = CAMERA_WARP_WINDOW if c.noise_warp and (c.cx or c.cy) else (0.2, 0.2)
         if out.camera.start_step is None:
-            out.camera.start_step = min(out.steps - 1, round(0.2 * out.steps))
+            out.camera.start_step = min(out.steps - 1, round(start * out.steps))
         if out.camera.shift_steps is None:
-            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(0.2 * out.steps)))
+            out.camera.shift_steps = max(1, min(out.steps - out.camera.start_step, round(length * out.steps)))
     validate(out, preset)
     return out
+
+
+def _resolve_camera(c: Camera, preset) -> None:
+    """A pan warps its initial noise and fills with fresh noise unless the shot says otherwise (issue 22: the pan
+    then holds per render), where the preset's family and scheduler allow it (a preset that keeps its model's own
+    scheduler is assumed to; one that does not is refused at render, naming both); a shot without a pan, or on a
+    model the warp does not support, resolves to no warp (MotionBooth's shift alone)."""
+    from studio.controls.noise_warp import unsupported
+
+    if c.noise_warp is None:
+        c.noise_warp = CAMERA_NOISE_WARP if (c.cx or c.cy) and not unsupported(preset.family,
+                                                                               preset.scheduler_class) else 0.0
+    if c.fill is None:
+        c.fill = "fresh" if c.noise_warp else "row"
 
 
 def _check_range(field: str, value, lo: int, hi: int) -> None:
@@ -514,9 +570,24 @@ def validate(shot: Shot, preset) -> None:
         raise ShotError("noise_prior.gamma", g, "must be in [0, 1): gamma = 1 would repeat one noise frame")
     for name in ("cx", "cy"):
         v = getattr(shot.camera, name)
-        if not -1.0 <= v <= 1.0:
-            raise ShotError(f"camera.{name}", v, "must be in -1..1 (fraction of the frame travelled over the clip)")
+        if not -1.0 <= v <= 1.0:  # the fraction of the frame travelled over the clip
+            raise ShotError(f"camera.{name}", v, f"the camera would travel more than the frame over the clip, so "
+                            f"the clip would leave the first frame's view entirely; the largest valid value is "
+                            f"{1.0 if v > 0 else -1.0}")
     c = shot.camera
+    if c.fill not in CAMERA_FILLS:
+        raise ShotError("camera.fill", c.fill, f"must be one of {', '.join(CAMERA_FILLS)}")
+    if not 0.0 <= c.noise_warp <= 1.0:
+        raise ShotError("camera.noise_warp", c.noise_warp, "must be in 0..1 (the correlation of consecutive "
+                        "frames' fine noise along the camera path)")
+    if not 0.0 <= c.warp_above <= 64.0:
+        raise ShotError("camera.warp_above", c.warp_above, "must be in 0..64 (cycles per frame)")
+    if c.noise_warp and (c.cx or c.cy):
+        from studio.controls.noise_warp import unsupported
+
+        why = unsupported(preset.family, preset.scheduler_class)  # the model's own scheduler is checked at render
+        if why:
+            raise ShotError("camera.noise_warp", c.noise_warp, why)
     if c.start_step is not None and not 0 <= c.start_step < shot.steps:
         raise ShotError("camera.start_step", c.start_step, f"must be in 0..{shot.steps - 1} (steps - 1)")
     if c.shift_steps is not None and not 1 <= c.shift_steps <= shot.steps - (c.start_step or 0):
@@ -648,7 +719,7 @@ def _validate_subject(s: Subject, where: str, shot: Shot) -> None:
 def validate_image_file(path: str, where: str) -> None:
     """A reference must be an existing, readable image of sane size (checked without decoding all pixels)."""
     p = Path(path)
-    if not p.is_file():
+    if not path_is_file(p):
         raise ShotError(where, path, "image file not found")
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise ShotError(where, path, f"must be an image ({', '.join(IMAGE_SUFFIXES)})")

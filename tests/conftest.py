@@ -3,12 +3,19 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 
+import studio  # first: the OpenMP wait policy of torch's threads is set before torch loads (studio.threads)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.60 turns on token auth (~/.ray/auth_token) otherwise
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+studio.threads.apply()  # the tests run on the thread count the CLI and the app choose on this machine
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,6 +50,33 @@ def tiny_shot():
     })
 
 
+# The tiny random models a control test runs on, one per family: frames that fit each model's frame rule (Wan: 4k+1)
+TINY_MODELS = {"tiny": 8, "tiny-wan": 9}
+# The mean pixel change (0..255) that counts as a control's effect on each: tiny-wan's random VAE barely passes its
+# latents through (another seed moves its pixels by 0.5 on average, another prompt by 0.002; tiny: 46 and 2.7).
+EFFECT = {"tiny": 0.5, "tiny-wan": 0.005}
+
+
+@pytest.fixture(params=list(TINY_MODELS))
+def model_shot(request):
+    """tiny_shot on each family's tiny model: a red circle crossing from left to right over the whole clip."""
+    from studio import shot
+
+    frames = TINY_MODELS[request.param]
+    return shot.from_container({
+        "model": request.param, "prompt": "a red circle on grass", "seed": 0, "frames": frames, "width": 64,
+        "height": 64, "steps": 4, "subjects": [{"phrase": "red circle", "boxes": {
+            0: [0.05, 0.3, 0.35, 0.7], frames - 1: [0.65, 0.3, 0.95, 0.7]}}],
+    })
+
+
+def changed(a, b, model: str) -> bool:
+    """Whether frames b differ from frames a by a control's effect on `model` (EFFECT), not just rounding."""
+    import numpy as np
+
+    return float(np.abs(a.astype(int) - b.astype(int)).mean()) > EFFECT[model]
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts)."""
@@ -75,3 +109,17 @@ def write_tiny_zeroscope(folder, defaults: str = "{frames: 8, width: 64, height:
     preset = folder / f"{name}.yaml"
     preset.write_text(f"name: {name}\nfamily: zeroscope\nbase: {folder / 'model'}\ndefaults: {defaults}\n")
     return preset
+
+
+def red_photos(n=2, size=64):
+    """n training photos of a red rectangle (moving 4 px right per photo) on dark noise, and their masks."""
+    rng = np.random.default_rng(0)
+    photos, masks = [], []
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
+        m = np.zeros((size, size), bool)
+        m[16:48, 16 + i * 4:40 + i * 4] = True
+        photos.append(img)
+        masks.append(m)
+    return photos, masks

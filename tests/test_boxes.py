@@ -1,12 +1,14 @@
 """Box trajectories: keyframe interpolation, masks at a layer's grid, phrase token lookup, the logit bias, the
-processor against plain attention, and the control end to end on the tiny model (changes with, identical without,
-restored after)."""
+processor against plain attention, and the control end to end on each family's tiny model (changes with, identical
+without, restored after). On Wan: phrase tokens by the tokenizer's offsets, one box per latent frame (the union of its
+frames' boxes), the attn2 processor (a zero bias is the stock output; only the conditional call is edited)."""
 
 import numpy as np
 import pytest
 import torch
 
-from studio import engine, shot as shotlib
+from conftest import changed
+from studio import engine, families, shot as shotlib
 from studio.controls import boxes
 from studio.controls.base import Context
 from studio.toyworld import model as toymodel
@@ -82,9 +84,10 @@ def test_a_subject_without_tokens_of_its_own_is_refused_by_name():
         0: [2, 3]}
 
 
-def test_two_subjects_with_one_phrase_get_their_own_tokens_in_a_render(tiny_shot, manager):
+def test_two_subjects_with_one_phrase_get_their_own_tokens_in_a_render(model_shot, manager):
     from studio.controls import compose
 
+    tiny_shot = model_shot
     tiny_shot.prompt = "a red circle and a red circle on grass"
     tiny_shot.subjects = [shotlib.Subject(phrase="red circle", boxes={0: [0.0, 0.0, 0.4, 0.4]}),
                           shotlib.Subject(phrase="red circle", boxes={0: [0.6, 0.6, 1.0, 1.0]})]
@@ -92,7 +95,8 @@ def test_two_subjects_with_one_phrase_get_their_own_tokens_in_a_render(tiny_shot
     pipe = manager.get(preset)
     ctx = compose.context(shot, 8, 8)
     (ctl,) = compose.build(shot, pipe, ctx)
-    assert ctl.tracks == {0: [2, 3], 1: [6, 7]}
+    # CLIP puts its start token at 0; UMT5 has none
+    assert ctl.tracks == ({0: [2, 3], 1: [6, 7]} if shot.model == "tiny" else {0: [1, 2], 1: [5, 6]})
     shot.prompt = "a red circle on grass"  # one occurrence for two subjects: refused, naming the second
     with pytest.raises(shotlib.ShotError, match=r"subjects\[1\]\.phrase: .*already taken by subjects\[0\]"):
         compose.build(shot, pipe, compose.context(shot, 8, 8))
@@ -147,21 +151,28 @@ def _plain(tiny_shot):
     return s
 
 
-def test_box_control_changes_the_render_and_is_removed_after(tiny_shot, manager):
+def test_box_control_changes_the_render_and_is_removed_after(model_shot, manager):
+    tiny_shot = model_shot
     plain = _plain(tiny_shot)
     before = engine.render(plain, manager).frames
     pipe = manager.get(engine.prepare(plain)[1])
-    procs = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
+    denoiser = families.denoiser(pipe)
+    procs = dict(denoiser.attn_processors)
+    hooks = (dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks))
     r = engine.render(tiny_shot, manager)  # the example's red circle with a left-to-right track
     assert r.info["controls"] == ["boxes"]
-    assert np.abs(r.frames.astype(int) - before.astype(int)).mean() > 0.5
-    assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == procs
+    assert changed(before, r.frames, tiny_shot.model)
+    assert dict(denoiser.attn_processors) == procs  # the very same processor objects
+    assert (dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks)) == hooks
     assert np.array_equal(engine.render(plain, manager).frames, before)  # the cached pipeline is clean
+    if tiny_shot.model == "tiny-wan":  # recorded: how 9 frames' boxes became 3 latent frames' boxes
+        assert r.info["latent_boxes"] == {"rule": "union", "frames": [[0], [1, 2, 3, 4], [5, 6, 7, 8]]}
 
 
-def test_phrase_lost_to_truncation_is_a_shot_error(manager):
-    long_prompt = "a " + "very " * 80 + "red circle"
-    s = shotlib.from_container({"model": "tiny", "prompt": long_prompt, "steps": 2,
+@pytest.mark.parametrize("model, words", [("tiny", 80), ("tiny-wan", 520)])  # 77 CLIP tokens, 512 UMT5 tokens
+def test_phrase_lost_to_truncation_is_a_shot_error(manager, model, words):
+    long_prompt = "a " + "very " * words + "red circle"
+    s = shotlib.from_container({"model": model, "prompt": long_prompt, "steps": 2,
                                 "subjects": [{"phrase": "red circle", "boxes": {0: [0, 0, 0.5, 0.5]}}]})
     with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.phrase"):
         engine.render(s, manager)
@@ -183,12 +194,11 @@ def test_box_settings_are_validated(tiny_shot, field, value, message):
         engine.prepare(tiny_shot)
 
 
-def test_a_model_without_spatial_cross_attention_refuses_boxes(tiny_shot, manager, monkeypatch):
-    from studio.families.unet import UNetFamily
-
-    monkeypatch.setattr(UNetFamily, "cross_attention_names", lambda self, unet: [])  # where compose asks
+def test_a_model_without_spatial_cross_attention_refuses_boxes(model_shot, manager, monkeypatch):
+    family = type(families.get(engine.prepare(model_shot)[1].family))
+    monkeypatch.setattr(family, "cross_attention_names", lambda self, unet: [])  # where compose asks
     with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.boxes: .*no spatial cross-attention"):
-        engine.render(tiny_shot, manager)
+        engine.render(model_shot, manager)
 
 
 def test_interpolation_setting_reaches_the_render_context(tiny_shot):
@@ -199,3 +209,81 @@ def test_interpolation_setting_reaches_the_render_context(tiny_shot):
     shot.box_control.interpolation = "smooth"
     smooth = compose.context(shot, 8, 8).boxes[0]
     assert torch.allclose(linear[[0, 7]], smooth[[0, 7]]) and smooth[1, 0] < linear[1, 0]
+
+
+# --- Wan: tokens by offsets, boxes per latent frame, the attn2 processor -----------------------------------------
+
+
+def test_wan_phrase_tokens_are_found_by_offsets_with_every_piece():
+    from studio.controls import wan_attention as wa
+    from studio.families import wan_build
+
+    tok = wan_build.build_tokenizer()
+    prompt = "a red zebracorn   and a Red circle on grass"  # the pipeline collapses the spaces before encoding
+    pieces = tok.convert_ids_to_tokens(tok(wa.wan_prompt(prompt)).input_ids)
+    got = wa.phrase_tokens(tok, prompt, {0: "red zebracorn", 1: "red circle"})
+    assert [pieces[j] for j in got[0]] == ["▁red", "▁z", "e", "b", "r", "a", "c", "o", "r", "n"]  # 1 + 9 pieces
+    assert "".join(pieces[j] for j in got[1]).replace("▁", "") in ("<unk>edcircle", "Redcircle")  # any case
+    assert wa.word_tokens(tok, prompt) == list(range(len(pieces) - 1))  # every piece but </s> (no BOS, pads later)
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[1\]\.phrase: the phrase is not among the prompt's first "
+                                                r"8 tokens"):
+        wa.phrase_tokens(tok, prompt, {0: "red zebracorn", 1: "red circle"}, max_length=8)
+    with pytest.raises(shotlib.ShotError, match=r"subjects\[0\]\.phrase: .*not in the prompt"):
+        wa.phrase_tokens(tok, prompt, {0: "blue star"})
+
+
+def test_each_latent_frame_takes_the_union_of_its_frames_boxes():
+    ctx = Context(frames=9, latent_h=4, latent_w=4, steps=4, do_cfg=True, generator=torch.Generator(),
+                  latent_frames=3, temporal=4)
+    ctx.boxes[0] = torch.from_numpy(boxes.interpolate({0: [0.0, 0.0, 0.25, 0.25], 8: [0.75, 0.75, 1.0, 1.0]}, 9))
+    assert ctx.frame_groups() == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert ctx.latent_of_frame().tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    m = ctx.box_masks(0, 4, 4)  # (F', 16)
+    per_frame = boxes.box_masks(ctx.boxes[0], 4, 4)
+    assert m.shape == (3, 16) and torch.equal(m[0], per_frame[0])
+    assert torch.equal(m[1], per_frame[1:5].any(0)) and torch.equal(m[2], per_frame[5:9].any(0))
+    assert m[2].sum() > per_frame[8].sum()  # more than the last frame's box alone: the box moved during the latent
+    one = Context(frames=9, latent_h=4, latent_w=4, steps=4, do_cfg=True, generator=torch.Generator())
+    one.boxes = ctx.boxes
+    assert torch.equal(one.box_masks(0, 4, 4), per_frame)  # one latent per frame (UNets): the frame's own box
+
+
+@pytest.fixture(scope="module")
+def wan_transformer():
+    from studio.families import wan_build
+
+    return wan_build.build_pipeline().transformer
+
+
+def _wan_ctx(cond=True):
+    ctx = Context(frames=9, latent_h=8, latent_w=8, steps=4, do_cfg=True, generator=torch.Generator(),
+                  latent_frames=3, cfg_batched=False, temporal=4)
+    ctx.cond_call = cond
+    return ctx
+
+
+def test_wan_zero_bias_is_the_stock_output_and_only_the_conditional_call_is_edited(wan_transformer):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from studio.controls.wan_attention import WanBoxAttention
+
+    attn = wan_transformer.blocks[0].attn2
+    torch.manual_seed(0)
+    x, text = torch.randn(1, 3 * 16, 24), torch.randn(1, 512, 24)  # (B, F'·h2·w2, D), 512 text states
+    stock = WanAttnProcessor()(attn, x, text)
+    ctx = _wan_ctx()
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 9)  # everywhere, no amplification: a zero bias
+    zero = WanBoxAttention(ctx, {0: [1, 2]}, [0, 1, 2, 3], strength=0.0, suppress="subject_words")
+    proc = zero.processors(wan_transformer)["blocks.0.attn2.processor"]
+    assert torch.allclose(proc(attn, x, text), stock, atol=1e-6)
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 9)
+    ctl = WanBoxAttention(ctx, {0: [1, 2]}, [0, 1, 2, 3], strength=10.0, amplify_steps=2)
+    proc = ctl.processors(wan_transformer)["blocks.0.attn2.processor"]
+    edited = proc(attn, x, text)
+    assert (edited - stock).abs().max() > 0.1
+    # the bias: amplify inside the latent frame's box, NEG outside, only the phrase's and the words' columns
+    mask = ctl.call_mask(x.shape[1] + 16, 512, torch.float32, "cpu")[0, 0]  # one appended reference frame
+    assert (mask[:, 4:] == 0).all() and (mask[48:] == 0).all()  # pads and </s> untouched; reference rows too
+    assert mask[0, 1] == pytest.approx(10.0 * (1 - 4 / 16)) and mask[15, 1] == boxes.NEG
+    ctx.cond_call = False
+    assert torch.equal(proc(attn, x, text), stock)  # the unconditional call: the layer's own processor

@@ -1,11 +1,14 @@
 """Camera pan by latent shift (MotionBooth): whole-pixel moves in the right direction, fill drawn from the same
 row/column outside the subject boxes, frame f moved in proportion to f over a schedule, boxes moved along,
-seeded reproducibility, and a tiny-model render that pans (and is untouched at cx = 0)."""
+seeded reproducibility, and a render on each family's tiny model that pans (and is untouched at cx = 0). On Wan:
+latent frame k moves as the video time it stands at, the boxes of its video frames move with it, and UniPC's stored
+history (model_outputs, last_sample) moves with the latents, or the next step would undo the shift."""
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import changed
 from studio.controls import camera
 from studio.controls.base import Context, step_end_chain
 
@@ -192,6 +195,52 @@ def test_fill_in_a_schedule_avoids_the_subject():
         assert (out[:, :, f, :, 8 + n:12 + n] == 99.0).all()  # the subject itself moved right by n
 
 
+@pytest.mark.parametrize("dx", [2, -3])
+def test_fresh_fill_copies_no_token_and_keeps_the_row_level(dx):
+    z = torch.randn(1, 4, 6, 8, generator=_gen(5)) + torch.arange(6.0).view(1, 1, 6, 1) * 10  # rows at 0, 10, ...
+    z[:, :, 1:5, 2:5] = 1000.0  # the subject, outside every box (no boxes): row fill could copy it
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    out = camera.shift_frame(z, dx, 0, keep, _gen(), fill="fresh")
+    strip = out[..., -dx:] if dx > 0 else out[..., :-dx]  # (B, C, h, |dx|)
+    assert not torch.isin(strip, z).any()  # nothing copied
+    assert (strip < 500).all()  # the subject's tokens are a minority of each row: its median is background
+    rows = strip.mean((0, 1, 3))
+    assert torch.allclose(rows, torch.arange(6.0) * 10, atol=3.0)  # each row keeps its level
+
+
+def test_with_a_noise_level_the_noise_stays_and_the_content_moves():
+    """With a warped initial noise the shift moves latents - s·eps and puts s·eps back where it was."""
+    ctx = Context(frames=F, latent_h=H, latent_w=W, steps=4, do_cfg=False, generator=_gen())
+    eps = torch.randn(1, 4, F, H, W, generator=_gen(1))  # the initial (warped) noise
+    signal = torch.randn(1, 4, F, H, W, generator=_gen(2))
+    s = 0.6
+    for fill in ("row", "fresh"):
+        ctl = camera.CameraShift(0.5, 0.0, 1, 1, fill=fill, noise_level=lambda i: 1.0 if i < 0 else s)
+        assert ctl.on_step_end(ctx, -1, eps) is None  # before step 0: keeps the initial noise, no shift yet
+        out = ctl.on_step_end(ctx, 0, signal + s * eps)
+        assert torch.equal(out[:, :, 0], (signal + s * eps)[:, :, 0])  # frame 0 never moves
+        content = out - s * eps
+        for f in range(1, F):
+            d = int(f / (F - 1) * 0.5 * W + 1e-6)
+            assert torch.allclose(content[:, :, f, :, :W - d], signal[:, :, f, :, d:], atol=1e-5)
+            if fill == "fresh":  # the strip's content is each row's median level; its noise is eps there
+                level = signal[:, :, f].median(-1, keepdim=True).values.expand(-1, -1, -1, d)
+                assert torch.allclose(content[:, :, f, :, W - d:], level, atol=1e-5)
+        ctl.close()
+    with pytest.raises(RuntimeError):  # without the i = -1 call there is no initial noise to keep
+        camera.CameraShift(0.5, 0.0, 1, 1, noise_level=lambda i: 0.5).on_step_end(ctx, 0, eps)
+
+
+def test_frame_map_moves_a_latent_frame_by_its_video_frames_mean():
+    from studio.controls.noise_warp import grouped_map
+
+    ctx = Context(frames=3, latent_h=H, latent_w=W, steps=2, do_cfg=False, generator=_gen())
+    ctl = camera.CameraShift(0.5, 0.0, 0, 1, frame_map=grouped_map(9, 4))  # 9 video frames in 3 latent frames
+    ctl.on_step_end(ctx, -1, torch.randn(1, 4, 3, H, W, generator=_gen(1)))
+    # video frame v moves v/8·8 = v px; latent frame 1 covers 1..4 (mean 2.5 -> 2), latent frame 2 5..8 (6.5 -> 6)
+    assert ctl.moved[:, 0].tolist() == [0, 2, 6]
+
+
 def test_invalid_window():
     with pytest.raises(ValueError):
         camera.CameraShift(0.5, 0.0, 0, 0)
@@ -232,19 +281,20 @@ def test_pan_changes_a_tiny_render_and_zero_pan_does_not(manager):
     assert ctx.boxes[0][0, 0].item() == pytest.approx(0.1)
 
 
-def test_engine_pans_a_shot_and_resolves_the_window(tiny_shot, manager):
+def test_engine_pans_a_shot_and_resolves_the_window(model_shot, manager):
     import numpy as np
 
     from studio import engine, shot as shotlib
 
-    plain = shotlib.from_container(shotlib.to_dict(tiny_shot))
+    plain = shotlib.from_container(shotlib.to_dict(model_shot))
     plain.subjects = []
     base = engine.render(plain, manager).frames
     plain.camera.cx = -0.5
     r = engine.render(plain, manager)
     assert r.info["controls"] == ["camera"]
-    assert r.shot.camera.start_step == 1 and r.shot.camera.shift_steps == 1  # 20% of 4 steps, recorded
-    assert np.abs(r.frames.astype(int) - base.astype(int)).mean() > 0.5
+    c = r.shot.camera  # recorded: with a noise warp (UNets) from 10% of 4 steps for 30%, else 20% for 20%
+    assert (c.start_step, c.shift_steps) == ((0, 1) if c.noise_warp else (1, 1)), c
+    assert changed(base, r.frames, plain.model)
     plain.camera.cx = 0.0
     assert np.array_equal(engine.render(plain, manager).frames, base)
 
@@ -258,3 +308,78 @@ def test_camera_window_is_validated(tiny_shot):
     tiny_shot.camera.start_step, tiny_shot.camera.shift_steps = 2, 3
     with pytest.raises(shotlib.ShotError, match="camera.shift_steps"):
         engine.prepare(tiny_shot)
+
+
+# ---- Wan: latent frames standing for several video frames, and UniPC's history ----------------------------------
+
+def _wan_ctx(boxes=((0.25, 0.25, 0.5, 0.75),), steps=6):
+    ctx = Context(frames=9, latent_h=8, latent_w=12, steps=steps, do_cfg=True, generator=_gen(0), latent_frames=3,
+                  cfg_batched=False, temporal=4)
+    ctx.boxes = {k: torch.tensor([list(b)] * 9) for k, b in enumerate(boxes)}
+    return ctx
+
+
+def test_latent_frames_move_as_the_video_time_they_stand_at_and_carry_their_frames_boxes():
+    t = camera.frame_targets(3, 0.5, -0.25, 8, 12, times=[0.0, 2.5, 6.5], span=8)  # 9 frames: t_k / 8
+    assert torch.allclose(t, torch.tensor([[0.0, 0.0], [2.5 / 8 * 6, -2.5 / 8 * 2], [6.5 / 8 * 6, -6.5 / 8 * 2]],
+                                          dtype=torch.float64))
+    ctx = _wan_ctx()
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(1))
+    out = camera.CameraShift(0.5, 0.0, 0, 1).on_step_end(ctx, -1, z)
+    moved = [0, 1, 4]  # whole latent pixels: int(1.875), int(4.875)
+    for k, n in enumerate(moved):
+        assert torch.equal(out[:, :, k, :, :12 - n], z[:, :, k, :, n:])
+    xs = ctx.boxes[0][:, 0].tolist()  # every video frame of latent frame k moved with it
+    assert xs == pytest.approx([0.25] + [0.25 - 1 / 12] * 4 + [0.25 - 4 / 12] * 4)
+
+
+def test_the_stored_history_of_a_multistep_scheduler_moves_with_the_latents():
+    from diffusers import UniPCMultistepScheduler
+
+    from studio.controls.history import SchedulerHistory
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    sched.set_timesteps(6)
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(2))
+    sched.model_outputs = [z.clone(), z.clone()]
+    sched.last_sample = z.clone()
+    assert SchedulerHistory(sched, z).names == ["model_outputs[0]", "model_outputs[1]", "last_sample"]
+    ctx = _wan_ctx()
+    out = camera.CameraShift(0.5, 0.3, 0, 1, scheduler=sched).on_step_end(ctx, -1, z)
+    assert not torch.equal(out, z)
+    for stored in (*sched.model_outputs, sched.last_sample):  # the same shift and the same fill draws
+        assert torch.equal(stored, out)
+    assert SchedulerHistory(None, z).stack(z) is z  # a single-step scheduler (or none) stores nothing
+
+
+@pytest.mark.parametrize("with_history", [True, False])
+def test_a_wan_pan_moves_content_by_the_expected_latent_pixels_through_unipc(with_history):
+    """Through WanPipeline and its UniPC scheduler, with a transformer that predicts zero velocity (so denoising keeps
+    the sample): the output is the initial noise with latent frame k moved int(t_k/(F−1)·cx·w) latent pixels and the
+    strips filled from the same rows outside the box. Without shifting UniPC's history its corrector, which works
+    from the stored last sample, smears the shift."""
+    from studio.families import wan_build
+
+    pipe = wan_build.build_pipeline()
+    pipe.transformer.register_forward_hook(lambda m, a, kw, out: (torch.zeros_like(out[0]),), with_kwargs=True)
+    z = torch.randn(1, 16, 3, 8, 12, generator=_gen(0))
+    z[:, :, :, :, 3:6] = 50.0  # the subject's columns (box x 0.25..0.5 of 12): must never be copied into a strip
+    ctx = _wan_ctx(boxes=((0.25, 0.0, 0.5, 1.0),))
+    cam = camera.CameraShift(0.5, 0.0, 1, 3, scheduler=pipe.scheduler if with_history else None)
+    chain = step_end_chain(ctx, [cam])
+    emb = torch.randn(1, 512, 32, generator=_gen(3))
+    out = pipe(prompt_embeds=emb, negative_prompt_embeds=emb, num_frames=9, height=64, width=96,
+               num_inference_steps=6, guidance_scale=5.0, latents=chain(-1, z.clone()), output_type="latent",
+               callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
+               callback_on_step_end_tensor_inputs=["latents"]).frames
+    kept = [torch.allclose(out[:, :, k, :, :12 - n], z[:, :, k, :, n:], atol=1e-4) for k, n in enumerate([0, 1, 4])]
+    if not with_history:
+        assert kept[0] and not kept[1] and not kept[2]
+        return
+    assert all(kept)
+    for k, n in ((1, 1), (2, 4)):
+        strip = out[0, :, k, :, 12 - n:]  # (C, h, n): filled from the same row, outside the subject's columns
+        assert (strip.abs() < 50).all()
+        for r in range(8):
+            row = {round(v, 4) for v in z[0, 0, k, r, [0, 1, 2, 6, 7, 8, 9, 10, 11]].tolist()}
+            assert {round(v, 4) for v in strip[0, r].tolist()} <= row

@@ -54,10 +54,16 @@ def test_pipeline_is_cached_not_reloaded(tiny_shot, manager):
     assert r.timings["load"] < 0.5, "a cached pipeline must not cost a load"
 
 
-def test_progress_reports_every_step_and_cancel_stops(tiny_shot, manager):
+def test_progress_reports_every_step_and_cancel_stops(model_shot, manager):
+    """On each family, with box control on: progress per step, cancel between steps, the controls restored."""
+    from studio import families
+
+    tiny_shot = model_shot
     seen = []
     engine.render(tiny_shot, manager, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(i, 4) for i in range(1, 5)]
+    denoiser = families.denoiser(manager.get(engine.prepare(tiny_shot)[1]))
+    before = (dict(denoiser.attn_processors), dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks))
 
     cancel = threading.Event()
 
@@ -67,6 +73,7 @@ def test_progress_reports_every_step_and_cancel_stops(tiny_shot, manager):
 
     with pytest.raises(engine.RenderCancelled):
         engine.render(tiny_shot, manager, progress=progress, cancel=cancel)
+    assert (dict(denoiser.attn_processors), dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks)) == before
 
 
 def test_sidecar_records_the_resolved_shot_model_and_versions(tiny_shot, manager):

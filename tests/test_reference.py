@@ -1,6 +1,9 @@
 """Zero-shot references: encoding, the attention processor alone (region, strength, unconditional pass), the control
 on the tiny model through `applied` (strength 0 = off, changes when on, everything restored, the write pass: once
-per UNet call, with the conditional prompt), and its wiring from a shot through the engine."""
+per UNet call, with the conditional prompt), and its wiring from a shot through the engine on each family's tiny
+model. On Wan: attn1 reading appended reference frames equals a dense masked computation (pooled keys at their own
+RoPE positions, the key budget, regions per latent frame), the references' own tokens are those of a pass of their
+own, the blank on the unconditional call, and the RoPE time index each reference takes."""
 
 import math
 
@@ -9,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio import engine, shot as shotlib
+from conftest import changed
+from studio import engine, families, shot as shotlib
 from studio.controls import reference
 from studio.controls.base import Context, applied, step_end_chain
 
@@ -337,8 +341,14 @@ def test_a_box_region_changes_less_than_everywhere(pipe, purple):
     assert 0 < small < full
 
 
+@pytest.fixture
+def no_kept_banks(monkeypatch):
+    """Write passes are not answered from earlier renders' banks (tests of the passes themselves)."""
+    monkeypatch.setattr(reference, "BANKS_KEPT", 0)
+
+
 @pytest.mark.parametrize("unconditional", ["plain", "blank"])
-def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purple, unconditional):
+def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purple, unconditional, no_kept_banks):
     calls = []  # (frames, text) of every UNet call, write passes included
 
     def spy(module, args, kwargs):
@@ -375,7 +385,7 @@ def test_write_pass_runs_once_per_refresh_with_the_conditional_prompt(pipe, purp
     assert not torch.equal(stored[(1, PROMPT)], stored[(1, "a white star on sky")])
 
 
-def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_tokens(pipe, purple):
+def test_write_passes_of_every_refresh_run_ahead_in_one_batch_with_the_same_tokens(pipe, purple, no_kept_banks):
     """With the schedule known, the refresh steps' write passes are one UNet call of R·K one-frame videos (at most
     the main call's rows per call), and the render matches the one-pass-per-refresh render."""
     items = [(purple, 1.0, ("all",)), (purple.flip(-1), 2.0, ("outside",))]  # R = 2
@@ -429,29 +439,44 @@ def _shot(tiny_shot, **subject):
     return s
 
 
-def test_a_shot_reference_reaches_the_render_and_strength_zero_is_off(images, tiny_shot, manager):
+def _installed(manager, shot):
+    d = families.denoiser(manager.get(engine.prepare(shot)[1]))
+    return dict(d.attn_processors), dict(d._forward_pre_hooks), dict(d._forward_hooks)
+
+
+def test_a_shot_reference_reaches_the_render_and_strength_zero_is_off(images, model_shot, manager):
+    tiny_shot = model_shot
     plain = engine.render(_shot(tiny_shot), manager).frames
+    before = _installed(manager, tiny_shot)
     off = engine.render(_shot(tiny_shot, reference=str(images / "purple.png"), reference_strength=0.0), manager)
     assert off.info["controls"] == ["reference"] and np.array_equal(off.frames, plain)
     s = _shot(tiny_shot, reference=str(images / "purple.png"))
     for temporal in (False, True):
         s.reference_control.temporal_attention = temporal
+        if temporal and tiny_shot.model == "tiny-wan":  # attn1 is joint over frames: nothing separate to join
+            with pytest.raises(shotlib.ShotError, match="reference_control.temporal_attention: .*valid here: false"):
+                engine.render(s, manager)
+            continue
         on = engine.render(s, manager).frames
-        assert np.abs(on.astype(int) - plain.astype(int)).mean() > 0.3
+        assert changed(plain, on, tiny_shot.model)
+    assert _installed(manager, tiny_shot) == before  # processors and hooks restored
     assert np.array_equal(engine.render(_shot(tiny_shot), manager).frames, plain)  # restored
 
 
-def test_shot_settings_unconditional_and_max_tokens_reach_the_control(images, tiny_shot, manager):
+def test_shot_settings_unconditional_and_max_tokens_reach_the_control(images, model_shot, manager):
+    tiny_shot = model_shot
     s = _shot(tiny_shot, reference=str(images / "purple.png"))
     blank = engine.render(s, manager).frames
     s.reference_control.unconditional = "plain"
     plain = engine.render(s, manager).frames
-    s.reference_control.max_tokens = 4  # pooled harder than the default budget (16 keys on the 8x8 layers)
+    s.reference_control.max_tokens = 4  # pooled harder than the default budget (16 keys on 8x8 layers and Wan's 4x4)
     pooled = engine.render(s, manager).frames
     assert not np.array_equal(blank, plain) and not np.array_equal(plain, pooled)
     s.reference_control.max_tokens, s.reference_control.token_ratio = 64, 1  # a budget of 64 keys: no pooling
     unpooled = engine.render(s, manager).frames
-    assert not np.array_equal(unpooled, plain) and not np.array_equal(unpooled, pooled)
+    assert not np.array_equal(unpooled, pooled)
+    # tiny's 8x8 layers are pooled to 16 keys by default; a Wan latent frame of 4x4 tokens is within the budget
+    assert np.array_equal(unpooled, plain) == (tiny_shot.model == "tiny-wan")
 
 
 def test_supports_video_unets_only(pipe):
@@ -477,3 +502,211 @@ def test_huge_reference_is_refused(tmp_path, tiny_shot):
     s = _shot(tiny_shot, reference=str(big))
     with pytest.raises(shotlib.ShotError, match="at most 4096"):
         engine.prepare(s)
+
+
+# --- Wan: attn1 reading appended reference frames ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan_pipe():
+    from studio.families import wan_build
+
+    return wan_build.build_pipeline()
+
+
+def _wan_ctx(frames=3, h=8, w=8):
+    return Context(frames=4 * frames - 3, latent_h=h, latent_w=w, steps=4, do_cfg=True, latent_frames=frames,
+                   generator=torch.Generator().manual_seed(0), cfg_batched=False, temporal=4)
+
+
+def _wan_refs(ctx, tr, max_tokens=4, **kw):
+    from studio.controls.wan_attention import WanReferenceInjection
+
+    torch.manual_seed(1)
+    items = [(torch.randn(1, 16, ctx.latent_h, ctx.latent_w), 2.0, ("box", 0)),
+             (torch.randn(1, 16, ctx.latent_h, ctx.latent_w), 0.5, ("outside",))]
+    return WanReferenceInjection(ctx, items, tr.rope, tr.config.patch_size, max_tokens=max_tokens, token_ratio=1, **kw)
+
+
+def test_pooled_reference_keys_get_rope_positions_of_their_own(wan_pipe):
+    from studio.controls.wan_attention import rope_at
+
+    tr = wan_pipe.transformer
+    cos, sin = tr.rope(torch.zeros(1, 16, 3, 8, 12))  # the transformer's table: 3 frames of 4×6 tokens
+    t, y, x = (g.flatten().double() for g in torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(6),
+                                                             indexing="ij"))
+    assert all(torch.equal(a, b) for a, b in zip((cos, sin), rope_at(tr.rope, t, y, x)))  # equal at integers
+    ctl = _wan_refs(_wan_ctx(), tr)
+    c, _ = ctl.pooled_rope(3, 4, 4, 2, "cpu")  # 2 references, 2×2 pooled keys each
+    want, _ = rope_at(tr.rope, torch.tensor([3.0] * 4 + [4.0] * 4), torch.tensor([0.5, 0.5, 2.5, 2.5] * 2),
+                      torch.tensor([0.5, 2.5, 0.5, 2.5] * 2))
+    assert torch.equal(c, want)  # reference r at time F' + r, each key at the centre of the 2×2 tokens it pools
+
+
+def test_wan_reference_attention_equals_a_dense_masked_computation(wan_pipe):
+    from studio.controls import wan_attention as wa
+    from studio.controls.boxes import NEG, box_masks
+
+    tr = wan_pipe.transformer
+    T, R, n2 = 3, 2, 16
+    ctx = _wan_ctx()
+    ctx.boxes[0] = torch.from_numpy(__import__("studio.controls.boxes", fromlist=["interpolate"]).interpolate(
+        {0: [0.0, 0.0, 0.5, 0.5], 8: [0.5, 0.5, 1.0, 1.0]}, 9))
+    ctl = _wan_refs(ctx, tr)
+    assert ctl.key_budget(n2) == 4
+    proc = ctl.processors(tr)["blocks.0.attn1.processor"]
+    attn = tr.blocks[0].attn1
+    torch.manual_seed(2)
+    x = torch.randn(1, (T + R) * n2, 24)
+    rot = tr.rope(torch.zeros(1, 16, T + R, 8, 8))
+    ctl.appended = R
+    out = proc(attn, x, None, None, rot)
+    # dense: every query against [video | pooled refs | refs' own tokens] with an explicit (S, Sk) mask
+    q, k, v = wa._qkv(attn, x, x)
+    q, k = wa.rotate(q, *rot), wa.rotate(k, *rot)
+    grid = x[:, T * n2:].reshape(R, 4, 4, 24).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(1, R * 4, 24)
+    kp = wa.rotate(wa._heads(attn.norm_k(attn.to_k(pooled)), 2), *ctl.pooled_rope(T, 4, 4, 2, "cpu"))
+    vp = wa._heads(attn.to_v(pooled), 2)
+    K = torch.cat([k[:, :T * n2], kp, k[:, T * n2:]], 1).transpose(1, 2)
+    V = torch.cat([v[:, :T * n2], vp, v[:, T * n2:]], 1).transpose(1, 2)
+    nv, Sk = T * n2, K.shape[2]
+    mask = torch.full((x.shape[1], Sk), float("-inf"))
+    mask[:nv, :nv] = 0
+    per_frame = box_masks(ctx.boxes[0], 4, 4)
+    inside = torch.stack([per_frame[g].any(0) for g in ([0], [1, 2, 3, 4], [5, 6, 7, 8])]).flatten()  # (F'·n2,)
+    for r, (strength, region) in enumerate([(2.0, inside), (0.5, ~inside)]):
+        mask[:nv, nv + 4 * r:nv + 4 * (r + 1)] = torch.where(region, math.log(strength * 4), NEG)[:, None]
+        own = nv + 4 * R + n2 * r
+        mask[nv + n2 * r:nv + n2 * (r + 1), own:own + n2] = 0  # a reference's tokens read only themselves
+    logits = q.transpose(1, 2) @ K.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    dense = wa._out(attn, torch.softmax(logits, -1) @ V, q)
+    assert torch.allclose(out, dense, atol=1e-5)
+
+
+def test_appended_reference_tokens_are_those_of_a_pass_of_their_own(wan_pipe):
+    """Inside the render's call each reference reads only itself, under the call's prompt and timestep: its output
+    is the transformer's output for the reference alone (a one-frame video at time index 0: RoPE is relative)."""
+    tr = wan_pipe.transformer
+    ctx = _wan_ctx()
+    ctx.boxes[0] = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 9)
+    ctl = _wan_refs(ctx, tr, max_tokens=64)
+    torch.manual_seed(3)
+    video, text, t = torch.randn(1, 16, 3, 8, 8), torch.randn(1, 512, 32), torch.tensor([700.0])
+    refs = ctl.latents.transpose(0, 1)[None]  # (1, C, R, h, w)
+    orig = dict(tr.attn_processors)
+    try:
+        tr.set_attn_processor({**orig, **ctl.processors(tr)})
+        ctl.appended = 2
+        with torch.no_grad():
+            joint = tr(torch.cat([video, refs], 2), t, text, return_dict=False)[0]
+    finally:
+        tr.set_attn_processor(dict(orig))
+        ctl.appended = 0
+    with torch.no_grad():
+        for r in range(2):
+            alone = tr(refs[:, :, r:r + 1], t, text, return_dict=False)[0]
+            assert torch.allclose(joint[:, :, 3 + r:4 + r], alone, atol=1e-4)
+        plain = tr(video, t, text, return_dict=False)[0]
+    assert (joint[:, :, :3] - plain).abs().max() > 1e-3  # and the video did read them
+
+
+def test_the_unconditional_call_reads_a_blank_or_nothing(wan_pipe):
+    tr = wan_pipe.transformer
+    sample = torch.randn(1, 16, 3, 8, 8)
+    for unconditional, cond, appended in (("blank", True, "refs"), ("blank", False, "zeros"),
+                                          ("plain", False, None)):
+        ctx = _wan_ctx()
+        ctl = _wan_refs(ctx, tr, unconditional=unconditional)
+        ctx.cond_call = cond
+        got = ctl._append(tr, (), {"hidden_states": sample, "timestep": torch.tensor([1.0])})
+        if appended is None:
+            assert got is None and ctl.appended == 0 and ctx.extra_frames == 0
+            continue
+        new = got[1]["hidden_states"]
+        assert new.shape == (1, 16, 5, 8, 8) and ctl.appended == ctx.extra_frames == 2
+        assert torch.equal(new[:, :, :3], sample)
+        want = ctl.latents.transpose(0, 1)[None] if appended == "refs" else torch.zeros(1, 16, 2, 8, 8)
+        assert torch.equal(new[:, :, 3:], want)
+        out = ctl._strip(tr, (), {}, (torch.randn(1, 16, 5, 8, 8),))
+        assert out[0].shape == (1, 16, 3, 8, 8) and ctx.extra_frames == 0
+    # per-token timesteps (Wan 2.2 TI2V): the references' tokens get the call's timestep
+    ctl = _wan_refs(_wan_ctx(), tr)
+    got = ctl._append(tr, (), {"hidden_states": sample, "timestep": torch.full((1, 48), 7.0)})
+    assert torch.equal(got[1]["timestep"], torch.full((1, 48 + 2 * 16), 7.0))
+
+
+def test_references_past_the_rope_table_are_refused_naming_frames_and_references():
+    from types import SimpleNamespace
+
+    from studio.controls.wan_attention import check_reference_positions
+
+    tr = SimpleNamespace(config=SimpleNamespace(rope_max_seq_len=32))
+    assert check_reference_positions(tr, 21, 5) is None
+    why = check_reference_positions(tr, 29, 5)
+    assert "29 latent frames + 5 reference(s) exceed the 32 time positions" in why
+
+
+# --- the write passes of earlier renders -------------------------------------------------------------------------
+
+
+def test_a_re_render_reuses_the_write_pass_bit_for_bit_and_any_change_runs_it_again(purple, monkeypatch):
+    """A render that makes the same write pass as an earlier one (same references, prompts, timesteps, weights,
+    adapters) takes its keys and values instead of running it; the frames are the same bit for bit as with the
+    pass run. A changed reference, prompt, schedule, weight in place, or LoRA state runs the pass again."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from studio.pipelines import PipelineManager
+    from studio.presets import load_model_preset
+    from studio.subjects.apply import _set_lora_enabled
+
+    made = []
+    real_init = reference.ReferenceInjection.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(reference.ReferenceInjection, "__init__", spy)
+    pipe = PipelineManager(1, "cpu").get(load_model_preset("tiny"))  # a pipeline of its own
+
+    def render(ref=purple, prompt=PROMPT, steps=4, every=2):
+        made.clear()
+        ctx = _ctx()
+        ctx.steps = steps
+        controls = [reference.ReferenceInjection(ctx, [(ref, 1.0, ("all",))], refresh_every=every,
+                                                 schedule=lambda: pipe.scheduler.timesteps)]
+        chain = step_end_chain(ctx, controls)
+        latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), applied(pipe, controls, ctx):
+            frames = pipe(prompt=prompt, num_frames=8, height=64, width=64, num_inference_steps=steps,
+                          guidance_scale=7.5, latents=latents, output_type="np",
+                          callback_on_step_end=lambda p, i, t, kw: {"latents": chain(i, kw["latents"])},
+                          callback_on_step_end_tensor_inputs=["latents"]).frames
+        return frames, made[0].write_calls, made[0].bank_hits
+
+    with monkeypatch.context() as m:  # nothing kept: the pass runs
+        m.setattr(reference, "BANKS_KEPT", 0)
+        unkept, calls, hits = render()
+        assert (calls, hits) == (1, 0)
+    monkeypatch.setattr(reference, "BANKS_KEPT", 8)  # room for every variant below
+    first, calls, hits = render()
+    assert (calls, hits) == (1, 0) and np.array_equal(first, unkept)
+    again, calls, hits = render()
+    assert (calls, hits) == (0, 1) and np.array_equal(again, first)  # the kept bank: the same frames
+    for change in (dict(ref=purple.flip(-1)), dict(prompt="a white star on sky"), dict(steps=3), dict(every=1)):
+        frames, calls, hits = render(**change)
+        assert calls >= 1 and hits == 0, change
+    assert render()[1:] == (0, 1)  # the first render's bank is still kept
+    unet = pipe.unet
+    with torch.no_grad():
+        unet.conv_in.bias.add_(0.01)  # a weight changed in place
+    changed, calls, _ = render()
+    assert calls == 1 and not np.array_equal(changed, first)
+    assert render()[1:] == (0, 1)
+    with torch.random.fork_rng():  # a LoRA adapter injected (its B is zero: same output, other state)
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), unet, adapter_name="x")
+    frames, calls, _ = render()
+    assert calls == 1 and np.array_equal(frames, changed)
+    _set_lora_enabled(unet, False)
+    assert render()[1] == 1  # switched off: another state again

@@ -235,16 +235,26 @@ def test_face_refine_without_a_detector_is_a_clear_error(monkeypatch):
 # --- through the engine on the tiny model -----------------------------------------------------------------------
 
 
-def _shot(**refine_cfg):
+def _shot(model="tiny", **refine_cfg):
     return shotlib.from_container({
-        "model": "tiny", "prompt": "a red circle on grass", "seed": 3, "frames": 4, "width": 32, "height": 32,
-        "steps": 3, "subjects": [{"phrase": "red circle", "boxes": {0: [0.0, 0.0, 0.4, 0.4], 3: [0.1, 0.0, 0.5, 0.4]}}],
+        "model": model, "prompt": "a red circle on grass", "seed": 3, "frames": 4 if model == "tiny" else 5,
+        "width": 32, "height": 32, "steps": 3,
+        "subjects": [{"phrase": "red circle", "boxes": {0: [0.0, 0.0, 0.4, 0.4], 3: [0.1, 0.0, 0.5, 0.4]}}],
         "refine": refine_cfg})
+
+
+_PLAIN: dict = {}
+
+
+def _plain(manager, model="tiny"):
+    if model not in _PLAIN:
+        _PLAIN[model] = engine.render(_shot(model), manager)
+    return _PLAIN[model]
 
 
 @pytest.fixture(scope="module")
 def plain(manager):
-    return engine.render(_shot(), manager)
+    return _plain(manager)
 
 
 def test_engine_refine_off_is_the_plain_render(manager, plain):
@@ -255,14 +265,16 @@ def test_engine_refine_off_is_the_plain_render(manager, plain):
     np.testing.assert_array_equal(plain.frames, zero.frames)
 
 
-def test_engine_face_and_tiled_refine_on_tiny(manager, plain, tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-wan"])  # Wan: WanVideoToVideoPipeline
+def test_engine_face_and_tiled_refine_on_tiny(manager, model, tmp_path):
+    plain = _plain(manager, model)
     steps = []
-    files = engine.render_to_files(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0,
-                                              "size": 32},
+    files = engine.render_to_files(_shot(model, face={"enabled": True, "detector": "boxes", "crop_factor": 1.0,
+                                                     "size": 32},
                                         tiled={"enabled": True, "scale": 2, "tile": 48, "overlap": 16}),
                                   tmp_path / "r.mp4", manager=manager, progress=lambda i, n: steps.append((i, n)))
     r = files.result
-    assert r.frames.shape == (4, 64, 64, 3)
+    assert r.frames.shape == (len(plain.frames), 64, 64, 3)
     info = r.info["refine"]
     assert info["output_size"] == [64, 64] and info["tiled"]["tiles"] == 4 and info["face"]["tracks"] == 1
     assert steps[-1][0] == steps[-1][1] > 0 and "refine" in r.timings
@@ -274,7 +286,7 @@ def test_engine_face_and_tiled_refine_on_tiny(manager, plain, tmp_path):
     assert side["shot"]["refine"]["tiled"]["enabled"] is True and side["render"]["refine"]["output_size"] == [64, 64]
     assert (export.probe_video(files.video)["width"], export.probe_video(files.video)["height"]) == (64, 64)
     # face only: pixels outside the crop box are the plain render's
-    face = engine.render(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0, "size": 32}),
+    face = engine.render(_shot(model, face={"enabled": True, "detector": "boxes", "crop_factor": 1.0, "size": 32}),
                          manager)
     x0, y0, x1, y1 = face.info["refine"]["face"]["crop_boxes"][0]
     outside = np.ones((32, 32), bool)
@@ -282,8 +294,8 @@ def test_engine_face_and_tiled_refine_on_tiny(manager, plain, tmp_path):
     assert outside.any()
     np.testing.assert_array_equal(face.frames[:, outside], plain.frames[:, outside])
     assert not np.array_equal(face.frames, plain.frames)
-    again = engine.render(_shot(face={"enabled": True, "detector": "boxes", "crop_factor": 1.0, "size": 32}),
-                          manager)
+    again = engine.render(_shot(model, face={"enabled": True, "detector": "boxes", "crop_factor": 1.0,
+                                             "size": 32}), manager)
     np.testing.assert_array_equal(face.frames, again.frames)  # seeded: reproducible
 
 

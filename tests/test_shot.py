@@ -268,3 +268,18 @@ def test_subjects_sharing_a_phrase_need_an_occurrence_each(prompt, phrases, bad)
     assert e.value.field == f"subjects[{bad}].phrase" and "occurrence of its own" in str(e.value)
     s.subjects[bad].boxes = {}  # without boxes a subject needs no tokens of its own
     shot.resolve(s, presets.load_model_preset("tiny"))
+
+
+def test_pan_defaults_warp_and_window_where_the_family_allows():
+    # A pan on a UNet family warps its noise, fills fresh and shifts from 10% of the steps for 30% (2..7 of 20:
+    # benchmarks/pan_hold.py); without a warp (asked for, or Wan's family) MotionBooth's 20%/20% window and row fill.
+    c = resolved({"model": "toyworld", "prompt": "a red circle on grass", "steps": 20, "camera": {"cx": 0.5}}).camera
+    assert (c.noise_warp, c.fill, c.start_step, c.shift_steps) == (shot.CAMERA_NOISE_WARP, "fresh", 2, 6)
+    c = resolved({"model": "toyworld", "prompt": "x", "steps": 20, "camera": {"cx": 0.5, "noise_warp": 0.0}}).camera
+    assert (c.noise_warp, c.fill, c.start_step, c.shift_steps) == (0.0, "row", 4, 4)
+    c = resolved({"model": "tiny-wan", "prompt": "x", "steps": 20, "camera": {"cy": -0.5}}).camera
+    assert (c.noise_warp, c.fill, c.start_step, c.shift_steps) == (0.0, "row", 4, 4)
+    c = resolved({"model": "toyworld", "prompt": "x", "steps": 20, "camera": {"cx": 0.5, "start_step": 5}}).camera
+    assert (c.start_step, c.shift_steps) == (5, 6)  # a set field is kept
+    c = resolved({"model": "toyworld", "prompt": "x", "steps": 20}).camera  # no pan: nothing warped
+    assert (c.noise_warp, c.fill, c.start_step, c.shift_steps) == (0.0, "row", 4, 4)

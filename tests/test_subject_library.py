@@ -66,6 +66,38 @@ def test_save_list_get_load_roundtrip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["rex"]  # no temp folders left behind
 
 
+def as_format_1(folder) -> None:
+    """Rewrite a saved subject folder as format_version 1 wrote it: learned_embeds.safetensors with a key per token."""
+    from safetensors.torch import save_file
+
+    lib = SubjectLibrary(folder.parent)
+    embeds = lib.load_embeds(folder.name)
+    meta = json.loads((folder / L.METADATA_FILE).read_text())
+    for key in ("embeds_key", "token_vectors"):
+        meta.pop(key)
+    meta["format_version"] = 1
+    save_file({t: v.contiguous() for t, v in embeds.items()}, str(folder / L.EMBEDS_FILE), metadata={"format": "pt"})
+    (folder / L.METADATA_FILE).write_text(json.dumps(meta))
+
+
+def test_token_file_is_one_key_of_all_vectors_and_format_1_files_still_load(tmp_path):
+    from safetensors.torch import load_file
+
+    lib = SubjectLibrary(tmp_path)
+    _, embeds = weights()
+    save_rex(lib)
+    d = load_file(str(tmp_path / "rex" / L.EMBEDS_FILE))
+    assert list(d) == ["<rex>"] and d["<rex>"].shape == (3, 32)  # <rex>: 1 vector, <rex-2>: 2, in order
+    assert torch.equal(d["<rex>"], torch.cat([embeds["<rex>"][None], embeds["<rex-2>"]]))
+    assert lib.get("rex").metadata["token_vectors"] == [1, 2]
+    # A subject saved by an earlier studio (format_version 1) is listed and loads the same vectors.
+    as_format_1(tmp_path / "rex")
+    assert load_file(str(tmp_path / "rex" / L.EMBEDS_FILE)).keys() == {"<rex>", "<rex-2>"}
+    assert [s.name for s in lib.list()] == ["rex"] and lib.get("rex").metadata["format_version"] == 1
+    loaded = lib.load_embeds("rex")
+    assert list(loaded) == ["<rex>", "<rex-2>"] and all(torch.equal(loaded[k], embeds[k]) for k in embeds)
+
+
 def test_tokens_only_subject_without_masks(tmp_path):
     lib = SubjectLibrary(tmp_path)
     photos, _ = photos_and_masks(1)

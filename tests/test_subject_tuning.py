@@ -7,25 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_tiny_zeroscope
+from conftest import red_photos, write_tiny_zeroscope
 from studio import engine, shot as shotlib
 from studio.pipelines import PipelineManager, load_pipeline
 from studio.presets import load_model_preset
 from studio.subjects import apply, losses, tune
 from studio.subjects.library import SubjectLibrary
-
-
-def _photos(n=2, size=64):
-    rng = np.random.default_rng(0)
-    photos, masks = [], []
-    for i in range(n):
-        img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        img[16:48, 16 + i * 4:40 + i * 4] = (230, 40, 40)
-        m = np.zeros((size, size), bool)
-        m[16:48, 16 + i * 4:40 + i * 4] = True
-        photos.append(img)
-        masks.append(m)
-    return photos, masks
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def library():
 @pytest.fixture(scope="module")
 def trained(library):
     """One subject trained with both methods on the tiny model (a few steps)."""
-    photos, masks = _photos()
+    photos, masks = red_photos()
     steps = []
     subject, result = tune.add_subject("rex", photos, masks, "tiny",
                                        tune.TuneSettings(method="both", class_word="dog", steps=4, n_tokens=2),
@@ -73,7 +60,7 @@ def test_training_leaves_motion_modules_and_base_weights_bitwise_alone():
     preset = load_model_preset("tiny")
     pipe = load_pipeline(preset, "cpu")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    photos, masks = _photos()
+    photos, masks = red_photos()
     tune.train(pipe, preset, photos, masks, "bob", tune.TuneSettings(class_word="dog", steps=3))
     after = pipe.unet.state_dict()
     motion = [k for k in before if "motion_modules" in k]
@@ -97,6 +84,22 @@ def test_subject_in_a_shot_changes_the_render_the_same_way_in_a_fresh_pipeline(t
     assert np.array_equal(engine.render(_shot(), m1).frames, plain)
     assert a.sidecar()["shot"]["subjects"][0]["subject"] == "rex"
     assert a.sidecar()["shot"]["prompt"] == "a dog on grass"  # the sidecar keeps the user's shot
+
+
+def test_a_subject_saved_by_an_earlier_studio_renders_the_same(trained, library):
+    # format_version 1 kept one key per token in learned_embeds.safetensors; such subjects keep working.
+    import shutil
+
+    from test_subject_library import as_format_1
+
+    shutil.copytree(library.get("rex").path, library.root / "rex-old")
+    as_format_1(library.root / "rex-old")
+    m = PipelineManager(1, "cpu")
+    new = engine.render(_shot(subjects=[{"phrase": "dog", "subject": "rex"}]), m)
+    old = engine.render(_shot(subjects=[{"phrase": "dog", "subject": "rex-old"}]), m)
+    assert library.get("rex-old").metadata["format_version"] == 1
+    assert np.array_equal(old.frames, new.frames)
+    library.delete("rex-old")
 
 
 class _SafeOpenSpy:
@@ -162,7 +165,7 @@ def test_unknown_subject_and_wrong_base_model_are_field_errors(trained):
 
 
 def test_corrupt_lora_file_is_a_field_error_naming_it_and_the_subject_can_be_removed(library):
-    photos, masks = _photos(1)
+    photos, masks = red_photos(1)
     lib = library
     lib.save("bad", photos, masks, {"trigger": "sks", "class_word": "dog", "base_model": "tiny"},
              lora={"unet.x.lora_A.weight": torch.zeros(2, 2)})
@@ -176,7 +179,7 @@ def test_corrupt_lora_file_is_a_field_error_naming_it_and_the_subject_can_be_rem
 
 
 def test_lora_that_does_not_fit_the_model_is_a_field_error(library):
-    photos, masks = _photos(1)
+    photos, masks = red_photos(1)
     library.save("misfit", photos, masks, {"trigger": "sks", "class_word": "dog", "base_model": "tiny"},
                  lora={"unet.x.lora.down.weight": torch.zeros(2, 2), "unet.x.lora.up.weight": torch.zeros(2, 2)})
     try:
@@ -189,7 +192,7 @@ def test_lora_that_does_not_fit_the_model_is_a_field_error(library):
 def test_cancel_saves_nothing(tmp_path):
     lib = SubjectLibrary(tmp_path / "lib")
     cancel = threading.Event()
-    photos, masks = _photos()
+    photos, masks = red_photos()
 
     def progress(i, n, loss, left):
         if i == 2:
@@ -205,7 +208,11 @@ def test_cancel_saves_nothing(tmp_path):
                                                  ("steps", 0, r"steps: must be an integer in 1\.\.100000 \(got 0\)"),
                                                  ("lr", -1.0, r"lr: must be a finite number > 0 \(got -1\.0\)"),
                                                  ("class_word", " ", "class_word"),
-                                                 ("preservation", "/nonexistent", "preservation: not a folder")])
+                                                 ("preservation", "/nonexistent", "preservation: not a folder"),
+                                                 ("lora_targets", "all", "lora_targets: must be one of attention, "
+                                                                         "cross"),
+                                                 ("caption", "a sks dog", r"caption: must hold \{phrase\} once"),
+                                                 ("caption", "{phrase} {x}", "caption: must hold")])
 def test_settings_are_checked(field, value, match):
     with pytest.raises(ValueError, match=match):
         tune.resolve(tune.TuneSettings(**{field: value}), load_model_preset("tiny"))
@@ -270,7 +277,7 @@ def test_stca_reads_the_layers_at_a_quarter_of_the_latent_side(latent, layers, w
 
 
 def test_two_lora_subjects_with_boxes_act_only_in_their_boxes(trained, library):
-    photos, masks = _photos()
+    photos, masks = red_photos()
     if not library.exists("kit"):
         tune.add_subject("kit", photos, masks, "tiny", tune.TuneSettings(class_word="cat", steps=2, seed=1),
                          library=library)
@@ -319,7 +326,7 @@ def test_two_lora_subjects_with_boxes_act_only_in_their_boxes(trained, library):
 def test_two_subjects_sharing_a_class_word_take_its_occurrences_in_order(trained, library):
     from studio.controls.boxes import assign_phrases
 
-    photos, masks = _photos()
+    photos, masks = red_photos()
     if not library.exists("kit"):
         tune.add_subject("kit", photos, masks, "tiny", tune.TuneSettings(class_word="cat", steps=2, seed=1),
                          library=library)
@@ -378,7 +385,7 @@ def test_lora_trains_and_renders_on_the_zeroscope_layout(zeroscope, library, mon
     real = losses.stca_layers
     monkeypatch.setattr(losses, "stca_layers", lambda tokens, ctx: chosen.append((set(tokens), real(tokens, ctx)))
                         or chosen[-1][1])
-    photos, masks = _photos()
+    photos, masks = red_photos()
     subject, result = tune.add_subject("zed", photos, masks, zeroscope,
                                        tune.TuneSettings(method="both", class_word="dog", steps=2, n_tokens=1),
                                        library=library)
@@ -440,7 +447,7 @@ def test_training_on_a_non_square_size(tmp_path, monkeypatch):
                            "defaults: {frames: 8, width: 96, height: 64, fps: 8, steps: 3, guidance_scale: 7.5}\n")
     preset = load_model_preset(str(preset_file))
     pipe = load_pipeline(preset, "cpu")
-    photos, masks = _photos()
+    photos, masks = red_photos()
     seen = []
     real = losses.stca_loss
     monkeypatch.setattr(losses, "stca_loss", lambda maps, m, pos, grid, frames=1: seen.append((m.clone(), grid))
@@ -457,7 +464,7 @@ def test_tiny_photos_are_refused_naming_the_photo_before_any_weights_load(tmp_pa
 
     monkeypatch.setattr(P, "load_pipeline", lambda *a, **k: pytest.fail("loaded weights for a refused photo"))
     lib = SubjectLibrary(tmp_path / "lib")
-    photos, masks = _photos(2)
+    photos, masks = red_photos(2)
     tiny = [photos[0], photos[1][:12, :12].copy()]
     with pytest.raises(ValueError, match=r"photos\[1\] \(b\.png\): 12x12 is too small to teach tiny a subject .*"
                                          r"at least 16 px"):
@@ -472,7 +479,7 @@ def test_tiny_photos_are_refused_naming_the_photo_before_any_weights_load(tmp_pa
 
 
 def test_one_photo_trains_with_a_warning(tmp_path, caplog):
-    photos, masks = _photos(1)
+    photos, masks = red_photos(1)
     with caplog.at_level("WARNING", logger="studio.subjects.tune"):
         subject, _ = tune.add_subject("solo", photos, masks, "tiny",
                                       tune.TuneSettings(class_word="dog", steps=1, video_weight=0.0),
@@ -501,7 +508,7 @@ def test_magic_me_captions_full_image_rate_and_noise_offset(monkeypatch):
     regions = []
     real = losses.region_loss
     monkeypatch.setattr(losses, "region_loss", lambda p, t, lm: regions.append(lm) or real(p, t, lm))
-    photos, masks = _photos(1)
+    photos, masks = red_photos(1)
     for rate in (0.0, 1.0):
         tune.train(pipe if rate == 0 else load_pipeline(preset, "cpu"), preset, photos, masks, f"r{int(rate)}",
                    tune.TuneSettings(method="tokens", class_word="dog", steps=1, full_image_rate=rate, augment=False))
@@ -526,7 +533,7 @@ def test_prediction_types():
 def test_training_and_loading_leave_the_global_rng_alone(trained, library):
     preset = load_model_preset("tiny")
     pipe = load_pipeline(preset, "cpu")
-    photos, masks = _photos()
+    photos, masks = red_photos()
     before = torch.get_rng_state()
     tune.train(pipe, preset, photos, masks, "rng", tune.TuneSettings(method="both", class_word="dog", steps=1,
                                                                      n_tokens=1))
@@ -535,15 +542,18 @@ def test_training_and_loading_leave_the_global_rng_alone(trained, library):
 
 
 def test_the_files_load_with_plain_diffusers(trained, library):
-    # What README says: the LoRA through load_lora_weights, the tokens one state dict each.
-    from safetensors.torch import load_file
-
+    # What README says: the LoRA through load_lora_weights(folder), the tokens in one load_textual_inversion call
+    # whose token then stands for all the subject's vectors, in order.
     pipe = load_pipeline(load_model_preset("tiny"), "cpu")
     subject = library.get("rex")
-    pipe.load_lora_weights(str(subject.path), weight_name=subject.lora_path.name, adapter_name="rex")
-    d = load_file(str(subject.embeds_path))
-    pipe.load_textual_inversion([{t: v} for t, v in d.items()], token=list(d))
-    assert "rex" in pipe.unet.peft_config and all(t in pipe.tokenizer.get_vocab() for t in d)
+    pipe.load_lora_weights(str(subject.path), adapter_name="rex")
+    pipe.load_textual_inversion(str(subject.embeds_path), token="<rex>")
+    assert "rex" in pipe.unet.peft_config
+    assert pipe.maybe_convert_prompt("<rex> dog", pipe.tokenizer) == "<rex> <rex>_1 dog"
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    embeds = library.load_embeds("rex")
+    for t, want in zip(["<rex>", "<rex>_1"], embeds.values()):
+        assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids(t)], want)
 
 
 # --- preservation clips ----------------------------------------------------------------------------------------
@@ -613,7 +623,7 @@ def test_training_reports_the_clips_and_times_its_eta_from_the_first_step(monkey
     def progress(i, n, loss, left, stage):
         calls.append((stage, i, n, left))
 
-    photos, masks = _photos()
+    photos, masks = red_photos()
     tune.train(pipe, preset, photos, masks, "eta", tune.TuneSettings(class_word="dog", steps=2), progress)
     stages = [c[0] for c in calls]
     assert stages == ["preservation"] * 8 + ["training"] * 2

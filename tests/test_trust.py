@@ -413,8 +413,11 @@ def test_render_endpoint_renders_the_shot_it_is_given(manager, free_port, monkey
 
 
 def test_settings_are_shot_studio_variables_and_the_readme_table_is_the_code():
-    names = [env_name(f) for f in Settings.__dataclass_fields__]
-    assert all(n.startswith("SHOT_STUDIO_") for n in names)
+    from studio.settings import machine_rows
+
+    names = [env_name(f) for f in Settings.__dataclass_fields__] + [row[0] for row in machine_rows()]
+    assert all(n.startswith("SHOT_STUDIO_") for n in names) and len(set(names)) == len(names)
+    assert {"SHOT_STUDIO_THREADS", "SHOT_STUDIO_OFFLOAD", "SHOT_STUDIO_DTYPE"} <= set(names)  # one table of them all
     assert not {"SHOT_STUDIO_HOME", "SHOT_STUDIO_MODELS", "SHOT_STUDIO_PRESETS"} & set(names)
     assert markdown_table() in (ROOT / "README.md").read_text(), "paste `python -m studio.settings` into README.md"
     assert len(markdown_table().splitlines()) == len(names) + 2

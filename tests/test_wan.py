@@ -202,14 +202,8 @@ def image(tmp_path):
 
 
 @pytest.mark.parametrize("change, field, valid", [
-    ({"subjects": [{"phrase": "red circle", "boxes": {0: [0.1, 0.1, 0.5, 0.5]}}]}, "subjects[0].boxes", "no boxes"),
-    ({"subjects": [{"phrase": "red circle", "reference": "IMAGE"}]}, "subjects[0].reference", "null"),
     ({"subjects": [{"phrase": "red circle", "subject": "rex"}]}, "subjects[0].subject", "null"),
-    ({"background": {"reference": "IMAGE"}}, "background.reference", "null"),
-    ({"camera": {"cx": 0.3}}, "camera.cx", "0"),
-    ({"camera": {"cy": -0.1}}, "camera.cy", "0"),
-    ({"refine": {"face": {"enabled": True, "detector": "boxes"}}}, "refine.face.enabled", "false"),
-    ({"refine": {"tiled": {"enabled": True}}}, "refine.tiled.enabled", "false"),
+    ({"reference_control": {"temporal_attention": True}}, "reference_control.temporal_attention", "false"),
 ])
 def test_unet_only_settings_are_refused_on_wan_naming_the_field_and_the_family(change, field, valid, image):
     data = json.loads(json.dumps(change).replace("IMAGE", image))
@@ -218,6 +212,10 @@ def test_unet_only_settings_are_refused_on_wan_naming_the_field_and_the_family(c
     msg = str(e.value)
     assert e.value.field == field and "wan family" in msg and f"valid here: {valid}" in msg and "\n" not in msg
     engine.prepare(_shot(noise_prior={"gamma": 0.9}, subjects=[{"phrase": "red circle"}]))  # these are fine
+    # the directing controls are ported (issue 18): boxes, references, camera, refinement pass validation
+    engine.prepare(_shot(subjects=[{"phrase": "red circle", "reference": image, "boxes": {0: [0.1, 0.1, 0.5, 0.5]}}],
+                         background={"reference": image}, camera={"cx": 0.3, "cy": -0.1},
+                         refine={"face": {"enabled": True, "detector": "boxes"}, "tiled": {"enabled": True}}))
 
 
 def test_subject_tuning_and_the_cli_refuse_wan_in_one_line(tmp_path, capsys):
@@ -226,11 +224,11 @@ def test_subject_tuning_and_the_cli_refuse_wan_in_one_line(tmp_path, capsys):
 
     with pytest.raises(ValueError, match=r"^model: subject tuning is not available on the wan family"):
         tune.resolve(tune.TuneSettings(), load_model_preset("tiny-wan"))
-    shot = tmp_path / "pan.yaml"
-    shot.write_text("model: tiny-wan\nprompt: a red circle\ncamera: {cx: 0.5}\n")
+    shot = tmp_path / "subject.yaml"
+    shot.write_text("model: tiny-wan\nprompt: a red circle\nsubjects: [{phrase: red circle, subject: rex}]\n")
     assert cli.main(["render", str(shot), "--out", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("studio: error: camera.cx:") and "wan family" in err
+    assert err.count("\n") == 0 and err.startswith("studio: error: subjects[0].subject:") and "wan family" in err
     assert not (tmp_path / "x.mp4").exists()
 
 
@@ -354,3 +352,43 @@ def test_the_page_gives_the_sliders_the_models_grid(manager):
                                                                      "__type__": "update"}
     snapped = page.snap("wan2.2-ti2v-5b", frames=81, width=700, height=704)
     assert snapped[page.width] == 704 and snapped[page.frames] == snapped[page.height] == gr.skip()  # valid: kept
+
+
+# --- a hook for training on Wan: attn2's probabilities ----------------------------------------------------------
+
+
+def test_cross_attention_capture_keeps_probabilities_and_the_plain_output_with_gradients():
+    """For an attn2 attention loss (STCA) when training a Wan model: the captured probabilities (B, N, 512) sum to one
+    over the text tokens, the layer's output is the stock processor's, gradients reach the projections, and the
+    original processors come back."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from studio.controls.wan_attention import capture_cross_attention
+
+    tr = wan_build.build_pipeline().transformer
+    attn = tr.blocks[0].attn2
+    x, text = torch.randn(1, 12, 24), torch.randn(1, 512, 24)
+    stock = WanAttnProcessor()(attn, x, text)
+    store: list = []
+    orig = capture_cross_attention(tr, store)
+    try:
+        out = attn(x, text)
+        assert torch.allclose(out, stock, atol=1e-5)
+        probs = store[0]
+        assert probs.shape == (1, 12, 512) and torch.allclose(probs.sum(-1), torch.ones(1, 12), atol=1e-5)
+        probs[:, :, 3].mean().backward()
+        assert attn.to_q.weight.grad is not None and attn.to_k.weight.grad.abs().sum() > 0
+        store.clear()
+        with torch.no_grad():
+            tr(torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 512, 32))
+        assert len(store) == 2  # one per attn2 layer
+    finally:
+        tr.set_attn_processor(dict(orig))
+    assert all(type(p).__name__ == "WanAttnProcessor" for p in tr.attn_processors.values())
+
+
+def test_the_batch_command_takes_the_step_cache_too():
+    from studio import cli
+
+    args = cli.build_parser().parse_args(["batch", "a.yaml", "--out", "d", "--step-cache", "sea:threshold=0.5"])
+    assert args.step_cache == "sea:threshold=0.5"

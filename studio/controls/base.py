@@ -73,6 +73,11 @@ class Context:
     # True: classifier-free guidance is one denoiser call on [uncond videos, cond videos] (UNets); False: two calls
     # per step, the conditional one first (Wan). From the model's family (studio.families).
     cfg_batched: bool = True
+    temporal: int = 1  # video frames per latent frame after the first (Wan: 4; the UNet families: 1)
+    # With two calls per step: whether the denoiser call running now is the conditional one (set before every call
+    # by CallParity; True on the UNet families, whose calls hold both halves), and how many calls ran so far.
+    cond_call: bool = True
+    calls: int = 0
 
     def layer_size(self, n_tokens: int) -> tuple[int, int]:
         """(rows, cols) of an attention layer with n_tokens spatial tokens (the latent downsampled by 2^k)."""
@@ -82,6 +87,45 @@ class Context:
                 return h, w
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         raise ValueError(f"no latent downsampling of {self.latent_h}x{self.latent_w} has {n_tokens} tokens")
+
+    @property
+    def attention_frames(self) -> int:
+        """T: the frames an attention layer sees (F' latent frames; F on the UNet families, one latent per frame)."""
+        return self.latent_frames if self.latent_frames is not None else self.frames
+
+    def frame_groups(self) -> list[list[int]]:
+        """The video frames each latent frame encodes: [0] then T·k−T+1 .. T·k (a causal video VAE with temporal
+        factor T; clipped to the F frames); one frame each when T = 1."""
+        t = self.temporal
+        return [[0]] + [list(range(t * k - t + 1, min(t * k, self.frames - 1) + 1))
+                        for k in range(1, self.attention_frames)]
+
+    def latent_of_frame(self) -> torch.Tensor:
+        """(F,) long: the latent frame each video frame is encoded in."""
+        owner = torch.zeros(self.frames, dtype=torch.long)
+        for k, group in enumerate(self.frame_groups()):
+            owner[group] = k
+        return owner
+
+    def latent_times(self) -> list[float] | None:
+        """The video time of each latent frame (the centre of the frames it encodes); None when T = 1 (t_k = k)."""
+        if self.temporal == 1:
+            return None
+        from studio.families import latent_times
+
+        return latent_times(self.frames, self.temporal)[:self.attention_frames]
+
+    def box_masks(self, subject: int, rows: int, cols: int) -> torch.Tensor:
+        """(T, rows·cols) bool: where subject's box is in each latent frame on a rows×cols grid: the union of its
+        boxes in the video frames that latent frame encodes (`frame_groups`; the box of frame f itself when T = 1).
+        The union, not e.g. the middle frame's box: a latent frame holds all of its frames, so the subject is
+        wherever any of them puts it."""
+        from studio.controls.boxes import box_masks
+
+        masks = box_masks(self.boxes[subject].float(), rows, cols)  # (F, rows·cols)
+        if self.temporal == 1:
+            return masks
+        return torch.stack([masks[g].any(0) for g in self.frame_groups()])
 
     def cond_slice(self, batch: int) -> slice:
         """Which items of a spatial-attention batch (B·[2]·F rows) belong to the conditional pass (all of them when
@@ -200,6 +244,33 @@ class Control:
         """Free per-render state (called after the pipeline is restored)."""
 
 
+class CallParity(Control):
+    """Counts the denoiser's calls of a render where guidance runs two calls per step, the conditional one first
+    (Wan's pipelines): even calls are conditional, odd ones unconditional. Sets ctx.cond_call before every call;
+    calls the studio makes itself (ctx.side_pass) are not counted. `applied` installs it first when
+    ctx.cfg_batched is False."""
+
+    name = "call_parity"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def hooks(self, denoiser) -> list:
+        self.ctx.calls, self.ctx.cond_call = 0, True
+        return [denoiser.register_forward_pre_hook(self._count)]
+
+    def _count(self, module, args):
+        ctx = self.ctx
+        if ctx.side_pass:
+            return None
+        ctx.cond_call = not ctx.do_cfg or ctx.calls % 2 == 0
+        ctx.calls += 1
+        return None
+
+    def close(self) -> None:
+        self.ctx.cond_call, self.ctx.calls = True, 0
+
+
 @contextlib.contextmanager
 def applied(pipe, controls: list[Control], ctx: Context):
     """Install the controls' processors and hooks on the pipeline's denoiser (pipe.unet, or pipe.transformer on Wan);
@@ -213,6 +284,8 @@ def applied(pipe, controls: list[Control], ctx: Context):
     modules = attention_modules(unet)
     original: dict = {}  # only the layers the controls replace: their processors before
     handles = []
+    if not ctx.cfg_batched:  # which guidance half each call is, before any control's own hook runs
+        controls = [CallParity(ctx)] + list(controls)
     try:
         for c in controls:
             for name, proc in c.processors(unet).items():

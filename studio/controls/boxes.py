@@ -81,20 +81,39 @@ def box_masks(boxes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def phrase_occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
     """Token positions of every non-overlapping occurrence of the phrase in the tokenized prompt (BOS at 0), left
-    to right, every piece of multi-piece words."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    to right, every piece of multi-piece words.
+
+    Only whole words count: with a BPE vocabulary a phrase's pieces can also end a longer word ("bara" is the last
+    piece of "capybara": cap + y + bara), so a match must start and end at word boundaries of the prompt's text
+    (read from the tokenizer's character offsets, where it gives them)."""
+    enc = _encode(tokenizer, prompt)
+    ids, spans = enc["input_ids"], enc.get("offset_mapping")
     piece = tokenizer(phrase, add_special_tokens=False).input_ids
     n = len(piece)
     if n == 0:
         raise ValueError(f"the phrase {phrase!r} has no tokens")
     found, i = [], 0
     while i <= len(ids) - n:
-        if ids[i:i + n] == piece:
+        if ids[i:i + n] == piece and (spans is None or _whole_words(prompt, spans[i][0], spans[i + n - 1][1])):
             found.append(list(range(i, i + n)))
             i += n
         else:
             i += 1
     return found
+
+
+def _encode(tokenizer, prompt: str) -> dict:
+    """input_ids (and offset_mapping, character spans per token, when the tokenizer gives them) of the prompt."""
+    kw = dict(truncation=True, max_length=tokenizer.model_max_length)
+    try:
+        return dict(tokenizer(prompt, return_offsets_mapping=True, **kw))
+    except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets: ids only
+        return {"input_ids": tokenizer(prompt, **kw).input_ids}
+
+
+def _whole_words(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] begins and ends at word boundaries (no letter or digit just outside it)."""
+    return (start == 0 or not text[start - 1].isalnum()) and (end >= len(text) or not text[end].isalnum())
 
 
 def phrase_token_indices(tokenizer, prompt: str, phrase: str, occurrence: int = 0) -> list[int]:
@@ -215,17 +234,18 @@ class BoxAttention(Control):
         return _BiasKey(n_tokens, n_text, amplify, dtype, str(device))
 
     def bias(self, n_tokens: int, n_text: int, dtype, device) -> torch.Tensor:
-        """(F, N, L) additive logit bias for the conditional rows at the current step."""
+        """(F, N, L) additive logit bias for the conditional rows at the current step (F' latent frames on Wan)."""
         key = self._key(n_tokens, n_text, dtype, device)
         return self._cache.get(key, lambda: self._make_bias(key).to(device=device, dtype=dtype))
 
     def _make_bias(self, key: _BiasKey) -> torch.Tensor:
         ctx, n_tokens, n_text = self.ctx, key.n_tokens, key.n_text
         rows, cols = ctx.layer_size(n_tokens)
-        bias = torch.zeros(ctx.frames, n_tokens, n_text)
-        allowed = torch.zeros(ctx.frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
+        frames = ctx.attention_frames  # F (one latent per frame), or F' latent frames (Wan)
+        bias = torch.zeros(frames, n_tokens, n_text)
+        allowed = torch.zeros(frames, n_tokens, n_text, dtype=torch.bool)  # phrase tokens inside their box
         for k, pos in self.tracks.items():
-            inside = box_masks(ctx.boxes[k].float(), rows, cols)  # (F, N)
+            inside = ctx.box_masks(k, rows, cols)  # (F, N): the box per (latent) frame
             idx = torch.tensor(pos)
             allowed[:, :, idx] |= inside[:, :, None]
             if key.amplify:

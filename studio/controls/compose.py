@@ -38,25 +38,31 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
         if not family.cross_attention_names(unet):
             raise shotlib.ShotError(f"subjects[{tracked[0]}].boxes", "…",
                                     f"{model} has no spatial cross-attention, which box control edits")
-        from studio.controls.boxes import BoxAttention, PhraseError, assign_phrases, word_token_indices
+        from studio.controls.boxes import PhraseError
 
         # Each tracked subject's own tokens: subjects sharing a phrase take its occurrences in order (the
         # untracked ones too, so that the k-th subject keeps the k-th occurrence).
         try:
-            tokens = assign_phrases(pipe.tokenizer, shot.prompt, {k: s.phrase for k, s in enumerate(shot.subjects)},
-                                    required=tracked)
+            tokens = family.phrase_tokens(pipe, shot.prompt, {k: s.phrase for k, s in enumerate(shot.subjects)},
+                                          required=tracked)
         except PhraseError as e:
             raise shotlib.ShotError(f"subjects[{e.index}].phrase", shot.subjects[e.index].phrase, str(e)) from None
         tracks = {k: tokens[k] for k in tracked}
         b = shot.box_control
-        controls.append(BoxAttention(ctx, tracks, word_token_indices(pipe.tokenizer, shot.prompt), b.strength,
-                                     b.amplify_steps, b.suppress))
+        controls.append(family.box_control(ctx, tracks, family.word_tokens(pipe, shot.prompt), b.strength,
+                                           b.amplify_steps, b.suppress))
     # 2. Camera pan: latent shift.
     c = shot.camera
     if c.cx or c.cy:
         from studio.controls.camera import CameraShift
 
-        controls.append(CameraShift(c.cx, c.cy, c.start_step, c.shift_steps))
+        level = None
+        if c.noise_warp:  # the initial noise was warped along the pan (engine): shift the content, not the noise
+            from studio.controls.noise_warp import noise_level
+
+            level = noise_level(pipe.scheduler)
+        controls.append(CameraShift(c.cx, c.cy, c.start_step, c.shift_steps, scheduler=pipe.scheduler, fill=c.fill,
+                                    noise_level=level))
     # 3./4. Subject and background references: injection into spatial self-attention.
     refs = [(k, s.reference, s.reference_strength) for k, s in enumerate(shot.subjects) if s.reference]
     if shot.background.reference:
@@ -65,25 +71,15 @@ def build(shot: shotlib.Shot, pipe, ctx: Context, preset_name: str = "", adapter
         where = f"subjects[{refs[0][0]}].reference" if refs[0][0] is not None else "background.reference"
         if not family.self_attention_names(unet):
             raise shotlib.ShotError(where, refs[0][1], f"{model} has no spatial self-attention to inject into")
-        from studio.controls import reference
-
-        if not reference.supports(unet):
-            raise shotlib.ShotError(where, refs[0][1], f"reference injection does not support {model}'s UNet "
-                                    f"({type(unet).__name__})")
-        limit = getattr(unet.config, "motion_max_seq_length", None)
-        if shot.reference_control.temporal_attention and limit and shot.frames + len(refs) > limit:
-            raise shotlib.ShotError("reference_control.temporal_attention", True,
-                                    f"{shot.frames} frames + {len(refs)} reference frames exceed the {limit} frames "
-                                    f"{model}'s motion modules take; use fewer frames or temporal_attention: false")
+        problem = family.reference_problem(pipe, shot, ctx, len(refs), model)
+        if problem:
+            raise shotlib.ShotError(*(problem if isinstance(problem, tuple) else (where, refs[0][1], problem)))
         items = []
         for k, path, strength in refs:
-            latent = reference.encode_reference(pipe, path, shot.width, shot.height)
+            latent = family.encode_reference(pipe, path, shot.width, shot.height)
             region = ("outside",) if k is None else ("box", k)
             items.append((latent, strength, region))
-        rc = shot.reference_control
-        controls.append(reference.ReferenceInjection(
-            ctx, items, rc.temporal_attention, rc.refresh_every, rc.max_tokens,
-            schedule=lambda: pipe.scheduler.timesteps, unconditional=rc.unconditional, token_ratio=rc.token_ratio))
+        controls.append(family.reference_control(pipe, ctx, items, shot.reference_control))
     # 5. Several trained subjects' LoRAs, each confined to its own box.
     from studio.subjects import apply
 

@@ -9,7 +9,10 @@ Denoising      cfg_batched (one call on [uncond, cond] or two calls, cond first)
                call_kwargs(pipe, on_step_end, check_cancel): how the per-step callback attaches
 Controls       cross_attention_names / self_attention_names / temporal_attention_names(denoiser): the attention
                processors controls replace; `latents=` (initial noise) and the step-end callback (latent edits)
-               are the other two hook points, the same on every family
+               are the other two hook points, the same on every family. What differs per architecture:
+               phrase_tokens / word_tokens (the prompt's tokens as the denoiser sees them), box_control,
+               reference_problem / encode_reference / reference_control (the controls' family classes; their
+               logic is shared, studio.controls)
 Shot rules     supports: the shot settings the family takes; check_shot(shot, preset) refuses the others (ShotError
                naming the field and what is valid); frame and size rules are preset fields (frame_step,
                frame_offset, size_multiple), checked by shot validation
@@ -141,6 +144,54 @@ class Family:
     def temporal_attention_names(self, denoiser) -> list[str]:
         """Processor names of the frame-to-frame attention layers (none when self-attention is joint 3D)."""
         return []
+
+    # --- the controls' architecture-specific parts (the controls' logic is shared: studio.controls) -----------
+
+    def phrase_tokens(self, pipe, prompt: str, phrases: dict[int, str], required=None) -> dict[int, list[int]]:
+        """Token positions of each subject's own occurrence of its phrase in the prompt the denoiser sees
+        (boxes.PhraseError or ShotError naming the subject when a required one has none)."""
+        from studio.controls.boxes import assign_phrases
+
+        return assign_phrases(pipe.tokenizer, prompt, phrases, required=required)
+
+    def word_tokens(self, pipe, prompt: str) -> list[int]:
+        """Token positions of the prompt's words (what box control's all_words suppresses)."""
+        from studio.controls.boxes import word_token_indices
+
+        return word_token_indices(pipe.tokenizer, prompt)
+
+    def box_control(self, ctx, tracks, words, strength, amplify_steps, suppress):
+        from studio.controls.boxes import BoxAttention
+
+        return BoxAttention(ctx, tracks, words, strength, amplify_steps, suppress)
+
+    def reference_problem(self, pipe, shot, ctx, references: int, model: str):
+        """Why this model cannot take the shot's references (a message for the first reference's field, or a
+        (field, value, message) tuple), or None."""
+        from studio.controls import reference
+
+        unet = self.denoiser(pipe)
+        if not reference.supports(unet):
+            return f"reference injection does not support {model}'s UNet ({type(unet).__name__})"
+        limit = getattr(unet.config, "motion_max_seq_length", None)
+        if shot.reference_control.temporal_attention and limit and shot.frames + references > limit:
+            return ("reference_control.temporal_attention", True,
+                    f"{shot.frames} frames + {references} reference frames exceed the {limit} frames {model}'s "
+                    f"motion modules take; use fewer frames or temporal_attention: false")
+        return None
+
+    def encode_reference(self, pipe, path, width: int, height: int):
+        """The clean latent (1, C, h, w) of a reference image at the shot's size."""
+        from studio.controls import reference
+
+        return reference.encode_reference(pipe, path, width, height)
+
+    def reference_control(self, pipe, ctx, items, rc):
+        from studio.controls import reference
+
+        return reference.ReferenceInjection(ctx, items, rc.temporal_attention, rc.refresh_every, rc.max_tokens,
+                                            schedule=lambda: pipe.scheduler.timesteps,
+                                            unconditional=rc.unconditional, token_ratio=rc.token_ratio)
 
     # --- shot rules ------------------------------------------------------------------------------------------
 

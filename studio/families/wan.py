@@ -11,8 +11,11 @@ What differs from the UNets (../shared/design/WAN.md):
   over the 512 zero-padded UMT5 tokens;
 - the VAE runs in float32 (diffusers' and the authors' advice), the rest in the preset's dtype (auto: bfloat16 on
   CUDA, float32 on a CPU); the pipeline keeps its latents in float32.
-Box trajectories, camera pan, references, trained subjects and refinement are not ported yet: check_shot refuses
-them by field. The noise prior works (on latent frames, see studio.controls.noise_prior).
+The directing controls run here too (studio.controls.wan_attention for what differs): box trajectories through
+attn2 on the conditional call, each latent frame's box the union of its video frames' boxes; camera pan by latent
+shift with UniPC's stored history shifted alike; subject and background references as key/value tokens in attn1;
+Face VCD and Tiled VCD through WanVideoToVideoPipeline; the noise prior over latent frames. Trained subjects and
+subject tuning are not ported: check_shot refuses them by field.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from studio.families.base import Family
 class WanFamily(Family):
     name = "wan"
     pipeline = "WanPipeline"
-    video_to_video = None  # WanVideoToVideoPipeline exists; refinement on Wan comes with the controls' port
+    video_to_video = "WanVideoToVideoPipeline"
     denoiser_attr = "transformer"
     cfg_batched = False
-    supports = frozenset()  # of the UNet families' controls only the noise prior, which every family takes
+    supports = frozenset({"boxes", "camera", "references", "refine"})  # not yet: trained subjects, subject tuning
 
     def auto_dtype(self, device: str) -> str:
         return "bfloat16" if device == "cuda" else "float32"
@@ -88,3 +91,60 @@ class WanFamily(Family):
     def self_attention_names(self, denoiser) -> list[str]:
         return [f"{n}.processor" for n, m in denoiser.named_modules() if n.endswith(".attn1") and
                 hasattr(m, "processor")]
+
+    def check_shot(self, shot, preset) -> None:
+        super().check_shot(shot, preset)
+        from studio.shot import ShotError
+
+        if shot.reference_control.temporal_attention:
+            raise ShotError("reference_control.temporal_attention", True,
+                            f"the {self.name} family (model '{preset.name}') has no separate temporal attention: its "
+                            "attn1 is joint over frames and pixels, so every frame reads the references already; "
+                            "valid here: false")
+
+    # --- the controls' Wan parts (studio.controls.wan_attention) ---------------------------------------------
+
+    def phrase_tokens(self, pipe, prompt: str, phrases: dict[int, str], required=None) -> dict[int, list[int]]:
+        from studio.controls import wan_attention
+
+        return wan_attention.phrase_tokens(pipe.tokenizer, prompt, phrases, required, self.text_length(pipe))
+
+    def word_tokens(self, pipe, prompt: str) -> list[int]:
+        from studio.controls import wan_attention
+
+        return wan_attention.word_tokens(pipe.tokenizer, prompt, self.text_length(pipe))
+
+    def box_control(self, ctx, tracks, words, strength, amplify_steps, suppress):
+        from studio.controls.wan_attention import WanBoxAttention
+
+        return WanBoxAttention(ctx, tracks, words, strength, amplify_steps, suppress)
+
+    def reference_problem(self, pipe, shot, ctx, references: int, model: str):
+        from studio.controls.wan_attention import check_reference_positions
+
+        why = check_reference_positions(self.denoiser(pipe), ctx.attention_frames, references)
+        return None if why is None else ("frames", shot.frames, f"{why}; use fewer frames or references")
+
+    def encode_reference(self, pipe, path, width: int, height: int):
+        """The clean latent (1, C, h, w) of a reference image: encoded by the Wan VAE as a one-frame video (the
+        posterior's mode, no random draw), normalised as WanPipeline normalises latents."""
+        import torch
+
+        from studio.controls.reference import load_image
+
+        vae = pipe.vae
+        rgb = load_image(path, width, height).copy()
+        x = torch.from_numpy(rgb).float().div(127.5).sub(1.0).permute(2, 0, 1)[None, :, None]  # (1, 3, 1, H, W)
+        with torch.no_grad():
+            z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()  # (1, C, 1, h, w)
+        c = vae.config
+        mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        return ((z - mean) / std)[:, :, 0].to(self.latent_dtype(pipe))
+
+    def reference_control(self, pipe, ctx, items, rc):
+        from studio.controls.wan_attention import WanReferenceInjection
+
+        transformer = self.denoiser(pipe)
+        return WanReferenceInjection(ctx, items, transformer.rope, transformer.config.patch_size, rc.max_tokens,
+                                     unconditional=rc.unconditional, token_ratio=rc.token_ratio)

@@ -7,14 +7,25 @@ Layout of `<root>/<name>/` (root: studio_home()/subjects unless given):
     masks/000.png ...                   their subject masks, 0/255 (optional; one per photo when present)
     pytorch_lora_weights.safetensors    LoRA in diffusers' format, when methods has "lora"
                                         (`pipe.load_lora_weights(subject.path, weight_name=LORA_FILE)`)
-    learned_embeds.safetensors          textual-inversion embeddings, token -> (D,) or (n, D), when methods has
-                                        "tokens" (diffusers' load_textual_inversion takes one token per state
-                                        dict: `pipe.load_textual_inversion([{t: v} for t, v in d.items()],
-                                        token=list(d))` with d = safetensors.torch.load_file(file))
+    learned_embeds.safetensors          the learned token vectors, when methods has "tokens": diffusers'
+                                        multi-vector textual-inversion format, one key `<name>` holding the
+                                        tokens' vectors in order (N, D) (metadata: embeds_key, and tokens with
+                                        token_vectors, the rows of each), so plain diffusers loads it in one call:
+                                        `pipe.load_textual_inversion(file, token="<name>")`, then "<name>" in a
+                                        prompt stands for all N vectors. Folders of format_version 1 hold
+                                        {token: (D,) or (n, D)} instead; they still load.
 
 A save builds the whole folder under a hidden temp name (".tmp-<name>-<random>") and renames it into place, so
 a reader sees the old subject or the new one, never half of one; folders starting with "." are never listed.
 Only safetensors are read: a subject folder holding pickle files (.bin, .pt, .ckpt, ...) is refused.
+
+Kill safety (a process killed at any point, SIGKILL or power cut alike, as far as the file system keeps renames in
+order): writers (save, delete) hold an exclusive lock on the library folder (flock), so hidden folders seen while
+the lock is free belong to a writer that died. The next reader or writer that finds any (`recover`) finishes what
+the dead one left: an overwrite killed between moving the previous version aside (".old-<name>-*/<name>") and
+renaming the new one into place gets the previous version back; build folders (".tmp-*") and folders being
+deleted (".del-*") are removed. An overwrite moves the previous version aside, renames the new one in, then
+renames the aside folder to ".del-*" before removing it, so an ".old-*" folder always holds a whole subject.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from studio import faults
 from studio.subjects.masks import check_image, check_mask, load_mask, save_mask
 
 if TYPE_CHECKING:
@@ -39,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: learned_embeds.safetensors in diffusers' one-key multi-vector format (1: {token: vector})
 METADATA_FILE = "metadata.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -50,6 +63,7 @@ MAX_PHOTO_BYTES = 20 * 2**20
 MAX_PHOTOS = 10
 MAX_PHOTO_SIDE = 1024  # imported photos are scaled down to this longest side (training crops far smaller)
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+HIDDEN_PREFIXES = (".tmp-", ".old-", ".del-")  # a writer's build, previous-version and being-deleted folders
 
 
 class SubjectError(ValueError):
@@ -130,7 +144,10 @@ def base_weights(preset) -> dict[str, str | None]:
         return f"models/{local.relative_to(root).as_posix()}" if local.is_relative_to(root) else str(local)
 
     adapter = preset.motion_adapter if preset.family == "animatediff" else None
-    return {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    weights = {"base": ref(preset.base), "motion_adapter": ref(adapter), "revision": preset.revision}
+    if getattr(preset, "random_weights", False):  # a random-weight build of the layout is other weights
+        weights["random_weights"] = {"layout": preset.layout or preset.name, "width_factor": preset.width_factor}
+    return weights
 
 
 def check_base_model(subject: Subject, model, field: str = "subject") -> None:
@@ -150,7 +167,9 @@ def check_base_model(subject: Subject, model, field: str = "subject") -> None:
     if was == now:  # one name, other weights: say which
 
         def desc(w: dict) -> str:
-            return " + ".join(str(v) for v in (w.get("base"), w.get("motion_adapter")) if v)
+            rw = w.get("random_weights")
+            random = [f"random weights at width {rw.get('width_factor')}"] if isinstance(rw, dict) else []
+            return " + ".join([str(v) for v in (w.get("base"), w.get("motion_adapter")) if v] + random)
 
         was, now = f"{was} ({desc(recorded)})", f"{now} ({desc(current)})"
     raise ValueError(f"{field}: '{subject.name}' was trained for base model {was}, not {now}; train it again for "
@@ -258,12 +277,65 @@ def _check_weight_headers(subject: Subject) -> None:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
+            key = subject.metadata.get("embeds_key")
+            rows = _rows(_header_shape(path, key)) if path == subject.embeds_path and key in keys else 0
         except (SafetensorError, OSError, ValueError) as e:
             raise SubjectError(f"subject '{subject.name}': {path.name} is not readable safetensors ({e})") from None
-        lacking = sorted(set(subject.tokens) - keys) if path == subject.embeds_path else []
+        lacking = []
+        if path == subject.embeds_path and "embeds_key" in subject.metadata:  # one key, the tokens' rows in order
+            ends = np.cumsum(_token_vectors(subject))
+            lacking = [t for t, end in zip(subject.tokens, ends) if end > rows]
+        elif path == subject.embeds_path:  # format_version 1: a key per token
+            lacking = sorted(set(subject.tokens) - keys)
         if not keys or lacking:
             what = f"lacks the tokens {', '.join(lacking[:4])}" if lacking else "holds no tensors"
             raise SubjectError(f"subject '{subject.name}': {path.name} {what}")
+
+
+def _header_shape(path: Path, key: str) -> list[int]:
+    """A tensor's shape from a safetensors file's JSON header (no tensor data read): 8 bytes of header length, then
+    the header."""
+    import struct
+
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100_000_000:
+            raise ValueError("header too large")
+        return list(json.loads(f.read(size))[key]["shape"])
+
+
+def _rows(shape) -> int:
+    return 1 if len(shape) == 1 else int(shape[0])
+
+
+def _token_vectors(subject: Subject) -> list[int]:
+    """How many vectors (rows of the embeds key) each of the subject's tokens has (format_version >= 2)."""
+    rows = subject.metadata.get("token_vectors")
+    if not (isinstance(rows, list) and len(rows) == len(subject.tokens)
+            and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rows)):
+        raise SubjectError(f"subject '{subject.name}': {METADATA_FILE} lacks or garbles token_vectors")
+    return rows
+
+
+def pack_embeds(embeds: dict, tokens: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """{token: (D,) or (n, D)} -> the tokens' vectors stacked in `tokens` order (N, D) and each token's row count."""
+    import torch
+
+    parts = [embeds[t] if embeds[t].dim() == 2 else embeds[t][None] for t in tokens]
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"embeds: every token's vectors must have one width (got {sorted(widths)})")
+    return torch.cat(parts).contiguous(), [p.shape[0] for p in parts]
+
+
+def unpack_embeds(packed: torch.Tensor, tokens: list[str], rows: list[int]) -> dict:
+    """The inverse of pack_embeds: a token with one row gets a (D,) vector, others (n, D)."""
+    out, start = {}, 0
+    for t, n in zip(tokens, rows):
+        block = packed[start:start + n]
+        out[t] = block[0].clone() if n == 1 else block.clone()
+        start += n
+    return out
 
 
 def _expected_files(subject: Subject) -> list[Path]:
@@ -291,6 +363,7 @@ class SubjectLibrary:
         are not readable safetensors are skipped (logged; `delete` still removes them by name)."""
         if not self.root.is_dir():
             return []
+        self.recover(wait=False)
         subjects = []
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir() or not NAME_PATTERN.fullmatch(folder.name):
@@ -307,6 +380,7 @@ class SubjectLibrary:
     def exists(self, name: str) -> bool:
         """Whether a complete subject of that name is in the library."""
         folder = self.root / sanitize_name(name)
+        self.recover(wait=False)
         if not folder.is_dir():
             return False
         try:
@@ -318,6 +392,7 @@ class SubjectLibrary:
     def get(self, name: str, field: str = "name") -> Subject:
         """The subject called `name`; SubjectError (a ValueError) naming `field` when there is no complete one."""
         folder = self.root / sanitize_name(name, field)
+        self.recover(wait=False)
         if not folder.is_dir():
             known = ", ".join(self.names()) or "none"
             raise SubjectError(f"{field}: no subject '{name}' in {self.root} (known: {known})")
@@ -340,6 +415,10 @@ class SubjectLibrary:
             raise SubjectError(f"subject '{subject.name}' has no learned tokens (methods: "
                                f"{', '.join(subject.methods)})")
         embeds = _load_safetensors(subject.embeds_path)
+        key = subject.metadata.get("embeds_key")
+        if key is not None:  # format_version 2: one key, the tokens' vectors in order
+            packed = embeds[key] if embeds[key].dim() == 2 else embeds[key][None]
+            return unpack_embeds(packed, list(subject.tokens), _token_vectors(subject))
         order = [t for t in subject.tokens if t in embeds] + [t for t in embeds if t not in subject.tokens]
         return {token: embeds[token] for token in order}  # safetensors sorts keys; keep the saved token order
 
@@ -382,7 +461,7 @@ class SubjectLibrary:
                 methods and tokens default to the weights given). name, created, photos, masks and
                 format_version are filled in here.
             lora: LoRA state dict in diffusers' format (keys are the caller's), stored as safetensors.
-            embeds: token -> (D,) or (n, D) embedding, stored as safetensors.
+            embeds: token -> (D,) or (n, D) embedding, stored as safetensors in one key `<name>` (see the module).
             overwrite: replace an existing subject of that name; otherwise that is a ValueError.
         """
         # 1. Check inputs
@@ -392,32 +471,41 @@ class SubjectLibrary:
         lora, embeds = _check_tensors("lora", lora), _check_tensors("embeds", embeds, (1, 2))
         meta.update(name=name, photos=len(photos), masks=len(masks), format_version=FORMAT_VERSION,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if embeds:  # diffusers' multi-vector format: one key, loadable with one load_textual_inversion call
+            packed, rows = pack_embeds(embeds, meta["tokens"])
+            meta.update(embeds_key=f"<{name}>", token_vectors=rows)
+            embeds = {meta["embeds_key"]: packed}
         text = _metadata_json(meta)
         final = self.root / name
-        if final.exists() and not overwrite:
-            raise ValueError(f"name: subject '{name}' already exists in {self.root}; "
-                             f"pass overwrite=True to replace it")
-        # 2. Build the folder under a temp name; any failure removes it and leaves the library as it was
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
-        try:
-            _write_folder(tmp, photos, masks, lora, embeds, text)
-            # 3. Swap it into place
-            self._replace(tmp, final, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("saved subject '%s' (%s) in %s", name, ", ".join(meta["methods"]), final)
-        return _subject_from_folder(final)
+        with self._writing():
+            if final.exists() and not overwrite:
+                raise ValueError(f"name: subject '{name}' already exists in {self.root}; "
+                                 f"pass overwrite=True to replace it")
+            # 2. Build the folder under a temp name; any failure removes it and leaves the library as it was
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+            faults.point("save-tmp-made")
+            try:
+                _write_folder(tmp, photos, masks, lora, embeds, text)
+                faults.point("save-built")
+                # 3. Swap it into place
+                self._replace(tmp, final, overwrite)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            logger.info("saved subject '%s' (%s) in %s", name, ", ".join(meta["methods"]), final)
+            return _subject_from_folder(final)
 
     def delete(self, name: str) -> None:
         """Remove a subject (renamed aside first, so it disappears from listings at once)."""
         folder = self.root / sanitize_name(name)
-        if not folder.is_dir():
-            raise SubjectError(f"name: no subject '{name}' in {self.root}")
-        aside = Path(tempfile.mkdtemp(prefix=f".del-{folder.name}-", dir=self.root))
-        os.replace(folder, aside / folder.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        with self._writing():
+            if not folder.is_dir():
+                raise SubjectError(f"name: no subject '{name}' in {self.root}")
+            aside = Path(tempfile.mkdtemp(prefix=f".del-{folder.name}-", dir=self.root))
+            os.replace(folder, aside / folder.name)
+            faults.point("delete-moved")
+            _remove(aside, "delete-half-removed")
         logger.info("deleted subject '%s'", folder.name)
 
     def _replace(self, tmp: Path, final: Path, overwrite: bool) -> None:
@@ -428,14 +516,97 @@ class SubjectLibrary:
         if not overwrite:
             raise ValueError(f"name: subject '{final.name}' already exists in {self.root}; pass overwrite=True")
         aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=self.root))
+        faults.point("swap-aside-made")
         os.replace(final, aside / final.name)
+        faults.point("swap-old-moved")
         try:
             os.replace(tmp, final)
         except BaseException:
             os.replace(aside / final.name, final)  # put the previous version back
             shutil.rmtree(aside, ignore_errors=True)
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        faults.point("swap-new-in-place")
+        _remove(aside, "swap-old-half-removed")
+
+    # --- recovery after a killed writer
+
+    @contextmanager
+    def _writing(self):
+        """Hold the library's write lock (blocking), after finishing what a killed writer left (`recover`)."""
+        with _locked(self.root, wait=True):
+            self._recover_locked()
+            yield
+
+    def recover(self, wait: bool = True) -> list[str]:
+        """Finish what writers killed mid-way left in the library (see the module docstring); what was done, one
+        line each. With wait=False, a library another writer holds is left alone (that writer is alive)."""
+        if not self.root.is_dir() or not _leftovers(self.root):
+            return []
+        with _locked(self.root, wait=wait) as held:
+            return self._recover_locked() if held else []
+
+    def _recover_locked(self) -> list[str]:
+        done = []
+        for entry in _leftovers(self.root):
+            if entry.name.startswith(".old-"):
+                inside = [p for p in entry.iterdir() if NAME_PATTERN.fullmatch(p.name)]
+                final = self.root / inside[0].name if inside else None
+                if final is not None and not final.exists():  # killed between moving it aside and the new one in
+                    os.replace(inside[0], final)
+                    done.append(f"restored the previous version of subject '{final.name}' (its overwrite was cut "
+                                f"short)")
+            elif entry.name.startswith(".tmp-"):
+                done.append(f"removed an unfinished save ({entry.name})")
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for line in done:
+            logger.warning("subject library %s: %s", self.root, line)
+        return done
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """The hidden build, previous-version and being-deleted folders in a library folder."""
+    try:
+        return sorted(p for p in root.iterdir() if p.name.startswith(HIDDEN_PREFIXES))
+    except OSError:
+        return []
+
+
+@contextmanager
+def _locked(root: Path, wait: bool):
+    """An exclusive flock on the library folder itself (no lock file to list); yields whether it is held. Without
+    fcntl (Windows) there is no lock: yields True."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    root.mkdir(parents=True, exist_ok=True)  # a library not written yet (a delete there finds no subject)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as e:  # a file system without flock (some network mounts): no lock, as without fcntl
+            logger.debug("no lock on %s: %s", root, e)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove(aside: Path, point: str) -> None:
+    """Remove a folder that holds what is no longer wanted: renamed ".del-*" first (if not already), so a kill
+    while removing it leaves nothing that recovery would put back."""
+    doomed = aside
+    if not aside.name.startswith(".del-"):
+        doomed = aside.with_name(".del-" + aside.name.split("-", 1)[1])
+        os.replace(aside, doomed)
+    files = sorted(p for p in doomed.rglob("*") if p.is_file())
+    for f in files[: len(files) // 2]:
+        f.unlink()
+    faults.point(point)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- helpers for save ----------------------------------------------------------------------------------------
@@ -494,10 +665,12 @@ def _write_folder(folder: Path, photos: list[np.ndarray], masks: list[np.ndarray
         (folder / "masks").mkdir()
         for i, mask in enumerate(masks):
             save_mask(mask, folder / "masks" / f"{i:03d}.png")
+    faults.point("save-photos-written")
     if lora:
         save_file(lora, str(folder / LORA_FILE), metadata={"format": "pt"})
     if embeds:
         save_file(embeds, str(folder / EMBEDS_FILE), metadata={"format": "pt"})
+    faults.point("save-weights-written")
     (folder / METADATA_FILE).write_text(metadata_text, encoding="utf-8")
 
 

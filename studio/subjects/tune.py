@@ -25,6 +25,7 @@ Symbols: B photos per step, C latent channels, F frames, H×W pixels, h×w laten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -36,11 +37,16 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+
+from studio import faults
+if TYPE_CHECKING:  # torch is imported where it is used (nothing heavy at import)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,10 @@ METHODS = ("lora", "tokens", "both")
 # Every spatial (per-frame) attention projection; the motion modules (AnimateDiff) and temp_attentions
 # (Zeroscope's UNet3D) do not match: their names hold "motion_modules." / "temp_attentions.", never ".attentions.".
 LORA_TARGETS = r"^(?!.*motion_modules).*(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+# TuneSettings.lora_targets: every spatial attention projection ("attention"), or the cross-attention only ("cross":
+# attn2, where the text meets the image)
+TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2")}
+CAPTION = "a {phrase}"  # the training captions' form (TuneSettings.caption); {phrase}: e.g. "sks star"
 ADAPTER = "subject"
 
 # Preservation prompts: varied motion and scenes, generated once per base model by the frozen model itself.
@@ -71,13 +81,15 @@ class TuneCancelled(RuntimeError):
 class TuneSettings:
     """How to teach a subject. None means the base model's default (see `defaults`)."""
 
-    method: str = "lora"  # lora | tokens | both
+    method: Optional[str] = None  # lora | tokens | both; None: the base model's default (DEFAULTS)
     class_word: str = "dog"  # what the subject is; the phrase shots use ("sks dog")
     trigger: str = "sks"  # the rare word that names the subject (LoRA)
     steps: Optional[int] = None
     lr: Optional[float] = None  # LoRA learning rate
     token_lr: Optional[float] = None  # extended ID tokens' learning rate (Magic-Me: 1e-3)
     rank: Optional[int] = None  # LoRA rank
+    lora_targets: str = "attention"  # a TARGET_SETS key: which spatial attention projections the LoRA adapts
+    caption: Optional[str] = None  # the training captions' form, "{phrase}" standing for the subject's words
     n_tokens: int = 4  # extended ID tokens (Magic-Me: 4)
     batch: int = 4  # photos per step
     region_loss: bool = True  # loss on subject pixels only (False: the whole photo)
@@ -92,20 +104,57 @@ class TuneSettings:
     # Magic-Me's noise_offset: ε + offset·N(0, 1) per item and channel on the photo batch; default 0.1 when tokens
     # are trained, else 0
     noise_offset: Optional[float] = None
+    # recompute the UNet's activations in the backward pass (less memory, ~30% more time); default on for the real
+    # models, off for the small ones (tiny, toyworld)
+    checkpointing: Optional[bool] = None
 
 
-# Per base model: steps, LoRA lr, token lr, rank. Real models follow the methods' settings scaled to a LoRA
-# (MotionBooth fine-tunes the full UNet at 5e-6 for 300 steps; a rank-32 LoRA needs a larger lr).
+# Per base model, the one source of the training defaults (`studio subject add` and the page's training panel both
+# read it): method, steps, LoRA lr, token lr, rank, and why that method, in one line. Real models follow the methods'
+# settings scaled to a LoRA (MotionBooth fine-tunes the full UNet at 5e-6 for 300 steps; a rank-32 LoRA needs a
+# larger lr). The toy-world model's come from benchmarks/likeness.py (the table in the README).
 DEFAULTS = {
-    "toyworld": dict(steps=80, lr=6e-3, token_lr=5e-3, rank=8),  # ~65 s on 2 CPU cores
-    "tiny": dict(steps=20, lr=1e-3, token_lr=5e-3, rank=4),
-    "animatediff": dict(steps=400, lr=1e-4, token_lr=1e-3, rank=32),
-    "zeroscope": dict(steps=400, lr=1e-4, token_lr=1e-3, rank=32),
+    "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
+                     caption="a photo of a {phrase}",
+                     why="LoRA, 80 steps, captions 'a photo of a ...': the closest to the photos measured per "
+                         "second of training; ID tokens alone left the colours as they were and LoRA + tokens moved "
+                         "them away (benchmarks/likeness.py)"),
+    "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION,
+                 why="LoRA: a random-weights test model; nothing measured"),
+    "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
+                        caption=CAPTION,
+                        why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
+    "zeroscope": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
+                      caption=CAPTION,
+                      why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
 }
+NOTES = ("why",)  # DEFAULTS keys that are not TuneSettings fields
+
+
+def _defaults_entry(preset) -> dict:
+    return DEFAULTS.get(preset.name) or DEFAULTS.get(preset.family) or DEFAULTS["animatediff"]
 
 
 def defaults(preset) -> dict:
-    return dict(DEFAULTS.get(preset.name) or DEFAULTS.get(preset.family) or DEFAULTS["animatediff"])
+    """The preset's default TuneSettings fields (method, steps, lr, token_lr, rank, checkpointing)."""
+    return {k: v for k, v in _defaults_entry(preset).items() if k not in NOTES}
+
+
+def method_note(preset) -> str:
+    """One line: the preset's default method and why (the page's training panel shows it)."""
+    return f"Default for {preset.name}: {_defaults_entry(preset)['why']}"
+
+
+def check_method(method: str, preset, pipe=None) -> None:
+    """ValueError naming the method and the preset when the preset cannot train it: tokens (and both) extend the
+    text encoder's embedding table, which a model without a text encoder (or with one that has no input
+    embeddings) does not have."""
+    if method not in ("tokens", "both") or pipe is None:
+        return
+    te = getattr(pipe, "text_encoder", None)
+    if te is None or not hasattr(te, "get_input_embeddings") or getattr(pipe, "tokenizer", None) is None:
+        raise ValueError(f"method: {method} cannot be trained on {preset.name}: it has no text encoder whose "
+                         f"tokens can be extended; use lora (got {method!r})")
 
 
 def resolve(settings: TuneSettings, preset) -> TuneSettings:
@@ -132,9 +181,17 @@ def resolve(settings: TuneSettings, preset) -> TuneSettings:
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name.endswith("lr") and v == 0):
             raise ValueError(f"{name}: must be a finite number > 0 (got {v!r})" if name.endswith("lr")
                              else f"{name}: must be a finite number >= 0 (got {v!r})")
+    if not isinstance(s.checkpointing, bool):
+        raise ValueError(f"checkpointing: must be true or false (got {s.checkpointing!r})")
     v = s.full_image_rate
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
         raise ValueError(f"full_image_rate: must be a number in 0..1 (got {v!r})")
+    if s.lora_targets not in TARGET_SETS:
+        raise ValueError(f"lora_targets: must be one of {', '.join(TARGET_SETS)} (got {s.lora_targets!r})")
+    if not isinstance(s.caption, str) or s.caption.count("{phrase}") != 1 or len(s.caption) > 80 or \
+            "{" in s.caption.replace("{phrase}", ""):
+        raise ValueError(f"caption: must hold {{phrase}} once and no other braces, e.g. {CAPTION!r} "
+                         f"(got {s.caption!r})")
     for name in ("class_word", "trigger"):
         v = getattr(s, name)
         if not isinstance(v, str) or not v.strip() or len(v) > 40:
@@ -285,8 +342,9 @@ def preservation_clips(pipe, preset, frames: int, width: int, height: int, folde
     if folder:
         return _user_clips(pipe, Path(folder), frames, width, height)
     prompts = PRESERVATION_PROMPTS.get(preset.name, PRESERVATION_PROMPTS["default"])
+    random = [[preset.layout or preset.name, preset.width_factor]] if getattr(preset, "random_weights", False) else []
     tag = hashlib.sha256(json.dumps([preset.name, preset.base, preset.motion_adapter, frames, width, height,
-                                     prompts]).encode()).hexdigest()[:12]
+                                     prompts] + random).encode()).hexdigest()[:12]  # random weights: other clips
     root = (cache_root or studio_home() / "preservation") / f"{preset.name}-{tag}"
     if (root / "clips.safetensors").exists():
         return load_file(str(root / "clips.safetensors"))["latents"], json.loads((root / "captions.json").read_text())
@@ -383,6 +441,7 @@ class TuneResult:
     settings: TuneSettings
     seconds: float
     losses: list[float] = field(default_factory=list)  # per step
+    precision: dict = field(default_factory=dict)  # device, dtypes, autocast, grad scaler (trainable.Precision)
 
 
 Progress = Callable[..., None]
@@ -455,212 +514,336 @@ def _layer_tokens(unet, names: list[str], h: int, w: int, text_len: int) -> dict
     return seen
 
 
+@dataclass
+class PhotoSet:
+    """The subject's photos at the model's size, on the CPU (augmented there per step, then encoded on the device)."""
+
+    pixels: "torch.Tensor"  # (n, 3, H, W) in -1..1
+    masks: "torch.Tensor"  # (n, 2, H, W) in 0..1: the subject's mask and where the photo is (not padding)
+
+
+def prepare_photos(photos: list[np.ndarray], masks: list[np.ndarray] | None, preset) -> PhotoSet:
+    """Step 2: photos and masks fitted to the model's frame (fit_photo)."""
+    import torch
+
+    d = preset.defaults
+    fitted = [fit_photo(p, masks[i] if masks else None, d.width, d.height) for i, p in enumerate(photos)]
+    px = torch.stack([torch.from_numpy(f[0].copy()) for f in fitted]).float().div(127.5).sub(1)
+    mk = torch.stack([torch.from_numpy(np.stack([f[1], f[2]])) for f in fitted]).float()
+    return PhotoSet(px.permute(0, 3, 1, 2), mk)
+
+
+@dataclass
+class StcaSetup:
+    """Step 4: the spatial cross-attention layers MotionBooth's STCA loss reads, and their processors."""
+
+    names: list[str] = field(default_factory=list)
+    grid: Optional[tuple] = None  # (rows, cols) of those layers
+    store: list = field(default_factory=list)  # their softmax maps, filled by each UNet call
+
+
+def stca_setup(pipe, s: TuneSettings, h: int, w: int, generator) -> StcaSetup:
+    """The STCA layers at a quarter of the latent side (losses.STCA_LEVEL); none without a LoRA or with λ2 = 0."""
+    from studio.controls.base import Context, spatial_cross_attention_names
+    from studio.subjects import losses
+
+    if s.method not in ("lora", "both") or s.stca_weight <= 0:
+        return StcaSetup()
+    ctx = Context(frames=1, latent_h=h, latent_w=w, steps=s.steps, do_cfg=False, generator=generator)
+    unet = pipe.unet
+    tokens_at = _layer_tokens(unet, spatial_cross_attention_names(unet), h, w, pipe.tokenizer.model_max_length)
+    names, grid = losses.stca_layers(tokens_at, ctx)
+    logger.info("STCA on %d layer(s) at %dx%d: %s", len(names), *grid, ", ".join(names))
+    return StcaSetup(names, grid)
+
+
+@contextmanager
+def capturing(unet, stca: StcaSetup):
+    """The STCA layers' processors keep their attention maps in stca.store while the block runs."""
+    from studio.controls.base import CaptureCrossAttnProcessor, attention_modules
+
+    modules = attention_modules(unet)
+    original = {n: modules[n].processor for n in stca.names}
+    for n in stca.names:
+        modules[n].set_processor(CaptureCrossAttnProcessor(stca.store))
+    try:
+        yield
+    finally:
+        stca.store.clear()
+        for n, proc in original.items():
+            modules[n].set_processor(proc)
+
+
+@dataclass
+class Trainables:
+    """Step 5: what training moves (float32, on the model's device) and its optimizer."""
+
+    lora: list = field(default_factory=list)  # the LoRA's parameters
+    tokens: list[str] = field(default_factory=list)  # the new token strings
+    token_ids: list[int] = field(default_factory=list)
+    token_init: Optional["torch.Tensor"] = None  # (n, D): the class word's mean embedding, their starting value
+
+    def groups(self, s: TuneSettings, rows) -> list[dict]:
+        out = [{"params": self.lora, "lr": s.lr, "weight_decay": 1e-2}] if self.lora else []
+        if rows is not None:
+            out.append({"params": [rows.rows], "lr": s.token_lr, "weight_decay": 0.0})
+        return out
+
+
+def add_trainables(pipe, s: TuneSettings, name: str, generator) -> Trainables:
+    """A LoRA on the spatial attention and/or new tokens (added to the tokenizer and the embedding table)."""
+    import torch
+
+    from studio.subjects.apply import add_token_rows
+    from studio.subjects.trainable import add_lora
+
+    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    for m in (unet, te, pipe.vae):
+        m.requires_grad_(False)
+    out = Trainables()
+    if s.method in ("lora", "both"):
+        out.lora = add_lora(unet, TARGET_SETS[s.lora_targets], s.rank, ADAPTER, generator)
+    if s.method in ("tokens", "both"):
+        out.tokens = token_strings(name, s.n_tokens)
+        if add_token_rows(tok, te, out.tokens) != len(out.tokens):
+            raise ValueError(f"name: the tokenizer already holds tokens of a subject named {name!r}")
+        out.token_ids = tok.convert_tokens_to_ids(out.tokens)
+        emb = te.get_input_embeddings().weight
+        init_ids = torch.tensor(tok(s.class_word, add_special_tokens=False).input_ids, device=emb.device)
+        with torch.no_grad():  # the class word's mean (Magic-Me copies fixed CLIP ids; see the module docstring)
+            out.token_init = emb[init_ids].float().mean(0, keepdim=True).expand(len(out.tokens), -1).clone()
+    return out
+
+
+@dataclass
+class StepContext:
+    """What every step reads: the model, the data and how it computes."""
+
+    pipe: object
+    s: TuneSettings
+    kind: str  # epsilon | v_prediction
+    generator: "torch.Generator"  # on the CPU: the same draws on any device
+    precision: object  # trainable.Precision
+    photos: PhotoSet
+    clips: Optional[tuple]  # (latents (K, C, F, h, w) on the CPU, captions) or None
+    stca: StcaSetup
+    alphas: "torch.Tensor"  # (T,) ᾱ on the device, float32
+    phrase: str  # "<tokens> sks dog"
+    full_augment: bool
+
+    @property
+    def device(self):
+        return self.precision.device
+
+
+def _encode_text(pipe, captions: list[str], device):
+    tok = pipe.tokenizer
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(device))[0]  # (B, L, D)
+
+
+def _noised(c: StepContext, z0, eps, t):
+    """x_t = √ᾱ·z0 + √(1−ᾱ)·ε at timesteps t (B,) on the device; returns (x_t, ᾱ (B, 1, 1, 1, 1))."""
+    a = c.alphas[t].view(-1, 1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps, a
+
+
+def photo_loss(c: StepContext):
+    """Step 6a: the photo batch (one-frame videos) with the region loss + λ2·STCA; returns (loss, stca loss)."""
+    import torch
+
+    from studio.controls.boxes import phrase_token_indices
+    from studio.subjects import losses
+
+    s, gen, dev, pipe = c.s, c.generator, c.device, c.pipe
+    idx = torch.randint(0, c.photos.pixels.shape[0], (s.batch,), generator=gen)
+    xs, ms, areas, region, caps = [], [], [], [], []
+    for i in idx.tolist():
+        x, m2, pre = augment(c.photos.pixels[i], c.photos.masks[i], gen, c.full_augment)  # m2: (2, H, W)
+        whole = s.full_image_rate > 0 and float(torch.rand((), generator=gen)) < s.full_image_rate
+        xs.append(x)
+        ms.append(m2[0])
+        areas.append(m2[1])
+        region.append(m2[1] if whole else m2[0])  # Magic-Me's use_orig_img_rate: the whole photo
+        caps.append(s.caption.replace("{phrase}", f"{pre + ' ' if pre else ''}{c.phrase}"))
+    z0 = _encode_pixels(pipe, torch.stack(xs), gen)[:, :, None]  # (B, C, 1, h, w) on the device, float32
+    eps = torch.randn(z0.shape, generator=gen)  # drawn on the CPU from the seed, then moved
+    if s.noise_offset > 0:  # Magic-Me's offset noise: a constant per item and channel
+        eps = eps + s.noise_offset * torch.randn((*z0.shape[:2], 1, 1, 1), generator=gen)
+    eps = eps.to(dev)
+    t = torch.randint(0, c.alphas.shape[0], (s.batch,), generator=gen).to(dev)
+    zt, a = _noised(c, z0, eps, t)
+    dt = pipe.unet.dtype
+    c.stca.store.clear()
+    with c.precision.forward():
+        text = _encode_text(pipe, caps, dev)
+        pred = pipe.unet(zt.to(dt), t, encoder_hidden_states=text.to(dt)).sample.float()
+    target = diffusion_target(c.kind, z0, eps, a)
+    # the subject's region (or, without region_loss, the whole photo: never the padding)
+    lm = losses.latent_mask(torch.stack(region if s.region_loss else areas).to(dev), *z0.shape[-2:])
+    loss = losses.region_loss(pred, target, lm)
+    l_stca = torch.zeros((), device=dev)
+    if c.stca.store:
+        pos = [phrase_token_indices(pipe.tokenizer, cap, c.phrase) for cap in caps]
+        l_stca = losses.stca_loss([p.float() for p in c.stca.store], torch.stack(ms).to(dev), pos, c.stca.grid,
+                                  frames=1)
+        loss = loss + s.stca_weight * l_stca
+    c.stca.store.clear()
+    return loss, l_stca
+
+
+def preservation_loss(c: StepContext):
+    """Step 6b: one preservation clip, the plain diffusion loss on a generated (or the user's) captioned clip."""
+    import torch
+
+    from studio.subjects import losses
+
+    gen, dev, pipe = c.generator, c.device, c.pipe
+    latents, captions = c.clips
+    k = int(torch.randint(0, latents.shape[0], (1,), generator=gen))
+    v0 = latents[k:k + 1].to(dev, torch.float32)  # (1, C, F, h, w)
+    ve = torch.randn(v0.shape, generator=gen).to(dev)
+    vt = torch.randint(0, c.alphas.shape[0], (1,), generator=gen).to(dev)
+    vt_noisy, va = _noised(c, v0, ve, vt)
+    dt = pipe.unet.dtype
+    c.stca.store.clear()
+    with c.precision.forward():
+        vtext = _encode_text(pipe, [captions[k]], dev)
+        if type(pipe.unet).__name__ == "UNetMotionModel":  # text repeated per frame; UNet3D takes it per video
+            vtext = vtext.repeat_interleave(v0.shape[2], 0)  # (F, L, D)
+        v_hat = pipe.unet(vt_noisy.to(dt), vt, encoder_hidden_states=vtext.to(dt)).sample.float()
+    c.stca.store.clear()
+    return losses.preservation_loss(v_hat, diffusion_target(c.kind, v0, ve, va))
+
+
+def train_step(c: StepContext, optimizer, params: list) -> tuple[float, float]:
+    """Step 6: one optimizer step on the photo batch and (with a LoRA and λ1 > 0) one preservation clip, the two
+    halves averaged (MotionBooth's grad-accumulation of 2). Returns (loss, stca loss)."""
+    loss, l_stca = photo_loss(c)
+    if c.clips is not None:
+        loss = (loss + c.s.video_weight * preservation_loss(c)) / 2
+    optimizer.zero_grad(set_to_none=True)
+    c.precision.step(loss, optimizer, params)
+    c.stca.store.clear()  # checkpointing's recomputation captured again
+    return loss.item(), l_stca.item()
+
+
+def collect_weights(pipe, trainables: Trainables, rows) -> tuple[Optional[dict], Optional[dict]]:
+    """Step 7: the LoRA in diffusers' file format and the token vectors, float32 on the CPU."""
+    lora = embeds = None
+    if trainables.lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER))
+        lora = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    if rows is not None:
+        vectors = rows.rows.detach().float().cpu()
+        embeds = {tk: vectors[i].clone() for i, tk in enumerate(trainables.tokens)}
+    return lora, embeds
+
+
 def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None, name: str,
           settings: TuneSettings, progress: Progress | None = None, cancel: threading.Event | None = None,
           cache_root: Path | None = None) -> TuneResult:
     """Train a subject on `pipe` (a pipeline of its own: its UNet gets an adapter, its tokenizer new tokens).
 
     photos: (H, W, 3) uint8; masks: (H, W) bool per photo, or None (the whole photo). Returns the weights; the
-    caller saves them. Deterministic for a seed on one machine; torch's global RNG is left as it was.
+    caller saves them. Runs on the pipeline's device in its dtype (trainable.Precision: float32 trainable weights,
+    autocast for half-precision models); every random draw comes from one CPU generator seeded from the settings,
+    so a seed draws the same noise on any device. Deterministic for a seed on one machine; torch's global RNG is
+    left as it was.
     """
     import torch
 
-    from studio.controls.base import Context, attention_modules, spatial_cross_attention_names
-    from studio.controls.boxes import phrase_token_indices
-    from studio.subjects import losses
-    from studio.subjects.apply import add_token_rows, keep_global_rng
-    from studio.controls.base import CaptureCrossAttnProcessor
+    from studio.subjects.trainable import Precision, gradient_checkpointing, token_rows
 
     # 1. Check inputs before any work.
     s = resolve(settings, preset)
+    check_method(s.method, preset, pipe)
     kind = check_prediction_type(pipe.scheduler)
     check_photos(photos, masks, preset, warn=False)
     t_start = time.perf_counter()
     report = _reporter(progress)
     d = preset.defaults
-    W, H, Fr = d.width, d.height, d.frames
     gen = torch.Generator("cpu").manual_seed(s.seed)
-    unet, te, tok, sched = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
-    use_lora, use_tokens = s.method in ("lora", "both"), s.method in ("tokens", "both")
-    motion = type(unet).__name__ == "UNetMotionModel"  # text repeated per frame; UNet3D takes it per video
-
-    # 2. Photos and masks at the model's size, in -1..1; `valid` is where the photo is (not padding).
-    fitted = [fit_photo(p, masks[i] if masks else None, W, H) for i, p in enumerate(photos)]
-    px = torch.stack([torch.from_numpy(f[0].copy()) for f in fitted]).float().div(127.5).sub(1)
-    px = px.permute(0, 3, 1, 2)  # (n, 3, H, W)
-    mk = torch.stack([torch.from_numpy(np.stack([f[1], f[2]])) for f in fitted]).float()  # (n, 2, H, W)
+    precision = Precision.of(pipe.unet)
+    h, w = d.height // pipe.vae_scale_factor, d.width // pipe.vae_scale_factor
+    # 2. Photos and masks at the model's size.
+    photo_set = prepare_photos(photos, masks, preset)
     # 3. Preservation clips before any weight changes (the frozen model makes them).
     clips = None
-    if use_lora and s.video_weight > 0:
+    if s.method in ("lora", "both") and s.video_weight > 0:
         clip_progress = None if report is None else (
             lambda i, n, left: report(i, n, float("nan"), left, "preservation"))
-        clips = preservation_clips(pipe, preset, Fr, W, H, s.preservation, cache_root, clip_progress, cancel)
-    h, w = H // pipe.vae_scale_factor, W // pipe.vae_scale_factor
-    # 4. STCA reads the spatial cross-attention layers at a quarter of the latent side (losses.STCA_LEVEL).
-    stca_names, grid = [], None
-    if use_lora and s.stca_weight > 0:
-        ctx = Context(frames=1, latent_h=h, latent_w=w, steps=s.steps, do_cfg=False, generator=gen)
-        tokens_at = _layer_tokens(unet, spatial_cross_attention_names(unet), h, w, tok.model_max_length)
-        stca_names, grid = losses.stca_layers(tokens_at, ctx)
-        logger.info("STCA on %d layer(s) at %dx%d: %s", len(stca_names), *grid, ", ".join(stca_names))
-    # 5. Trainable parameters: LoRA on the spatial attention, new token rows.
-    unet.requires_grad_(False)
-    te.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    params = []
-    if use_lora:
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.lora import LoraLayer
-
-        # peft directly (diffusers' add_adapter is missing on Zeroscope's UNet3DConditionModel); its init draws
-        # from the global RNG: kept out of it, and redrawn from ours
-        with keep_global_rng(unet):
-            inject_adapter_in_model(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
-                                               target_modules=LORA_TARGETS), unet, adapter_name=ADAPTER)
-        for mod in unet.modules():
-            if isinstance(mod, LoraLayer) and ADAPTER in mod.lora_A:
-                a = mod.lora_A[ADAPTER].weight
-                a.data.copy_(torch.randn(a.shape, generator=gen) / s.rank)  # peft's "gaussian": N(0, 1/r)
-                mod.lora_B[ADAPTER].weight.data.zero_()
-        lora_params = [p for p in unet.parameters() if p.requires_grad]
-        for p in lora_params:
-            p.data = p.data.float()
-        params.append({"params": lora_params, "lr": s.lr, "weight_decay": 1e-2})
-    tokens = token_strings(name, s.n_tokens) if use_tokens else []
-    if use_tokens:
-        if add_token_rows(tok, te, tokens) != len(tokens):
-            raise ValueError(f"name: the tokenizer already holds tokens of a subject named {name!r}")
-        emb = te.get_input_embeddings().weight
-        new_ids = torch.tensor(tok.convert_tokens_to_ids(tokens))
-        init_ids = tok(s.class_word, add_special_tokens=False).input_ids
-        with torch.no_grad():  # the class word's mean (Magic-Me copies fixed CLIP ids; see the module docstring)
-            emb[new_ids] = emb[init_ids].mean(0, keepdim=True).expand(len(tokens), -1).clone()
-        emb.requires_grad_(True)
-        keep = emb.detach().clone()
-        frozen_rows = torch.ones(emb.shape[0], dtype=torch.bool)
-        frozen_rows[new_ids] = False
-        params.append({"params": [emb], "lr": s.token_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(params, betas=(0.9, 0.999), eps=1e-8)
-    trainable = [p for g in params for p in g["params"]]
-    if use_lora:
-        unet.train()
-    if use_tokens:
-        te.train()
-    # 6. Captions: "a <tokens> sks dog" (+ Magic-Me's far away / very small / close up / zoomed in prefixes).
-    words = insertion(s.method, s.trigger, tokens)
-    phrase = f"{words} {s.class_word}"
-    store: list = []
-    modules = attention_modules(unet)
-    orig_procs = {n: modules[n].processor for n in stca_names}
-    for n in stca_names:
-        modules[n].set_processor(CaptureCrossAttnProcessor(store))
-    alphas = sched.alphas_cumprod.float()
-    T = sched.config.num_train_timesteps
-    full_aug = s.augment if s.augment is not None else use_tokens
-    out = TuneResult(None, None, tokens, s, 0.0)
-    try:
-        t_loop = time.perf_counter()
-        for step in range(s.steps):
-            if cancel is not None and cancel.is_set():
-                raise TuneCancelled(f"training of '{name}' cancelled at step {step}; nothing was saved")
-            # 6a. Photo batch (one-frame videos): region loss + STCA.
-            idx = torch.randint(0, px.shape[0], (s.batch,), generator=gen)
-            xs, ms, areas, region, caps = [], [], [], [], []
-            for i in idx.tolist():
-                x, m2, pre = augment(px[i], mk[i], gen, full_aug)  # m2: (2, H, W) subject mask, photo area
-                whole = s.full_image_rate > 0 and float(torch.rand((), generator=gen)) < s.full_image_rate
-                xs.append(x)
-                ms.append(m2[0])
-                areas.append(m2[1])
-                region.append(m2[1] if whole else m2[0])  # Magic-Me's use_orig_img_rate: the whole photo
-                caps.append(f"a {pre + ' ' if pre else ''}{phrase}")
-            x, m = torch.stack(xs), torch.stack(ms)  # (B, 3, H, W), (B, H, W)
-            z0 = _encode_pixels(pipe, x, gen)[:, :, None]  # (B, C, 1, h, w)
-            eps = torch.randn(z0.shape, generator=gen)
-            if s.noise_offset > 0:  # Magic-Me's offset noise: a constant per item and channel
-                eps = eps + s.noise_offset * torch.randn((*z0.shape[:2], 1, 1, 1), generator=gen)
-            t = torch.randint(0, T, (s.batch,), generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-            ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            text = te(ids.to(te.device))[0]  # (B, L, D)
-            store.clear()
-            dt = unet.dtype
-            pred = unet(zt.to(dt), t, encoder_hidden_states=text.to(dt)).sample.float()
-            target = diffusion_target(kind, z0, eps, a)
-            # the subject's region (or, without region_loss, the whole photo: never the padding)
-            lm = losses.latent_mask(torch.stack(region if s.region_loss else areas), *z0.shape[-2:])
-            loss_img = losses.region_loss(pred, target, lm)
-            l_stca = torch.zeros(())
-            if store:
-                pos = [phrase_token_indices(tok, c, phrase) for c in caps]
-                l_stca = losses.stca_loss([p.float() for p in store], m, pos, grid, frames=1)
-                loss_img = loss_img + s.stca_weight * l_stca
-            loss = loss_img
-            # 6b. Preservation clip: plain diffusion loss on a generated (or the user's) captioned clip.
-            if clips is not None:
-                k = int(torch.randint(0, clips[0].shape[0], (1,), generator=gen))
-                v0 = clips[0][k:k + 1]  # (1, C, F, h, w)
-                ve = torch.randn(v0.shape, generator=gen)
-                vt = torch.randint(0, T, (1,), generator=gen)
-                va = alphas[vt].view(-1, 1, 1, 1, 1)
-                vids = tok([clips[1][k]], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids
-                vtext = te(vids.to(te.device))[0]
-                if motion:
-                    vtext = vtext.repeat_interleave(v0.shape[2], 0)  # (F, L, D)
-                store.clear()
-                v_hat = unet((va.sqrt() * v0 + (1 - va).sqrt() * ve).to(dt), vt,
-                             encoder_hidden_states=vtext.to(dt)).sample.float()
-                store.clear()
-                v_target = diffusion_target(kind, v0, ve, va)
-                loss = (loss + s.video_weight * losses.preservation_loss(v_hat, v_target)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            if use_tokens:
-                with torch.no_grad():
-                    emb[frozen_rows] = keep[frozen_rows]  # only the new rows move
-            out.losses.append(loss.item())
-            if report is not None:
-                done = step + 1
-                per = (time.perf_counter() - t_loop) / done  # from the first step: set-up and clips excluded
-                report(done, s.steps, out.losses[-1], per * (s.steps - done), "training")
-            if (step + 1) % 25 == 0:
-                logger.info("subject %s step %d/%d loss %.4f stca %.4f", name, step + 1, s.steps, out.losses[-1],
-                            l_stca.item())
-    finally:
-        store.clear()
-        for n, proc in orig_procs.items():
-            modules[n].set_processor(proc)
-        unet.eval()
-        te.eval()
-    # 7. Weights in the files' formats.
-    if use_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
-        out.lora = {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
-    if use_tokens:
-        w_emb = te.get_input_embeddings().weight.detach().float().cpu()
-        out.embeds = {tk: w_emb[i].clone() for tk, i in zip(tokens, new_ids.tolist())}
+        clips = preservation_clips(pipe, preset, d.frames, d.width, d.height, s.preservation, cache_root,
+                                   clip_progress, cancel)
+    # 4. The layers STCA reads.
+    stca = stca_setup(pipe, s, h, w, gen)
+    # 5. Trainable weights: LoRA on the spatial attention, new token rows.
+    trainables = add_trainables(pipe, s, name, gen)
+    out = TuneResult(None, None, trainables.tokens, s, 0.0, precision=precision.record(s.checkpointing))
+    c = StepContext(pipe, s, kind, gen, precision, photo_set, clips, stca,
+                    pipe.scheduler.alphas_cumprod.to(precision.device, torch.float32),
+                    f"{insertion(s.method, s.trigger, trainables.tokens)} {s.class_word}",
+                    s.augment if s.augment is not None else bool(trainables.tokens))
+    # 6. Steps: captions "a <tokens> sks dog" (+ Magic-Me's far away / very small / close up / zoomed in prefixes).
+    rows_ctx = (token_rows(pipe.text_encoder, trainables.token_ids, trainables.token_init) if trainables.tokens
+                else contextlib.nullcontext())
+    with rows_ctx as rows, capturing(pipe.unet, stca), gradient_checkpointing(pipe.unet, s.checkpointing):
+        params = [p for g in trainables.groups(s, rows) for p in g["params"]]
+        opt = torch.optim.AdamW(trainables.groups(s, rows), betas=(0.9, 0.999), eps=1e-8)
+        if trainables.lora:
+            pipe.unet.train()  # the text encoder stays in eval mode: CLIP has no dropout to switch
+        try:
+            t_loop = time.perf_counter()
+            for step in range(s.steps):
+                if cancel is not None and cancel.is_set():
+                    raise TuneCancelled(f"training of '{name}' cancelled at step {step}; nothing was saved")
+                loss, l_stca = train_step(c, opt, params)
+                out.losses.append(loss)
+                if report is not None:
+                    done = step + 1
+                    per = (time.perf_counter() - t_loop) / done  # from the first step: set-up and clips excluded
+                    report(done, s.steps, loss, per * (s.steps - done), "training")
+                if (step + 1) % 25 == 0:
+                    logger.info("subject %s step %d/%d loss %.4f stca %.4f", name, step + 1, s.steps, loss, l_stca)
+        finally:
+            pipe.unet.eval()
+        # 7. Weights in the files' formats.
+        out.lora, out.embeds = collect_weights(pipe, trainables, rows)
     out.seconds = time.perf_counter() - t_start
     return out
 
 
-def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model: str,
+def _with_fault_points(progress: Progress | None) -> Progress | None:
+    """`progress` with the fault point "train-step" after each training step (studio.faults; tests only)."""
+    if not os.environ.get(faults.ENV):
+        return progress
+    report = _reporter(progress)
+
+    def on_step(i, n, loss, left, stage="training"):
+        if report is not None:
+            report(i, n, loss, left, stage)
+        if stage == "training":
+            faults.point("train-step")
+
+    return on_step
+
+
+def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | None, model,
                 settings: TuneSettings, library=None, manager=None, progress: Progress | None = None,
                 cancel: threading.Event | None = None, overwrite: bool = False, photo_names: list[str] | None = None):
     """Train a subject for a model preset and save it in the library (atomically, only when training finished).
 
-    Trains on a freshly loaded pipeline (not the manager's cached one), so rendering is untouched meanwhile.
+    model: a preset name or path, or a ModelPreset (e.g. with random weights).
+    Trains on a freshly loaded pipeline (not the manager's cached one), so rendering is untouched meanwhile, on the
+    manager's machine settings (device, dtype; without a manager, the environment's: studio.machine).
     Settings and photos are checked before any weights load; photo_names (e.g. the files') go into those messages.
     """
-    from studio.pipelines import load_pipeline, pick_device
-    from studio.presets import load_model_preset
+    from studio import machine
+    from studio.presets import ModelPreset, load_model_preset
     from studio.subjects.library import SubjectLibrary, base_weights, sanitize_name
 
     # 1. Check inputs: name, model, settings, photos.
@@ -668,24 +851,54 @@ def add_subject(name: str, photos: list[np.ndarray], masks: list[np.ndarray] | N
     library = library or SubjectLibrary()
     if library.exists(name) and not overwrite:
         raise ValueError(f"name: subject '{name}' already exists; remove it first or pass overwrite")
-    preset = load_model_preset(model)
+    preset = model if isinstance(model, ModelPreset) else load_model_preset(model)  # a preset changed by the caller
     s = resolve(settings, preset)
     check_photos(photos, masks, preset, photo_names)
     if len(photos) == 1:
         logger.warning("subject %s: one photo only; more photos (3-10, varied) give a subject that generalises", name)
     # 2. Train on a pipeline of its own.
-    device = manager.device if manager is not None else pick_device()
-    pipe = load_pipeline(preset, device)
-    result = train(pipe, preset, photos, masks, name, s, progress, cancel)
+    machine_settings = manager.settings if manager is not None else machine.from_env().checked()
+    pipe = load_training_pipeline(preset, machine_settings, manager)
+    result = train(pipe, preset, photos, masks, name, s, _with_fault_points(progress), cancel)
+    faults.point("trained")
     # 3. Save; the manager's pipelines drop an older version of the subject.
     methods = ["lora"] * (result.lora is not None) + ["tokens"] * (result.embeds is not None)
     meta = {"trigger": insertion(s.method, s.trigger, result.tokens), "class_word": s.class_word,
             "base_model": preset.name, "base_weights": base_weights(preset), "methods": methods,
             "tokens": result.tokens, "lora_rank": s.rank if result.lora is not None else None,
             "training": {**dataclasses.asdict(s), "seconds": round(result.seconds, 1),
-                         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None}}
+                         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
+                         "precision": result.precision}}
     subject = library.save(name, photos, masks, meta, lora=result.lora, embeds=result.embeds, overwrite=overwrite)
     if manager is not None:
         manager.forget_subject(name)
     logger.info("subject %s trained in %.1f s (%s)", name, result.seconds, ", ".join(methods))
     return subject, result
+
+
+def load_training_pipeline(preset, settings, manager=None):
+    """The preset's pipeline for training, on the settings' device in the training dtype (machine.training_dtype),
+    whole (training needs every weight on the device at once: never offloaded, no VAE tiling).
+
+    It is a second copy beside the renderer's cached pipelines (the price of a cancel that leaves rendering exactly
+    as it was: about 3 GB for SD 1.5 + AnimateDiff or Zeroscope in 16-bit). On a GPU without room for it and
+    machine.AUTO_HEADROOM of activations, the manager's cached pipelines are dropped first (the next render reloads
+    them)."""
+    import torch
+
+    from studio import machine
+    from studio.pipelines import load_pipeline
+
+    device = settings.device
+    dtype = machine.training_dtype(preset.dtype, settings, device)
+    own = machine.MachineSettings(device=device, dtype=str(dtype).removeprefix("torch."), origin=settings.origin)
+    pipe = load_pipeline(preset, "cpu", own)
+    if device.startswith("cuda"):
+        need = sum(machine.weight_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if free < need + machine.AUTO_HEADROOM and manager is not None and manager.loaded():
+            logger.info("training %s needs %.1f GiB with %.1f GiB free: dropping the cached pipelines", preset.name,
+                        (need + machine.AUTO_HEADROOM) / machine.GiB, free / machine.GiB)
+            manager.clear()
+            torch.cuda.empty_cache()
+    return machine.place(pipe, device, own)

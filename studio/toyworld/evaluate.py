@@ -496,11 +496,18 @@ def measure_two_subjects(manager, model: str = "toyworld", seeds=range(6)) -> di
     return {p: float(np.mean(v)) for p, v in hits.items()}
 
 
-def measure_camera(manager, cx: float, cy: float, model: str = "toyworld", seeds=range(4)) -> list[float]:
-    """Mean content motion (dx, dy) in px/frame of 'a white circle on sand' under a pan."""
-    shifts = [global_shift(_render(manager, model, prompt="a white circle on sand", seed=s,
-                                   camera={"cx": cx, "cy": cy})).mean(0) for s in seeds]
-    return [float(v) for v in np.mean(shifts, 0)]
+def measure_camera(manager, cx: float, cy: float, model: str = "toyworld", seeds=range(4),
+                   prompt: str = "a white circle on sand") -> dict:
+    """A pan of `prompt` per seed, each render measured on its own (its sidecar `measures`, studio.measures: the
+    background's motion, subjects left out): the mean content motion (dx, dy) px/frame, each render's ratio of
+    achieved to requested motion along it, and the share of renders at >= half the request."""
+    from studio import engine, shot as shotlib
+
+    rows = [engine.render(shotlib.from_container({"model": model, "prompt": prompt, "seed": s,
+                                                  "camera": {"cx": cx, "cy": cy}}), manager).measures["camera"]
+            for s in seeds]
+    return {"motion": [float(v) for v in np.mean([r["achieved"] for r in rows], 0)],
+            "ratios": [r["ratio"] for r in rows], "took": float(np.mean([r["took"] for r in rows]))}
 
 
 def reference_image(path) -> str:
@@ -552,27 +559,6 @@ def colour_balance(frames: np.ndarray, colours: tuple[str, str]) -> float:
     cm = colour_masks(frames)
     a, b = (float(cm[c].sum()) for c in colours)
     return 2 * min(a, b) / max(a + b, 1.0)
-
-
-def measure_subject(manager, subject: str | None, look: str = "halves", shape: str = "star",
-                    model: str = "toyworld", seeds=range(4)) -> dict:
-    """'a <shape> on sky' with a left-to-right box track, the trained subject on the phrase (or None: the untuned
-    model), means over seeds: `balance` of the look's two colours (colour_balance: the photos score 0.99 for halves),
-    `l1` between the generated and the photos' colour histograms (0 = same colours, 2 = disjoint), and hit rate /
-    IoU of the look's pixels in the box."""
-    from studio.controls.boxes import interpolate
-
-    photos, _ = subject_photos(look, shape)
-    target = np.mean([colour_histogram(p[None]) for p in photos], 0)
-    colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
-    boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
-    rows = []
-    for s in seeds:
-        subj = {"phrase": shape, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
-        frames = _render(manager, model, prompt=f"a {shape} on sky", seed=s, subjects=[subj])
-        rows.append({"balance": colour_balance(frames, colours),
-                     "l1": float(np.abs(colour_histogram(frames) - target).sum()), **box_adherence(frames, colours, boxes)})
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def measure_controls(model_dir: str | Path = "models/toyworld") -> dict:
@@ -750,3 +736,100 @@ def _wan_card(result: dict, model_dir: Path, hardware: str, train_seconds: float
         "demos, tests and CPU-only use of the studio's Wan path.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- likeness of a taught subject (benchmarks/likeness.py, tests/test_subject_semantic.py) -----------------------
+
+# The looks the world never shows, as a subject's photos (world.HALVES, world.PATTERNS painted on a star).
+LOOKS = {"two-tone": "halves", "striped": "striped", "checkered": "checkered"}
+LIKENESS_SHAPE = "star"
+_BACKGROUND_TOL = 60.0  # RGB distance from its row's background beyond which a pixel in the box is the subject
+
+
+def _directions(n: int = 32) -> np.ndarray:
+    """(n, 3) fixed unit directions in RGB for the sliced distance (the same in every call)."""
+    d = np.random.default_rng(0).normal(size=(n, 3))
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def sliced_distance(a: np.ndarray, b: np.ndarray, quantiles: int = 64) -> float:
+    """Sliced Wasserstein-1 distance between two colour sets (n, 3) and (m, 3) in 0..255, in units of 0..1: the
+    mean over fixed directions of the distance between the projected colours' distributions. Proportions count: a
+    one-colour subject is half the distance between its two colours away from photos half of each colour."""
+    q = (np.arange(quantiles) + 0.5) / quantiles
+    dirs = _directions()
+    pa = np.quantile(a.astype(np.float64) / 255.0 @ dirs.T, q, axis=0)  # (quantiles, directions)
+    pb = np.quantile(b.astype(np.float64) / 255.0 @ dirs.T, q, axis=0)
+    return float(np.abs(pa - pb).mean())
+
+
+def photo_colours(photos: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    """(n, 3) the subject's pixels of all photos (their true masks)."""
+    return np.concatenate([p[m] for p, m in zip(photos, masks)])
+
+
+def subject_pixels(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n, 3) the pixels inside each frame's box (F, 4 normalised) that are not background: farther than
+    _BACKGROUND_TOL from the median of the same row's pixels outside the box (the sky is a vertical gradient).
+    A render with almost nothing in its boxes gives all the boxes' pixels (background included: far from a
+    subject's colours)."""
+    F, S = frames.shape[:2]
+    picked, everything = [], []
+    for f in range(F):
+        x0, y0, x1, y1 = boxes[f]
+        c0, c1 = int(np.floor(x0 * S)), int(np.ceil(x1 * S))
+        r0, r1 = int(np.floor(y0 * S)), int(np.ceil(y1 * S))
+        inside = np.zeros((S, S), bool)
+        inside[r0:r1, c0:c1] = True
+        img = frames[f].astype(np.float32)
+        for y in range(r0, r1):
+            out = img[y][~inside[y]]
+            if len(out) == 0:
+                continue
+            bg = np.median(out, axis=0)
+            row = img[y, c0:c1]
+            everything.append(row)
+            picked.append(row[np.linalg.norm(row - bg, axis=-1) > _BACKGROUND_TOL])
+    sel = np.concatenate(picked) if picked else np.zeros((0, 3), np.float32)
+    if len(sel) < _MIN_PIXELS * F:
+        return np.concatenate(everything)
+    return sel
+
+
+def measure_likeness(manager, subject: str | None, look: str, model: str = "toyworld", seeds=range(3)) -> dict:
+    """'a star on sky' with the left-to-right box track on the phrase "star", the trained subject on it (None: the
+    untuned model), per render seed: `distance` (sliced_distance of the subject's pixels in its box to the photos'
+    subject colours), `balance` of the look's two colours (colour_balance) and `hit_rate` / `iou` of the look's
+    colours in the box. Means over seeds, and the per-seed rows."""
+    from studio.controls.boxes import interpolate
+
+    photos, masks = subject_photos(LOOKS.get(look, look), LIKENESS_SHAPE)
+    ref = photo_colours(photos, masks)
+    target = np.mean([colour_histogram(p[None]) for p in photos], 0)
+    colours = tuple(c for c, v in zip(world.COLORS, target) if v > 0.1)
+    boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
+    rows = []
+    for s in seeds:
+        subj = {"phrase": LIKENESS_SHAPE, "boxes": LEFT_TO_RIGHT, **({"subject": subject} if subject else {})}
+        frames = _render(manager, model, prompt=f"a {LIKENESS_SHAPE} on sky", seed=s, subjects=[subj])
+        rows.append({"distance": sliced_distance(subject_pixels(frames, boxes), ref),
+                     "balance": colour_balance(frames, colours) if len(colours) == 2 else float("nan"),
+                     **box_adherence(frames, colours, boxes)})
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["per_seed"] = rows
+    return out
+
+
+def vae_likeness(pipe, look: str) -> float:
+    """The VAE's ceiling for a look: sliced_distance of its reconstruction of the photos (their subject pixels) to
+    the photos' own colours; a tuned subject cannot come closer than this."""
+    import torch
+
+    photos, masks = subject_photos(LOOKS.get(look, look), LIKENESS_SHAPE)
+    x = torch.from_numpy(np.stack(photos)).float().div(127.5).sub(1).permute(0, 3, 1, 2)  # (n, 3, S, S)
+    with torch.no_grad():
+        vae = pipe.vae
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        y = vae.decode(z).sample.float().clamp(-1, 1)
+    rec = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, S, S, 3)
+    return sliced_distance(photo_colours(list(rec), masks), photo_colours(photos, masks))

@@ -342,12 +342,14 @@ class Page:
     def training_panel(self):
         import gradio as gr
 
+        start = self.training_start(self.start["model"])
         with gr.Row():
             self.train_name = gr.Textbox(label="name", placeholder="rex")
             self.train_phrase = gr.Textbox(label="trigger and class word", placeholder="sks dog")
-            self.method = gr.Radio(["lora", "tokens", "both"], value="lora", label="method")
+            self.method = gr.Radio(["lora", "tokens", "both"], value=start["method"], label="method")
             self.train_steps = gr.Number(None, precision=0, minimum=1, maximum=5000,
-                                         label="steps (empty: the model's default)")
+                                         label=f"steps (empty: the model's default, {start['steps']})")
+        self.method_note = gr.Markdown(start["note"])
         self.photos = gr.File(label="photos (1-10)", file_count="multiple", file_types=IMAGE_TYPES, type="filepath")
         self.masks_view = gr.Gallery(label="automatic masks (subject tinted)", columns=5, height=200)
         with gr.Row():
@@ -596,8 +598,26 @@ class Page:
         self.delete_lib.click(guarded(delete_library_subject), inputs_kwargs={"name": self.lib_pick},
                               outputs=library, **QUIET)
 
+    @staticmethod
+    def training_start(model: str) -> dict:
+        """The training panel's method, steps and method line for a model (sj.training_defaults; the CLI resolves
+        the same table); blanks for a model that cannot be read."""
+        try:
+            return sj.training_defaults(model)
+        except Exception as e:  # noqa: BLE001 - a custom preset the page cannot read: no defaults to show
+            logger.info("training defaults of %r: %s", model, e)
+            return {"method": None, "steps": None, "note": ""}
+
     def wire_training(self):
         import gradio as gr
+
+        def on_model(model):  # another model: its training defaults and the line saying why
+            d = self.training_start(model)
+            return {self.method: d["method"], self.method_note: d["note"],
+                    self.train_steps: gr.Number(label=f"steps (empty: the model's default, {d['steps']})")}
+
+        self.model.change(guarded(on_model, "model preset"), inputs_kwargs={"model": self.model},
+                          outputs=[self.method, self.method_note, self.train_steps], **QUIET)
 
         self.photos.upload(guarded(sj.photos_event), inputs_kwargs={"files": self.photos, "phrase": self.train_phrase},
                            outputs=[self.photo_set, self.masks_view], api_visibility="private")
@@ -841,10 +861,15 @@ def build_app(manager=None):
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, prevent_thread_lock: bool = False,
-           manager=None, quiet: bool = False):
+           manager=None, quiet: bool = False, threads=None):
     """Start the studio; files are served only from its output folder; uploads at most MAX_UPLOAD; at most
-    SHOT_STUDIO_MAX_QUEUE jobs wait in the queue."""
+    SHOT_STUDIO_MAX_QUEUE jobs wait in the queue. `threads`: torch CPU threads (studio.threads; None: as already
+    chosen in this process, else SHOT_STUDIO_THREADS or auto)."""
+    from studio import threads as threadlib
+
     settings = Settings.from_env()  # a bad SHOT_STUDIO_* value stops the start, naming the variable
+    if threads is not None or threadlib.current() is None:
+        threadlib.apply(threads)
     demo = build_app(manager)
     demo.queue(default_concurrency_limit=1, max_size=settings.max_queue or None)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ev.output_dir())],

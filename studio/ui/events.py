@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import engine, shot as shotlib, trust
+from studio import engine, measures, shot as shotlib, trust
 from studio.pipelines import ModelLoadError, studio_home
 from studio.settings import Settings
 
@@ -425,14 +425,17 @@ def render_ready(shot_yaml: str, **form) -> shotlib.Shot:
 
 
 def _status(r) -> str:
-    """One line on a finished render: size, model, seed, and where the time went."""
+    """One line on a finished render: size, model, seed, and where the time went; then one warning line when a control
+    did not take (studio.measures.warnings: a pan below half the request, a subject mostly outside its box)."""
     t, s = r.timings, r.shot
     line = (f"{s.frames} frames {s.width}×{s.height} on {r.preset.name}, seed {s.seed}: {t['total']:.2f} s "
             f"(set-up {t['load'] + t.get('prepare', 0.0):.2f} s, denoising {t.get('denoise', 0.0):.2f} s")
     if "refine" in t:
         h, w = r.frames.shape[1:3]
         line += f", refining {t['refine']:.2f} s to {w}×{h}"
-    return line + ")"
+    line += ")"
+    missed = measures.warnings(r.measures)
+    return line + (f"\n\n**Warning:** {'; '.join(missed)}." if missed else "")
 
 
 def history_rows(history: list[dict]) -> list[list]:

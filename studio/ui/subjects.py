@@ -97,8 +97,23 @@ def replace_mask_event(photo_set: list[dict], number, mask_path: str | None) -> 
     return new, gallery(new)
 
 
+def training_defaults(model: str) -> dict:
+    """The training panel's starting values for a model preset: method, steps and the one line saying which method
+    and why; from tune.DEFAULTS, the table `studio subject add` resolves its defaults from."""
+    from studio import families
+    from studio.presets import load_model_preset
+    from studio.subjects import tune
+
+    preset = load_model_preset(model)
+    d = tune.defaults(preset)
+    if "subject_tuning" not in families.get(preset.family).supports:
+        return {"method": d["method"], "steps": d["steps"],
+                "note": f"Subject training is not available on {preset.name} (the {preset.family} family) yet."}
+    return {"method": d["method"], "steps": d["steps"], "note": tune.method_note(preset)}
+
+
 @user_errors
-def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, steps, model: str,
+def train_subject(photo_set: list[dict], name: str, phrase: str, method: str | None, steps, model: str,
                   progress=None, cancel: threading.Event | None = None, manager=None, library=None):
     """Train a subject on the photo set and add it to the library; (Subject, TuneResult).
 
@@ -120,7 +135,7 @@ def train_subject(photo_set: list[dict], name: str, phrase: str, method: str, st
     policy.check_training(len(photo_set), steps or tune.defaults(preset)["steps"])
     photos = [read_image(p["photo"]) for p in photo_set]
     masks = [load_mask(p["mask"]) for p in photo_set]
-    settings = tune.TuneSettings(method=method, class_word=words[-1], trigger=" ".join(words[:-1]), steps=steps)
+    settings = tune.TuneSettings(method=method or None, class_word=words[-1], trigger=" ".join(words[:-1]), steps=steps)
     try:
         return tune.add_subject(name, photos, masks, model, settings, library=library, manager=manager,
                                 progress=progress, cancel=cancel)

@@ -1,0 +1,74 @@
+"""Subject-training defaults: one table (tune.DEFAULTS) that `studio subject add` and the page's training panel both
+read, and the methods a model cannot train refused in one line."""
+
+import numpy as np
+import pytest
+
+from studio import cli
+from studio.pipelines import load_pipeline
+from studio.presets import load_model_preset
+from studio.subjects import tune
+from studio.ui import subjects as sj
+
+PRESETS = ("toyworld", "tiny", "animatediff-sd15", "zeroscope")
+
+
+def _cli_settings(model: str) -> tune.TuneSettings:
+    """What `studio subject add` trains with when given no training flags (as cmd_subject_add builds it)."""
+    args = cli.build_parser().parse_args(["subject", "add", "rex", "--images", "photos", "--model", model])
+    assert args.method is None and args.steps is None  # nothing chosen by the CLI itself
+    s = tune.TuneSettings(method=args.method, class_word="dog", steps=args.steps, seed=args.seed)
+    return tune.resolve(s, load_model_preset(model))
+
+
+@pytest.mark.parametrize("model", PRESETS)
+def test_page_and_cli_start_from_the_same_defaults(model):
+    preset = load_model_preset(model)
+    table = tune.defaults(preset)
+    s = _cli_settings(model)
+    panel = sj.training_defaults(model)
+    assert (s.method, s.steps, s.lr, s.token_lr, s.rank) == (table["method"], table["steps"], table["lr"],
+                                                            table["token_lr"], table["rank"])
+    assert panel == {"method": table["method"], "steps": table["steps"], "note": tune.method_note(preset)}
+    assert "\n" not in panel["note"] and panel["note"]
+
+
+def test_the_panel_says_when_a_model_cannot_train():
+    assert "not available on tiny-wan" in sj.training_defaults("tiny-wan")["note"]
+
+
+def test_one_table_moves_both(monkeypatch):
+    # change the table only: the CLI's resolved settings and the panel's start both follow (no second copy)
+    monkeypatch.setitem(tune.DEFAULTS, "tiny", {**tune.DEFAULTS["tiny"], "method": "tokens", "steps": 7,
+                                                "why": "tokens: a test"})
+    assert (_cli_settings("tiny").method, _cli_settings("tiny").steps) == ("tokens", 7)
+    assert sj.training_defaults("tiny") == {"method": "tokens", "steps": 7, "note": "Default for tiny: tokens: a test"}
+
+
+@pytest.mark.parametrize("method", ["tokens", "both"])
+def test_a_method_the_model_cannot_train_is_one_line(method):
+    preset = load_model_preset("tiny")
+    pipe = load_pipeline(preset, "cpu")
+    pipe.text_encoder = None  # a model without a text encoder to extend
+    with pytest.raises(ValueError) as e:
+        tune.train(pipe, preset, [], None, "rex", tune.TuneSettings(method=method, steps=1))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("method:") and method in msg and "tiny" in msg
+    tune.check_method("lora", preset, pipe)  # a LoRA needs no text encoder: accepted
+
+
+def test_caption_form_and_lora_targets_reach_the_training(monkeypatch):
+    from studio.subjects import tune as t
+
+    seen = []
+    real = t._encode_text
+    monkeypatch.setattr(t, "_encode_text", lambda pipe, caps, dev: seen.extend(caps) or real(pipe, caps, dev))
+    preset = load_model_preset("tiny")
+    photos = [np.full((64, 64, 3), 200, np.uint8)]
+    r = tune.train(load_pipeline(preset, "cpu"), preset, photos, None, "cap",
+                   tune.TuneSettings(method="lora", class_word="dog", steps=1, batch=1, video_weight=0.0,
+                                     caption="a photo of a {phrase}", lora_targets="cross"))
+    assert seen == ["a photo of a sks dog"]
+    assert r.lora and all(".attn2." in k for k in r.lora)
+    assert tune.resolve(tune.TuneSettings(), load_model_preset("toyworld")).caption == \
+        tune.DEFAULTS["toyworld"]["caption"]
