@@ -177,3 +177,34 @@ def test_frames_and_size_sliders_snap_to_a_wan_models_values(browser, studio_url
     assert _slider_value(page, "frames") == 10
     assert not errors, errors
     page.close()
+
+
+def test_render_on_the_toy_wan(browser, studio_url):
+    """The toy Wan is a model of the page: picked in the model menu, its defaults (9 frames of 32×32) fill the form,
+    and a render on it plays 9 frames at 8 fps. The opening shot's box track is removed first (boxes on Wan come with
+    the Wan controls)."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1150})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(studio_url)
+    page.wait_for_selector("#canvas canvas", timeout=60_000)
+    keyframes = page.get_by_text("1: yellow star:", exact=False)
+    _wait(lambda: "keyframes 0, 7" in keyframes.inner_text(), 30, "the opening shot's keyframes")
+    _wait(lambda: "phrase: yellow star" in page.locator("#shot-yaml").inner_text(), 30, "the shot file's subject")
+    page.get_by_role("tab", name="Subjects").click()
+    page.get_by_role("button", name="Remove subject").click()
+    _wait(lambda: "phrase: yellow star" not in page.locator("#shot-yaml").inner_text(), 30, "the subject removed")
+    page.get_by_label("model preset").click()
+    page.get_by_role("option", name="toyworld-wan", exact=True).click()
+    _wait(lambda: _slider_value(page, "frames") == 9 and _slider_value(page, "width") == 32, 30,
+          "the toy Wan's defaults in the form")
+    _set_number(page, "steps", 4)
+    page.locator("#render").click()
+    video = page.locator("#video video")
+    _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
+    assert "9 frames 32×32 on toyworld-wan" in page.locator("#status").inner_text()
+    state = _wait(lambda: video.evaluate("v => v.readyState >= 2 && v.duration > 0 && "
+                                         "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
+    assert state["d"] == pytest.approx(9 / 8, abs=0.15)  # 9 frames at 8 fps
+    assert not errors, errors
+    page.close()

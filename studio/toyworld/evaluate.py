@@ -469,14 +469,30 @@ def _render(manager, model: str, **fields) -> np.ndarray:
     return engine.render(shotlib.from_container({"model": model, **fields}), manager).frames
 
 
+def model_frames(model: str) -> int:
+    """The frame count a model preset renders by default (8 on the UNet toy, 9 = 4k + 1 on the toy Wan)."""
+    from studio.presets import load_model_preset
+
+    return int(load_model_preset(model).defaults.frames)
+
+
+def track_for(keyframes: dict, frames: int) -> dict:
+    """A track drawn for the UNet toy's 8 frames (keyframes 0..7) stretched over `frames` frames (its last keyframe
+    on the last frame), as a user redrawing it on the longer clip would."""
+    last = max(keyframes)
+    return {round(k * (frames - 1) / last): v for k, v in keyframes.items()}
+
+
 def measure_box_control(manager, model: str = "toyworld", seeds=range(8)) -> dict:
     """A yellow star on sky with a left-to-right track, with and without box control: hit rate and IoU."""
     from studio.controls.boxes import interpolate
 
-    boxes = interpolate(LEFT_TO_RIGHT, world.FRAMES)
+    frames = model_frames(model)
+    track = track_for(LEFT_TO_RIGHT, frames)
+    boxes = interpolate(track, frames)
     out = {}
     for on in (True, False):
-        subjects = [{"phrase": "yellow star", "boxes": LEFT_TO_RIGHT}] if on else []
+        subjects = [{"phrase": "yellow star", "boxes": track}] if on else []
         rows = [box_adherence(_render(manager, model, prompt="a yellow star on sky", seed=s, subjects=subjects),
                               "yellow", boxes) for s in seeds]
         out["with" if on else "without"] = {k: float(np.mean([r[k] for r in rows])) for k in ("hit_rate", "iou")}
@@ -487,12 +503,14 @@ def measure_two_subjects(manager, model: str = "toyworld", seeds=range(6)) -> di
     """A red square and a yellow star crossing on opposite tracks: each one's hit rate in its own box."""
     from studio.controls.boxes import interpolate
 
+    n = model_frames(model)
+    tracks = {p: track_for(b, n) for p, b in TWO_TRACKS.items()}
     hits: dict[str, list] = {p: [] for p in TWO_TRACKS}
     for s in seeds:
         frames = _render(manager, model, prompt="a red square and a yellow star on sky", seed=s,
-                         subjects=[{"phrase": p, "boxes": b} for p, b in TWO_TRACKS.items()])
-        for p, b in TWO_TRACKS.items():
-            hits[p].append(box_adherence(frames, p.split()[0], interpolate(b, world.FRAMES))["hit_rate"])
+                         subjects=[{"phrase": p, "boxes": b} for p, b in tracks.items()])
+        for p, b in tracks.items():
+            hits[p].append(box_adherence(frames, p.split()[0], interpolate(b, n))["hit_rate"])
     return {p: float(np.mean(v)) for p, v in hits.items()}
 
 
