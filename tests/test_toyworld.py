@@ -170,9 +170,9 @@ def _train_config(root, name, **kw):
 
 
 def _checkpoint(cfg) -> dict:
-    import torch
+    from studio.toyworld import train
 
-    return torch.load(Path(cfg.work) / "checkpoint.pt", weights_only=True)
+    return train.read_checkpoint(cfg.work)
 
 
 @pytest.fixture(scope="module")

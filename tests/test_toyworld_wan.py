@@ -122,9 +122,7 @@ def _cfg(root, name, **kw):
 
 
 def _ckpt(cfg) -> dict:
-    import torch
-
-    return torch.load(Path(cfg.work) / "checkpoint.pt", weights_only=True)
+    return train.read_checkpoint(cfg.work)
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +298,48 @@ def test_eval_gates_on_the_shipped_model():
     assert result["binding_ratio"] >= gates["binding_ratio"], result["binding_ratio"]
     assert result["render_s"] < 3 * gates["render_s"], result["render_s"]
     assert "direction" not in gates and 0 <= result["direction"] <= 1
+
+
+def test_checkpoints_come_in_files_under_the_limit_and_round_trip(tmp_path):
+    """A checkpoint bigger than the shard limit is split into files each under it (+ zip headers: the real limit is
+    16 MiB a file, what a lent GPU machine hands back), reads back equal, and a rewrite leaves no stale shard."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    blob = {"model": {f"w{i}": torch.randn(64, 64, generator=g) for i in range(10)},  # 16 KiB each
+            "opt": {"state": {0: {"exp_avg": torch.randn(100, 64, generator=g), "step": torch.tensor(3.0)}},
+                    "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "ema": [torch.randn(64, 64, generator=g)[:, :8]], "step": 7, "config": {"family": "wan"}}
+    limit = 40 * 1024
+    train.write_checkpoint(tmp_path, blob, limit=limit)
+    shards = sorted(tmp_path.glob("checkpoint-*.pt"))
+    assert len(shards) >= 5
+    assert all(p.stat().st_size <= limit + 8 * 1024 for p in shards), [p.stat().st_size for p in shards]
+    back = train.read_checkpoint(tmp_path)
+    assert back["step"] == 7 and back["config"] == {"family": "wan"}
+    assert back["opt"]["param_groups"] == blob["opt"]["param_groups"]
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], blob["opt"]["state"][0]["exp_avg"])
+    assert all(torch.equal(back["model"][k], v) for k, v in blob["model"].items())
+    assert torch.equal(back["ema"][0], blob["ema"][0]) and back["ema"][0].shape == (64, 8)
+    blob["step"] = 8
+    train.write_checkpoint(tmp_path, blob, limit=limit)
+    assert train.read_checkpoint(tmp_path)["step"] == 8
+    assert not set(shards) & set(tmp_path.glob("checkpoint-*.pt")), "the old shards are gone after the commit"
+
+
+def test_the_toy_wans_training_state_fits_files_of_16_mib(tmp_path):
+    """Every file of a checkpoint of the real toy Wan (weights, AdamW state and EMA after a step) is ≤ 16 MiB."""
+    import torch
+
+    c = wan.build_components()
+    params = [*c["transformer"].parameters(), *c["text_encoder"].parameters()]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    cfg = train.TrainConfig(family="wan", work=str(tmp_path))
+    train.save_checkpoint(c, cfg, {"opt": opt.state_dict(), "ema": [p.detach().clone() for p in params],
+                                   "vae_opt": {}, "step": 1}, train.recipe_for("wan"))
+    files = list(tmp_path.glob("checkpoint*.pt"))
+    assert len(files) >= 3 and all(p.stat().st_size <= 16 * 2**20 for p in files), [p.stat().st_size for p in files]
+    assert train.read_checkpoint(tmp_path)["step"] == 1

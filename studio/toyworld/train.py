@@ -400,30 +400,97 @@ def train_t2v(c: dict, cfg: TrainConfig, state: dict, deadline: float, recipe=No
 # --- checkpoints and export ------------------------------------------------------------------------------
 
 
-def save_checkpoint(c: dict, cfg: TrainConfig, state: dict, recipe=None) -> None:
-    """Write the resumable state atomically: a temp file renamed over the old checkpoint."""
+SHARD_BYTES = 15 * 2**20  # a checkpoint's tensors are packed into files of at most this many bytes (+ zip headers),
+# so every file stays under 16 MiB: what a lent GPU machine can hand back per file
+
+
+def _pack(obj, shards: list[dict], limit: int):
+    """obj with every tensor replaced by {"__shard__": [i, name]}, the tensors appended to shards[i] (greedy, each
+    shard below `limit` bytes; a bigger tensor gets a shard of its own)."""
     import torch
 
-    recipe = recipe or UNetRecipe()
-    work = Path(cfg.work)
+    if isinstance(obj, torch.Tensor):
+        size = obj.numel() * obj.element_size()
+        if obj.untyped_storage().nbytes() > size:  # a view: torch.save would write its whole storage
+            obj = obj.clone()
+        if not shards or (shards[-1] and shards[-1]["__bytes__"] + size > limit):
+            shards.append({"__bytes__": 0})
+        shard = shards[-1]
+        name = str(len(shard) - 1)
+        shard[name] = obj
+        shard["__bytes__"] += size
+        return {"__shard__": [len(shards) - 1, name]}
+    if isinstance(obj, dict):
+        return {k: _pack(v, shards, limit) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pack(v, shards, limit) for v in obj)
+    return obj
+
+
+def _unpack(obj, shards: list[dict]):
+    if isinstance(obj, dict):
+        if set(obj) == {"__shard__"}:
+            i, name = obj["__shard__"]
+            return shards[i][name]
+        return {k: _unpack(v, shards) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unpack(v, shards) for v in obj)
+    return obj
+
+
+def write_checkpoint(work: str | Path, blob: dict, limit: int = SHARD_BYTES) -> None:
+    """Write a checkpoint as `checkpoint.pt` (the structure and counters) + `checkpoint-<tag>-<i>.pt` shards of at most
+    `limit` tensor bytes each. Kill-safe: the shards get new names, the head is written to a temp file and renamed
+    over the old one (the commit point), and only then are the old shards deleted; a run killed anywhere leaves one
+    whole checkpoint, the old or the new."""
+    import torch
+
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    head = _pack(blob, shards, limit)
+    tag = f"{time.time_ns():x}"
+    names = [f"checkpoint-{tag}-{i}.pt" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        shard.pop("__bytes__")
+        torch.save(shard, work / name)
+    tmp = work / "checkpoint.pt.tmp"
+    torch.save({"__shards__": names, "head": head}, tmp)
+    tmp.replace(work / "checkpoint.pt")
+    for old in work.glob("checkpoint-*.pt"):
+        if old.name not in names:
+            old.unlink()
+
+
+def read_checkpoint(work: str | Path) -> dict | None:
+    """The checkpoint blob in `work` (sharded, or the single file of earlier runs), or None when there is none."""
+    import torch
+
+    path = Path(work) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if "__shards__" not in blob:
+        return blob  # a single-file checkpoint (runs before sharding)
+    shards = [torch.load(Path(work) / name, map_location="cpu", weights_only=True) for name in blob["__shards__"]]
+    return _unpack(blob["head"], shards)
+
+
+def save_checkpoint(c: dict, cfg: TrainConfig, state: dict, recipe=None) -> None:
+    """Write the resumable state atomically, in files of at most 16 MiB (write_checkpoint)."""
+    recipe = recipe or UNetRecipe()
     key = recipe.denoiser_key
     blob = {"vae": c["vae"].state_dict(), key: c[key].state_dict(), "te": c["text_encoder"].state_dict(),
             "vae_calibration": recipe.calibration(c["vae"]), "config": asdict(cfg), **state}
-    tmp = work / "checkpoint.pt.tmp"
-    torch.save(blob, tmp)
-    tmp.replace(work / "checkpoint.pt")
+    write_checkpoint(cfg.work, blob)
     logger.info("checkpoint at vae step %s, t2v step %s", state.get("vae_step", 0), state.get("step", 0))
 
 
 def load_checkpoint(c: dict, cfg: TrainConfig, recipe=None) -> dict:
-    import torch
-
     recipe = recipe or UNetRecipe()
-    path = Path(cfg.work) / "checkpoint.pt"
-    if not path.exists():
+    blob = read_checkpoint(cfg.work)
+    if blob is None:
         return {}
-    blob = torch.load(path, map_location="cpu", weights_only=True)
     family = blob.get("config", {}).get("family", "animatediff")
     if family != recipe.family:
         raise ValueError(f"--work: {cfg.work!r} holds the checkpoint of a {family} model, not of --family "
@@ -434,7 +501,8 @@ def load_checkpoint(c: dict, cfg: TrainConfig, recipe=None) -> dict:
     legacy = {"scaling_factor": blob.pop("scaling_factor")} if "scaling_factor" in blob else {}
     c["vae"].register_to_config(**blob.pop("vae_calibration", legacy))
     blob.pop("config", None)
-    logger.info("resumed from %s at vae step %s, t2v step %s", path, blob.get("vae_step"), blob.get("step"))
+    logger.info("resumed from %s at vae step %s, t2v step %s", Path(cfg.work) / "checkpoint.pt", blob.get("vae_step"),
+                blob.get("step"))
     return blob
 
 
