@@ -27,8 +27,8 @@ def test_page_and_cli_start_from_the_same_defaults(model):
     table = tune.defaults(preset)
     s = _cli_settings(model)
     panel = sj.training_defaults(model)
-    assert (s.method, s.steps, s.lr, s.token_lr, s.rank) == (table["method"], table["steps"], table["lr"],
-                                                            table["token_lr"], table["rank"])
+    assert (s.method, s.steps, s.lr, s.token_lr, s.rank, s.flip) == (table["method"], table["steps"], table["lr"],
+                                                                    table["token_lr"], table["rank"], table["flip"])
     assert panel == {"method": table["method"], "steps": table["steps"], "note": tune.method_note(preset)}
     assert "\n" not in panel["note"] and panel["note"]
 
@@ -72,3 +72,41 @@ def test_caption_form_and_lora_targets_reach_the_training(monkeypatch):
     assert r.lora and all(".attn2." in k for k in r.lora)
     assert tune.resolve(tune.TuneSettings(), load_model_preset("toyworld")).caption == \
         tune.DEFAULTS["toyworld"]["caption"]
+
+
+def test_unmirrored_photos_stay_unmirrored():
+    """flip=False (the toy-world default: a mirrored two-tone star is the other two-tone star) never mirrors a photo;
+    flip=True mirrors about half of them, as Magic-Me; a bad value is one line naming the field."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-1, 1, 3 * 8 * 8).view(3, 8, 8)  # not left-right symmetric
+    m = torch.zeros(8, 8)
+    m[:, :3] = 1
+    kept = [torch.equal(tune.augment(x, m, g, full=False, flip=False)[0], x) for _ in range(40)]
+    assert all(kept)
+    mirrored = [torch.equal(tune.augment(x, m, g, full=False, flip=True)[0], x.flip(-1)) for _ in range(40)]
+    assert 10 <= sum(mirrored) <= 30
+    assert tune.defaults(load_model_preset("toyworld"))["flip"] is False
+    with pytest.raises(ValueError, match=r"^flip: must be true or false \(got 'no'\)$"):
+        tune.resolve(tune.TuneSettings(flip="no"), load_model_preset("toyworld"))
+
+
+def test_flip_setting_reaches_the_photo_batch(monkeypatch):
+    """The resolved `flip` is what the training's photo batch augments with."""
+    seen = []
+    real = tune.augment
+
+    def spy(x, m, generator, full, flip=True):
+        seen.append(flip)
+        return real(x, m, generator, full, flip)
+
+    monkeypatch.setattr(tune, "augment", spy)
+    preset = load_model_preset("tiny")
+    pipe = load_pipeline(preset, "cpu")
+    photos = [np.full((64, 64, 3), 200, np.uint8)]
+    for flip in (False, True):
+        seen.clear()
+        tune.train(pipe, preset, photos, None, "fl", tune.TuneSettings(method="lora", class_word="dog", steps=2,
+                                                                       batch=1, video_weight=0.0, flip=flip))
+        assert seen and set(seen) == {flip}

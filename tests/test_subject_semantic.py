@@ -10,12 +10,11 @@ on sky", with a left-to-right box track (evaluate.measure_likeness, render seeds
 - hit rate of the look's colours in the box; the target is >= 0.9.
 The benchmark that chose the defaults, and its table: benchmarks/likeness.py, README "Subjects".
 
-The target is not met on every seed. Measured with the defaults (LoRA, 80 steps, "a photo of a ..."; 1 torch
-thread; benchmarks/likeness.py, README "Subjects"), tuned / untuned on training seeds 0-5: checkered 0.61 0.55 0.42
-0.51 0.83 0.68 (5 of 6 under 0.8), striped 0.69 0.67 1.15 0.70 1.03 0.76 (4 of 6), two-tone 1.00 0.98 (seeds 0-1;
-every setting measured stayed at ~1.0: the tuned star gains purple, and red and white at the seam, so its colours are
-no closer than the one-coloured untuned star's); hit rate 0.75 at worst. So the tests hold checkered to the target on
-the seeds where it was met and the other looks to what holds now (BOUNDS):
+The target is not met on every seed. Measured with the defaults (LoRA, 80 steps, "a photo of a ...", photos not
+mirrored; 1 torch thread; benchmarks/likeness.py, README "Subjects"), tuned / untuned on training seeds 0-5:
+checkered 0.67 0.78 0.35 0.49 0.77 0.43 (6 of 6 under 0.8), striped 0.77 0.86 0.69 0.64 0.75 0.88 (4 of 6),
+two-tone 0.99 0.92 (seeds 0 and 2: the tuned star is red, the model's one-colour prior); hit rate 0.92 at worst.
+So the tests hold checkered to the target and the other looks to what holds now (BOUNDS):
 - default suite: checkered on training seed 2 (one training, ~30 s on 2 CPU cores);
 - slow step (`-m slow`): every look on training seeds 0-2 (9 trainings, ~6 min on 2 CPU cores).
 """
@@ -30,7 +29,7 @@ from studio.toyworld import evaluate
 TARGET = 0.8  # tuned / untuned colour distance, on every training seed
 SLOW_SEEDS = (0, 1, 2)
 # per look: the most the tuned / untuned distance may be, the least hit rate (the issue's targets: 0.8, 0.9)
-BOUNDS = {"checkered": (TARGET, 0.75), "striped": (1.25, 0.9), "two-tone": (1.1, 0.75)}
+BOUNDS = {"checkered": (TARGET, 0.85), "striped": (1.0, 0.9), "two-tone": (1.1, 0.75)}
 
 
 class _Untuned(dict):
@@ -66,9 +65,8 @@ def _check(manager, untuned, look: str, seed: int):
     ratio, hits = BOUNDS[look]
     assert tuned["distance"] < ratio * base["distance"], (look, seed, tuned["distance"] / base["distance"], tuned)
     assert tuned["hit_rate"] >= hits, (look, seed, tuned)
-    # two-tone is held to its regression bound only: measured in the slow step at 2 threads (seeds 0-2), the tuned
-    # star's colour balance stayed 0.0 (it does not take on the photos' second colour) and its distance was 1.00,
-    # 0.98, 0.94 x the untuned model's: issue 23's target is not met for this look.
+    # two-tone is held to its regression bound only: the tuned star stays one colour (red; colour balance 0.0) and
+    # its distance was 0.99 and 0.92 x the untuned model's (seeds 0, 2): issue 23's target is not met for this look.
     return tuned, base
 
 

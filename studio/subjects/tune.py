@@ -56,7 +56,11 @@ METHODS = ("lora", "tokens", "both")
 LORA_TARGETS = r"^(?!.*motion_modules).*(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 # TuneSettings.lora_targets: every spatial attention projection ("attention"), or the cross-attention only ("cross":
 # attn2, where the text meets the image)
-TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2")}
+# ("conv": the attention projections and the spatial ResNet convolutions, where a UNet's colours are made; the
+# motion modules and Zeroscope's temp_convs never match)
+CONV_TARGETS = r"^(?!.*motion_modules).*(^|\.)resnets\.\d+\.conv[12]$"
+TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2"),
+               "conv": f"(?:{LORA_TARGETS})|(?:{CONV_TARGETS})"}
 CAPTION = "a {phrase}"  # the training captions' form (TuneSettings.caption); {phrase}: e.g. "sks star"
 ADAPTER = "subject"
 
@@ -96,7 +100,11 @@ class TuneSettings:
     stca_weight: float = 0.01  # λ2 (MotionBooth)
     video_weight: float = 1.0  # λ1 (MotionBooth); 0 turns the preservation clips off
     preservation: Optional[str] = None  # a folder of the user's own clips (.mp4/.gif, optional same-name .txt)
-    augment: Optional[bool] = None  # Magic-Me's flip/rotate/scale; default on for tokens, flip only for LoRA
+    augment: Optional[bool] = None  # Magic-Me's rotate/scale (and flip, if `flip`); default on for tokens, off for LoRA
+    # mirror each photo left-right with p = 0.5 (Magic-Me); None: the model's default (DEFAULTS). A mirrored photo
+    # teaches the mirror image too: a look that is not left-right symmetric (a two-tone star, a logo, a parting)
+    # is averaged with its mirror image
+    flip: Optional[bool] = None
     seed: int = 0
     # Magic-Me's use_orig_img_rate: the share of photos trained on the whole photo (mask = 1) instead of the
     # subject's region; default 0.05 when tokens are trained, else 0 (MotionBooth always uses the region)
@@ -115,17 +123,18 @@ class TuneSettings:
 # larger lr). The toy-world model's come from benchmarks/likeness.py (the table in the README).
 DEFAULTS = {
     "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
-                     caption="a photo of a {phrase}",
-                     why="LoRA, 80 steps, captions 'a photo of a ...': the closest to the photos measured per "
-                         "second of training; ID tokens alone left the colours as they were and LoRA + tokens moved "
-                         "them away (benchmarks/likeness.py)"),
-    "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION,
+                     caption="a photo of a {phrase}", flip=False,
+                     why="LoRA, 80 steps, captions 'a photo of a ...', photos not mirrored: the closest to the "
+                         "photos measured per second of training; ID tokens alone left the colours as they were, "
+                         "LoRA + tokens moved them away, mirrored photos blurred a look's layout "
+                         "(benchmarks/likeness.py)"),
+    "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION, flip=True,
                  why="LoRA: a random-weights test model; nothing measured"),
     "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                        caption=CAPTION,
+                        caption=CAPTION, flip=True,
                         why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
     "zeroscope": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                      caption=CAPTION,
+                      caption=CAPTION, flip=True,
                       why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
 }
 NOTES = ("why",)  # DEFAULTS keys that are not TuneSettings fields
@@ -181,8 +190,9 @@ def resolve(settings: TuneSettings, preset) -> TuneSettings:
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name.endswith("lr") and v == 0):
             raise ValueError(f"{name}: must be a finite number > 0 (got {v!r})" if name.endswith("lr")
                              else f"{name}: must be a finite number >= 0 (got {v!r})")
-    if not isinstance(s.checkpointing, bool):
-        raise ValueError(f"checkpointing: must be true or false (got {s.checkpointing!r})")
+    for name in ("checkpointing", "flip"):
+        if not isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name}: must be true or false (got {getattr(s, name)!r})")
     v = s.full_image_rate
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
         raise ValueError(f"full_image_rate: must be a number in 0..1 (got {v!r})")
@@ -282,11 +292,11 @@ def fit_photo(photo: np.ndarray, mask: np.ndarray | None, width: int, height: in
     return img, m, valid
 
 
-def augment(x, m, generator, full: bool):
+def augment(x, m, generator, full: bool, flip: bool = True):
     """Magic-Me's augmentation of one photo: x (3, H, W) in -1..1, m (H, W) or (K, H, W) masks in 0..1 -> (x, m,
     caption prefix).
 
-    Always a horizontal flip with p=0.5; with `full`, also rotation (p=0.7, N(0, 10°)) and scale: with p=2/3 shrink
+    With `flip`, a horizontal flip with p=0.5; with `full`, also rotation (p=0.7, N(0, 10°)) and scale: with p=2/3 shrink
     to U[1/3, 1] (below 0.6: "far away" or "very small", on a black canvas, mask 0 outside), else zoom U[1.2, 1.4]
     ("zoomed in" or "close up").
     """
@@ -297,7 +307,7 @@ def augment(x, m, generator, full: bool):
         return float(torch.rand((), generator=generator))
 
     prefix = ""
-    if u() < 0.5:
+    if flip and u() < 0.5:
         x, m = x.flip(-1), m.flip(-1)
     if not full:
         return x, m, prefix
@@ -630,6 +640,7 @@ class StepContext:
     alphas: "torch.Tensor"  # (T,) ᾱ on the device, float32
     phrase: str  # "<tokens> sks dog"
     full_augment: bool
+    flip: bool = True
 
     @property
     def device(self):
@@ -660,7 +671,7 @@ def photo_loss(c: StepContext):
     idx = torch.randint(0, c.photos.pixels.shape[0], (s.batch,), generator=gen)
     xs, ms, areas, region, caps = [], [], [], [], []
     for i in idx.tolist():
-        x, m2, pre = augment(c.photos.pixels[i], c.photos.masks[i], gen, c.full_augment)  # m2: (2, H, W)
+        x, m2, pre = augment(c.photos.pixels[i], c.photos.masks[i], gen, c.full_augment, c.flip)  # m2: (2, H, W)
         whole = s.full_image_rate > 0 and float(torch.rand((), generator=gen)) < s.full_image_rate
         xs.append(x)
         ms.append(m2[0])
@@ -787,7 +798,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     c = StepContext(pipe, s, kind, gen, precision, photo_set, clips, stca,
                     pipe.scheduler.alphas_cumprod.to(precision.device, torch.float32),
                     f"{insertion(s.method, s.trigger, trainables.tokens)} {s.class_word}",
-                    s.augment if s.augment is not None else bool(trainables.tokens))
+                    s.augment if s.augment is not None else bool(trainables.tokens), s.flip)
     # 6. Steps: captions "a <tokens> sks dog" (+ Magic-Me's far away / very small / close up / zoomed in prefixes).
     rows_ctx = (token_rows(pipe.text_encoder, trainables.token_ids, trainables.token_init) if trainables.tokens
                 else contextlib.nullcontext())
