@@ -261,8 +261,9 @@ def test_renders_through_the_engine_with_its_text_length(manager):
 
 
 # Measured on the shipped model over these 12 prompts (seed 5 of the eval prompts, the preset's steps and guidance):
-# see the numbers in the test; chance is 0.25 (colour) and 0.33 (background), an unbound phrase scores 1.
-MIN_COLOUR, MIN_BACKGROUND, MIN_BINDING = 0.75, 0.75, 2.0
+# colour 1.00, background 1.00, binding 5.70 on the first 4; chance is 0.25 (colour) and 0.33 (background), an
+# unbound phrase scores 1.
+MIN_COLOUR, MIN_BACKGROUND, MIN_BINDING = 0.8, 0.9, 3.0
 
 
 def test_draws_colour_and_background_and_binds_its_phrases(manager):
