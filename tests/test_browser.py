@@ -59,12 +59,18 @@ def _set_number(page, label: str, value):
     box.press("Enter")
 
 
-def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
+def _open_studio(browser, studio_url):
+    """A new page on the studio, its canvas drawn; the page's JavaScript errors collect in the list returned."""
     page = browser.new_page(viewport={"width": 1500, "height": 1150})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(studio_url)
     page.wait_for_selector("#canvas canvas", timeout=60_000)
+    return page, errors
+
+
+def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
+    page, errors = _open_studio(browser, studio_url)
     keyframes = page.get_by_text("1: yellow star:", exact=False)
     _wait(lambda: "keyframes 0, 7" in keyframes.inner_text(), 30, "the opening shot's keyframes")
 
@@ -138,11 +144,7 @@ def test_frames_and_size_sliders_snap_to_a_wan_models_values(browser, studio_url
     """Picking a Wan preset gives the frames slider the model's grid (4k+1) and the size sliders its multiple;
     values typed into their boxes move to the nearest valid one, and dragging lands on valid values only. The γ
     preview's caption follows the model's latent frames. No weights load: nothing renders."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1150})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(studio_url)
-    page.wait_for_selector("#canvas canvas", timeout=60_000)
+    page, errors = _open_studio(browser, studio_url)
     model = page.get_by_label("model preset")
     model.click()
     page.get_by_role("option", name="wan2.1-t2v-1.3b", exact=True).click()
@@ -183,11 +185,7 @@ def test_render_on_the_toy_wan(browser, studio_url):
     """The toy Wan is a model of the page: picked in the model menu, its defaults (9 frames of 32×32) fill the form,
     and a render on it, the opening shot's box track included (boxes go through Wan's attn2), plays 9 frames at
     8 fps."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1150})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(studio_url)
-    page.wait_for_selector("#canvas canvas", timeout=60_000)
+    page, errors = _open_studio(browser, studio_url)
     keyframes = page.get_by_text("1: yellow star:", exact=False)
     _wait(lambda: "keyframes 0, 7" in keyframes.inner_text(), 30, "the opening shot's keyframes")
     page.get_by_label("model preset").click()

@@ -38,10 +38,7 @@ def test_renders_through_the_engine_at_native_size(manager):
 
 def test_beats_chance_on_colour_and_background(manager):
     prompts = evaluate.eval_prompts(12, seed=5)
-    scores = []
-    for p in prompts:
-        s = shotlib.from_container({"model": "toyworld", "prompt": p["caption"], "seed": p["seed"]})
-        scores.append(evaluate.score_clip(engine.render(s, manager).frames, p))
+    scores = evaluate.score_prompts(manager, "toyworld", prompts)
     colour = np.mean([s["colour"] for s in scores])
     background = np.mean([s["background"] for s in scores])
     assert colour >= MIN_COLOUR, [s["seen"] for s in scores]

@@ -268,10 +268,7 @@ MIN_COLOUR, MIN_BACKGROUND, MIN_BINDING = 0.8, 0.9, 3.0
 
 def test_draws_colour_and_background_and_binds_its_phrases(manager):
     prompts = evaluate.eval_prompts(12, seed=5)
-    scores = []
-    for p in prompts:
-        s = shotlib.from_container({"model": "toyworld-wan", "prompt": p["caption"], "seed": p["seed"]})
-        scores.append(evaluate.score_clip(engine.render(s, manager).frames, p))
+    scores = evaluate.score_prompts(manager, "toyworld-wan", prompts)
     assert np.mean([s["colour"] for s in scores]) >= MIN_COLOUR, [s["seen"] for s in scores]
     assert np.mean([s["background"] for s in scores]) >= MIN_BACKGROUND, [s["seen"] for s in scores]
     pipe = manager.get(load_model_preset("toyworld-wan"))

@@ -142,6 +142,15 @@ def score_clip(frames: np.ndarray, p: dict) -> dict:
                                                           "background": classify_background(frames)}}
 
 
+def score_prompts(manager, model: str, prompts: list[dict]) -> list[dict]:
+    """score_clip of each prompt rendered on a model preset with the shot defaults (its caption and seed)."""
+    from studio import engine, shot as shotlib
+
+    return [score_clip(engine.render(shotlib.from_container({"model": model, "prompt": p["caption"],
+                                                              "seed": p["seed"]}), manager).frames, p)
+            for p in prompts]
+
+
 def score_ground_truth(n: int = 48, seed: int = 0, frames: int = world.FRAMES) -> dict:
     """The checks on the world's own clips: how far the eval can be trusted (should be ~1.0)."""
     rows = [score_clip(ground_truth_clip(p, frames).frames, p) for p in eval_prompts(n, seed)]
