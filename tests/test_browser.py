@@ -69,6 +69,18 @@ def _open_studio(browser, studio_url):
     return page, errors
 
 
+def _render_video(page, status: str):
+    """Click Render, wait for the video, check the status line names `status`; the <video> locator and its first
+    loaded state {t: currentTime, d: duration}."""
+    page.locator("#render").click()
+    video = page.locator("#video video")
+    _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
+    assert status in page.locator("#status").inner_text()
+    state = _wait(lambda: video.evaluate("v => v.readyState >= 2 && v.duration > 0 && "
+                                         "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
+    return video, state
+
+
 def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
     page, errors = _open_studio(browser, studio_url)
     keyframes = page.get_by_text("1: yellow star:", exact=False)
@@ -105,12 +117,7 @@ def test_draw_a_box_move_gamma_render_and_play(browser, studio_url, tmp_path):
     _set_number(page, "steps", 4)
     track_gif = page.locator("#track-gif img")
     before_render = track_gif.get_attribute("src")
-    page.locator("#render").click()
-    video = page.locator("#video video")
-    _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
-    assert "frames 32×32 on toyworld" in page.locator("#status").inner_text()
-    state = _wait(lambda: video.evaluate("v => v.readyState >= 2 && v.duration > 0 && "
-                                         "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
+    video, state = _render_video(page, "frames 32×32 on toyworld")
     _wait(lambda: video.evaluate("v => v.currentTime") != state["t"], 30, "the video to play")
     assert state["d"] == pytest.approx(1.0, abs=0.15)  # 8 frames at 8 fps
     # the previews follow the render (once): the interpolated boxes now over the rendered first frame
@@ -193,12 +200,7 @@ def test_render_on_the_toy_wan(browser, studio_url):
     _wait(lambda: _slider_value(page, "frames") == 9 and _slider_value(page, "width") == 32, 30,
           "the toy Wan's defaults in the form")
     _set_number(page, "steps", 4)
-    page.locator("#render").click()
-    video = page.locator("#video video")
-    _wait(lambda: video.count() and video.get_attribute("src"), 240, "the rendered video")
-    assert "9 frames 32×32 on toyworld-wan" in page.locator("#status").inner_text()
-    state = _wait(lambda: video.evaluate("v => v.readyState >= 2 && v.duration > 0 && "
-                                         "{t: v.currentTime, d: v.duration}"), 30, "the video to load")
+    video, state = _render_video(page, "9 frames 32×32 on toyworld-wan")
     assert state["d"] == pytest.approx(9 / 8, abs=0.15)  # 9 frames at 8 fps
     assert not errors, errors
     page.close()
