@@ -102,7 +102,9 @@ def test_attn2_capture_equals_wans_processor_and_keeps_the_probabilities():
 def test_latent_masks_average_the_frames_each_latent_frame_encodes():
     import torch
 
-    assert wan.latent_groups(9, 4) == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    from studio.controls.noise_warp import grouped_map
+
+    assert grouped_map(9, 4) == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
     masks = torch.zeros(1, 9, 32, 32)
     masks[0, 0, :4, :4] = 1  # frame 0 only: latent frame 0, token (0, 0)
     masks[0, 1:5, 28:, 28:] = 1  # frames 1-4: latent frame 1, token (7, 7)

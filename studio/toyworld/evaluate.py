@@ -96,14 +96,24 @@ def subject_track(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
     return out
 
 
-def classify_direction(frames: np.ndarray, colour: str, min_travel: float = 2.0) -> str | None:
-    """left/right/up/down from the centroid's travel between the first and last thirds of the clip."""
+def thirds_travel(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
+    """(2,) px the colour's centroid travels from the first third of the clip to the last (each third's mean
+    centroid; NaN when a third has no subject)."""
+    import warnings
+
     track = subject_track(frames, colour)
     n = max(1, len(frames) // 3)
-    a, b = np.nanmean(track[:n], 0), np.nanmean(track[-n:], 0)
-    if np.isnan(a).any() or np.isnan(b).any():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a third without the subject: NaN
+        return np.nanmean(track[-n:], 0) - np.nanmean(track[:n], 0)
+
+
+def classify_direction(frames: np.ndarray, colour: str, min_travel: float = 2.0) -> str | None:
+    """left/right/up/down from the centroid's travel between the first and last thirds of the clip."""
+    travel = thirds_travel(frames, colour)
+    if np.isnan(travel).any():
         return None
-    dx, dy = b - a
+    dx, dy = travel
     if max(abs(dx), abs(dy)) < min_travel:
         return "still"
     if abs(dx) >= abs(dy):
@@ -234,6 +244,7 @@ def _wan_binding(pipe, prompts: list[dict], t_frac: float) -> float:
     import torch
 
     from studio import families
+    from studio.controls.noise_warp import grouped_map
     from studio.toyworld import wan
     from studio.toyworld.train import to_pixels
 
@@ -258,7 +269,7 @@ def _wan_binding(pipe, prompts: list[dict], t_frac: float) -> float:
                 tr(zt.to(tr.dtype), torch.tensor([t_frac * pipe.scheduler.config.num_train_timesteps]),
                    encoder_hidden_states=text)
             masks = torch.from_numpy(clip.masks[0].astype(np.float32))  # (F, S, S)
-            groups = wan.latent_groups(frames, temporal)
+            groups = grouped_map(frames, temporal)
             mask = torch.stack([masks[g].mean(0) for g in groups])  # (F', S, S)
             maps = []
             for probs in store:  # (1, N, L)
@@ -538,15 +549,9 @@ def measure_camera(manager, cx: float, cy: float, model: str = "toyworld", seeds
 
 
 def subject_travel(frames: np.ndarray, colour: str | tuple) -> np.ndarray:
-    """(2,) the colour's centroid motion in px/frame: the mean centroid of the last third of the frames minus that of
-    the first third, over the frames between the thirds' centres (NaN when the subject is not found)."""
-    import warnings
-
-    track = subject_track(frames, colour)
-    n = max(1, len(frames) // 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a third without the subject: NaN
-        return (np.nanmean(track[-n:], 0) - np.nanmean(track[:n], 0)) / (len(frames) - n)
+    """(2,) the colour's centroid motion in px/frame: thirds_travel over the frames between the thirds' centres
+    (NaN when the subject is not found)."""
+    return thirds_travel(frames, colour) / (len(frames) - max(1, len(frames) // 3))
 
 
 def measure_camera_subject(manager, cx: float, cy: float, model: str = "toyworld-wan", seeds=range(4),

@@ -180,19 +180,15 @@ def encode_text(text_encoder, ids, mask):
 # --- latents -------------------------------------------------------------------------------------------------------
 
 
-def latent_groups(frames: int, temporal: int) -> list[list[int]]:
-    """The video frames each latent frame encodes (causal VAE): [0], then temporal frames each."""
-    n = (frames - 1) // temporal + 1
-    return [[0]] + [list(range(temporal * k - temporal + 1, temporal * k + 1)) for k in range(1, n)]
-
-
 def latent_masks(masks, temporal: int, side: int):
     """(…, F, S, S) float masks -> (…, F'·side·side) soft masks in Wan's token order (latent frame, row, column):
     each latent frame's mean over the frames it encodes, area-averaged to side×side."""
     import torch
     import torch.nn.functional as F
 
-    groups = latent_groups(masks.shape[-3], temporal)
+    from studio.controls.noise_warp import grouped_map
+
+    groups = grouped_map(masks.shape[-3], temporal)  # the video frames each latent frame encodes
     lead = masks.shape[:-3]
     per = torch.stack([masks[..., g, :, :].mean(-3) for g in groups], -3)  # (…, F', S, S)
     flat = per.reshape(-1, 1, *per.shape[-2:])
