@@ -110,3 +110,35 @@ def test_flip_setting_reaches_the_photo_batch(monkeypatch):
         tune.train(pipe, preset, photos, None, "fl", tune.TuneSettings(method="lora", class_word="dog", steps=2,
                                                                        batch=1, video_weight=0.0, flip=flip))
         assert seen and set(seen) == {flip}
+
+
+def test_lr_schedule_cosine_runs_down_to_zero():
+    """lr_schedule: constant keeps the set rates; cosine starts at them, halves at mid-training and ends at 0; a bad
+    value is one line naming the field."""
+    assert [tune.lr_factor("constant", i, 10) for i in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    f = [tune.lr_factor("cosine", i, 10) for i in range(11)]
+    assert f[0] == 1.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(f, f[1:]))
+    with pytest.raises(ValueError, match=r"^lr_schedule: must be one of constant, cosine \(got 'linear'\)$"):
+        tune.resolve(tune.TuneSettings(lr_schedule="linear"), load_model_preset("toyworld"))
+
+
+def test_lr_schedule_reaches_the_optimizer(monkeypatch):
+    """The optimizer's LoRA learning rate at each step follows the resolved schedule."""
+    seen = []
+    real = tune.train_step
+
+    def spy(c, optimizer, params):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real(c, optimizer, params)
+
+    monkeypatch.setattr(tune, "train_step", spy)
+    preset = load_model_preset("tiny")
+    pipe = load_pipeline(preset, "cpu")
+    photos = [np.full((64, 64, 3), 200, np.uint8)]
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        tune.train(pipe, preset, photos, None, "lr", tune.TuneSettings(
+            method="lora", class_word="dog", steps=4, lr=1e-3, batch=1, video_weight=0.0, lr_schedule=schedule))
+        want = [1e-3 * tune.lr_factor(schedule, i, 4) for i in range(4)]
+        assert seen == pytest.approx(want), schedule

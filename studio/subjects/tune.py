@@ -61,6 +61,7 @@ LORA_TARGETS = r"^(?!.*motion_modules).*(^|\.)attentions\.\d+\.transformer_block
 CONV_TARGETS = r"^(?!.*motion_modules).*(^|\.)resnets\.\d+\.conv[12]$"
 TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2"),
                "conv": f"(?:{LORA_TARGETS})|(?:{CONV_TARGETS})"}
+LR_SCHEDULES = ("constant", "cosine")  # TuneSettings.lr_schedule
 CAPTION = "a {phrase}"  # the training captions' form (TuneSettings.caption); {phrase}: e.g. "sks star"
 ADAPTER = "subject"
 
@@ -105,6 +106,10 @@ class TuneSettings:
     # teaches the mirror image too: a look that is not left-right symmetric (a two-tone star, a logo, a parting)
     # is averaged with its mirror image
     flip: Optional[bool] = None
+    # the learning rates over the steps: "constant" (MotionBooth, Magic-Me) or "cosine" (from the set rates down to 0
+    # at the last step, so the last steps average the photos' noise instead of following it); None: the model's
+    # default (DEFAULTS)
+    lr_schedule: Optional[str] = None
     seed: int = 0
     # Magic-Me's use_orig_img_rate: the share of photos trained on the whole photo (mask = 1) instead of the
     # subject's region; default 0.05 when tokens are trained, else 0 (MotionBooth always uses the region)
@@ -123,18 +128,18 @@ class TuneSettings:
 # larger lr). The toy-world model's come from benchmarks/likeness.py (the table in the README).
 DEFAULTS = {
     "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
-                     caption="a photo of a {phrase}", flip=False,
+                     caption="a photo of a {phrase}", flip=False, lr_schedule="constant",
                      why="LoRA, 80 steps, captions 'a photo of a ...', photos not mirrored: the closest to the "
                          "photos measured per second of training; ID tokens alone left the colours as they were, "
                          "LoRA + tokens moved them away, mirrored photos blurred a look's layout "
                          "(benchmarks/likeness.py)"),
     "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION, flip=True,
-                 why="LoRA: a random-weights test model; nothing measured"),
+                 lr_schedule="constant", why="LoRA: a random-weights test model; nothing measured"),
     "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                        caption=CAPTION, flip=True,
+                        caption=CAPTION, flip=True, lr_schedule="constant",
                         why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
     "zeroscope": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                      caption=CAPTION, flip=True,
+                      caption=CAPTION, flip=True, lr_schedule="constant",
                       why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
 }
 NOTES = ("why",)  # DEFAULTS keys that are not TuneSettings fields
@@ -196,6 +201,8 @@ def resolve(settings: TuneSettings, preset) -> TuneSettings:
     v = s.full_image_rate
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
         raise ValueError(f"full_image_rate: must be a number in 0..1 (got {v!r})")
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)} (got {s.lr_schedule!r})")
     if s.lora_targets not in TARGET_SETS:
         raise ValueError(f"lora_targets: must be one of {', '.join(TARGET_SETS)} (got {s.lora_targets!r})")
     if not isinstance(s.caption, str) or s.caption.count("{phrase}") != 1 or len(s.caption) > 80 or \
@@ -728,6 +735,14 @@ def preservation_loss(c: StepContext):
     return losses.preservation_loss(v_hat, diffusion_target(c.kind, v0, ve, va))
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rates' factor at a step (0-based) of `steps`: 1 (constant) or a cosine from 1 at the first step
+    to 0 after the last."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def train_step(c: StepContext, optimizer, params: list) -> tuple[float, float]:
     """Step 6: one optimizer step on the photo batch and (with a LoRA and λ1 > 0) one preservation clip, the two
     halves averaged (MotionBooth's grad-accumulation of 2). Returns (loss, stca loss)."""
@@ -805,6 +820,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     with rows_ctx as rows, capturing(pipe.unet, stca), gradient_checkpointing(pipe.unet, s.checkpointing):
         params = [p for g in trainables.groups(s, rows) for p in g["params"]]
         opt = torch.optim.AdamW(trainables.groups(s, rows), betas=(0.9, 0.999), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(s.lr_schedule, i, s.steps))
         if trainables.lora:
             pipe.unet.train()  # the text encoder stays in eval mode: CLIP has no dropout to switch
         try:
@@ -813,6 +829,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
                 if cancel is not None and cancel.is_set():
                     raise TuneCancelled(f"training of '{name}' cancelled at step {step}; nothing was saved")
                 loss, l_stca = train_step(c, opt, params)
+                sched.step()
                 out.losses.append(loss)
                 if report is not None:
                     done = step + 1
