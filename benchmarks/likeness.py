@@ -68,6 +68,10 @@ CONFIGS = {
                                  caption="a photo of a {phrase}"),
     "lora-160-cos": dict(method="lora", steps=160, lr=6e-3, rank=8, flip=False, lr_schedule="cosine",
                          caption="a photo of a {phrase}"),
+    "lora-160-lr3e-3-noflip": dict(method="lora", steps=160, lr=3e-3, rank=8, flip=False,
+                                   caption="a photo of a {phrase}"),
+    "lora-240-lr2e-3-cos": dict(method="lora", steps=240, lr=2e-3, rank=8, flip=False, lr_schedule="cosine",
+                                caption="a photo of a {phrase}"),
     "lora-160-photo": dict(method="lora", steps=160, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
     "lora-120-photo": dict(method="lora", steps=120, lr=6e-3, rank=8, caption="a photo of a {phrase}"),
     "tokens-200": dict(method="tokens", steps=200, token_lr=5e-3, caption="a {phrase}"),
@@ -103,6 +107,7 @@ def run_one(manager, library, look: str, config: str, seed: int, render_seeds, b
     return {"look": look, "config": config, "seed": seed, "method": s.method, "steps": s.steps, "lr": s.lr,
             "token_lr": s.token_lr, "rank": s.rank, "lora_targets": s.lora_targets, "video_weight": s.video_weight,
             "caption": s.caption, "ratio": m["distance"] / base["distance"], "distance": m["distance"],
+            "ratio_per_render_seed": [r["distance"] / base["distance"] for r in m["per_seed"]],
             "untuned": base["distance"], "balance": m["balance"], "hit_rate": m["hit_rate"], "iou": m["iou"],
             "train_s": round(result.seconds, 1), "render_seeds": list(render_seeds)}
 
@@ -190,7 +195,9 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     r = run_one(manager, library, look, config, seed, render_seeds, base)
                     rows.append(r)
-                    print(f"{look} {config} seed {seed}: ratio {r['ratio']:.2f} hit {r['hit_rate']:.2f} "
+                    per = " ".join(f"{x:.2f}" for x in r["ratio_per_render_seed"])
+                    print(f"{look} {config} seed {seed}: ratio {r['ratio']:.2f} (per render seed {per}) "
+                          f"hit {r['hit_rate']:.2f} "
                           f"train {r['train_s']:.0f} s ({time.perf_counter() - t0:.0f} s so far)", flush=True)
                     if log:
                         log.write(json.dumps(r) + "\n")
