@@ -142,3 +142,55 @@ def test_lr_schedule_reaches_the_optimizer(monkeypatch):
             method="lora", class_word="dog", steps=4, lr=1e-3, batch=1, video_weight=0.0, lr_schedule=schedule))
         want = [1e-3 * tune.lr_factor(schedule, i, 4) for i in range(4)]
         assert seen == pytest.approx(want), schedule
+
+
+def test_random_draws_are_the_trainers_old_draws():
+    """sampling: random draws exactly what the trainer always drew (a seed trains as before)."""
+    import torch
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    d = tune.Draws(g1, False, n_photos=4, n_timesteps=1000, n_clips=8)
+    got = [d.photos(4), d.photo_timesteps(4).tolist(), d.clip(), d.clip_timestep().tolist()]
+    want = [torch.randint(0, 4, (4,), generator=g2).tolist(), torch.randint(0, 1000, (4,), generator=g2).tolist(),
+            int(torch.randint(0, 8, (1,), generator=g2)), torch.randint(0, 1000, (1,), generator=g2).tolist()]
+    assert got == want
+
+
+def test_balanced_draws_cover_photos_clips_and_timesteps_evenly():
+    """sampling: balanced gives every photo and clip in turn, one photo timestep per stratum of the schedule and clip
+    timesteps spread over it; a bad value is one line naming the field."""
+    import torch
+
+    d = tune.Draws(torch.Generator().manual_seed(0), True, n_photos=3, n_timesteps=1000, n_clips=8)
+    photos = [d.photos(4) for _ in range(6)]  # 24 draws of 3 photos: each exactly 8 times
+    assert sorted(np.bincount(sum(photos, []), minlength=3).tolist()) == [8, 8, 8]
+    for _ in range(20):
+        t = sorted(d.photo_timesteps(4).tolist())
+        assert [v // 250 for v in t] == [0, 1, 2, 3]
+    clips = [d.clip() for _ in range(16)]
+    assert sorted(clips[:8]) == list(range(8)) and sorted(clips[8:]) == list(range(8))
+    ts = [int(d.clip_timestep()) for _ in range(100)]
+    assert all(0 <= v < 1000 for v in ts)
+    counts = np.bincount([v // 100 for v in ts], minlength=10)
+    assert 9 <= counts.min() and counts.max() <= 11, counts  # independent draws land here with p < 0.001
+    with pytest.raises(ValueError, match=r"^sampling: must be one of random, balanced \(got 'even'\)$"):
+        tune.resolve(tune.TuneSettings(sampling="even"), load_model_preset("toyworld"))
+
+
+def test_sampling_setting_reaches_the_training(monkeypatch):
+    seen = []
+    real = tune.Draws.photos
+
+    def spy(self, batch):
+        seen.append(self.balanced)
+        return real(self, batch)
+
+    monkeypatch.setattr(tune.Draws, "photos", spy)
+    preset = load_model_preset("tiny")
+    pipe = load_pipeline(preset, "cpu")
+    photos = [np.full((64, 64, 3), 200, np.uint8)] * 2
+    for sampling in ("random", "balanced"):
+        seen.clear()
+        tune.train(pipe, preset, photos, None, "sa", tune.TuneSettings(
+            method="lora", class_word="dog", steps=2, batch=1, video_weight=0.0, sampling=sampling))
+        assert seen and set(seen) == {sampling == "balanced"}

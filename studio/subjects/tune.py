@@ -62,6 +62,7 @@ CONV_TARGETS = r"^(?!.*motion_modules).*(^|\.)resnets\.\d+\.conv[12]$"
 TARGET_SETS = {"attention": LORA_TARGETS, "cross": LORA_TARGETS.replace("attn[12]", "attn2"),
                "conv": f"(?:{LORA_TARGETS})|(?:{CONV_TARGETS})"}
 LR_SCHEDULES = ("constant", "cosine")  # TuneSettings.lr_schedule
+SAMPLINGS = ("random", "balanced")  # TuneSettings.sampling
 CAPTION = "a {phrase}"  # the training captions' form (TuneSettings.caption); {phrase}: e.g. "sks star"
 ADAPTER = "subject"
 
@@ -110,6 +111,11 @@ class TuneSettings:
     # at the last step, so the last steps average the photos' noise instead of following it); None: the model's
     # default (DEFAULTS)
     lr_schedule: Optional[str] = None
+    # how the steps draw photos, timesteps and preservation clips: "random" (independent draws, as MotionBooth) or
+    # "balanced" (every photo and clip in turn from a shuffled cycle, the photo batch's timesteps stratified over
+    # the schedule, the clips' timesteps a golden-ratio sequence): the same expected loss with less of the
+    # seed-to-seed spread of a short training; None: the model's default (DEFAULTS)
+    sampling: Optional[str] = None
     seed: int = 0
     # Magic-Me's use_orig_img_rate: the share of photos trained on the whole photo (mask = 1) instead of the
     # subject's region; default 0.05 when tokens are trained, else 0 (MotionBooth always uses the region)
@@ -128,18 +134,18 @@ class TuneSettings:
 # larger lr). The toy-world model's come from benchmarks/likeness.py (the table in the README).
 DEFAULTS = {
     "toyworld": dict(method="lora", steps=80, lr=6e-3, token_lr=5e-3, rank=8, checkpointing=False,
-                     caption="a photo of a {phrase}", flip=False, lr_schedule="constant",
+                     caption="a photo of a {phrase}", flip=False, lr_schedule="constant", sampling="random",
                      why="LoRA, 80 steps, captions 'a photo of a ...', photos not mirrored: the closest to the "
                          "photos measured per second of training; ID tokens alone left the colours as they were, "
                          "LoRA + tokens moved them away, mirrored photos blurred a look's layout "
                          "(benchmarks/likeness.py)"),
     "tiny": dict(method="lora", steps=20, lr=1e-3, token_lr=5e-3, rank=4, checkpointing=False, caption=CAPTION, flip=True,
-                 lr_schedule="constant", why="LoRA: a random-weights test model; nothing measured"),
+                 lr_schedule="constant", sampling="random", why="LoRA: a random-weights test model; nothing measured"),
     "animatediff": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                        caption=CAPTION, flip=True, lr_schedule="constant",
+                        caption=CAPTION, flip=True, lr_schedule="constant", sampling="random",
                         why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
     "zeroscope": dict(method="lora", steps=400, lr=1e-4, token_lr=1e-3, rank=32, checkpointing=True,
-                      caption=CAPTION, flip=True, lr_schedule="constant",
+                      caption=CAPTION, flip=True, lr_schedule="constant", sampling="random",
                       why="LoRA: MotionBooth's spatial fine-tune as a LoRA; not measured on this model here"),
 }
 NOTES = ("why",)  # DEFAULTS keys that are not TuneSettings fields
@@ -201,6 +207,8 @@ def resolve(settings: TuneSettings, preset) -> TuneSettings:
     v = s.full_image_rate
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
         raise ValueError(f"full_image_rate: must be a number in 0..1 (got {v!r})")
+    if s.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling: must be one of {', '.join(SAMPLINGS)} (got {s.sampling!r})")
     if s.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)} (got {s.lr_schedule!r})")
     if s.lora_targets not in TARGET_SETS:
@@ -632,6 +640,69 @@ def add_trainables(pipe, s: TuneSettings, name: str, generator) -> Trainables:
     return out
 
 
+GOLDEN = (math.sqrt(5) - 1) / 2  # the additive recurrence frac(u + k·GOLDEN) covers 0..1 evenly for any k
+
+
+@dataclass
+class Draws:
+    """The steps' draws of photos, timesteps and preservation clips, from the training's generator: independent
+    ("random") or "balanced" (see TuneSettings.sampling). In "random" every draw is the one the trainer always made,
+    in the same order, so a seed trains as before."""
+
+    generator: "torch.Generator"
+    balanced: bool
+    n_photos: int
+    n_timesteps: int
+    n_clips: int = 0
+    _photo_queue: list = field(default_factory=list)
+    _clip_queue: list = field(default_factory=list)
+    _clip_step: int = 0
+    _clip_offset: Optional[float] = None
+
+    def photos(self, batch: int) -> list[int]:
+        import torch
+
+        if not self.balanced:
+            return torch.randint(0, self.n_photos, (batch,), generator=self.generator).tolist()
+        out = []
+        while len(out) < batch:
+            if not self._photo_queue:
+                self._photo_queue = torch.randperm(self.n_photos, generator=self.generator).tolist()
+            out.append(self._photo_queue.pop())
+        return out
+
+    def photo_timesteps(self, batch: int):
+        """(batch,) long: uniform draws, or one in each of `batch` equal strata of the schedule (in shuffled order)."""
+        import torch
+
+        if not self.balanced:
+            return torch.randint(0, self.n_timesteps, (batch,), generator=self.generator)
+        u = torch.rand(batch, generator=self.generator)
+        strata = torch.randperm(batch, generator=self.generator)
+        return ((strata + u) / batch * self.n_timesteps).long().clamp_max(self.n_timesteps - 1)
+
+    def clip(self) -> int:
+        import torch
+
+        if not self.balanced:
+            return int(torch.randint(0, self.n_clips, (1,), generator=self.generator))
+        if not self._clip_queue:
+            self._clip_queue = torch.randperm(self.n_clips, generator=self.generator).tolist()
+        return self._clip_queue.pop()
+
+    def clip_timestep(self):
+        """(1,) long: a uniform draw, or the next of a golden-ratio sequence from a random start."""
+        import torch
+
+        if not self.balanced:
+            return torch.randint(0, self.n_timesteps, (1,), generator=self.generator)
+        if self._clip_offset is None:
+            self._clip_offset = float(torch.rand((), generator=self.generator))
+        x = (self._clip_offset + self._clip_step * GOLDEN) % 1.0
+        self._clip_step += 1
+        return torch.tensor([min(int(x * self.n_timesteps), self.n_timesteps - 1)])
+
+
 @dataclass
 class StepContext:
     """What every step reads: the model, the data and how it computes."""
@@ -648,6 +719,12 @@ class StepContext:
     phrase: str  # "<tokens> sks dog"
     full_augment: bool
     flip: bool = True
+    draws: Optional[Draws] = None  # None: independent draws from `generator`
+
+    def __post_init__(self):
+        if self.draws is None:
+            self.draws = Draws(self.generator, self.s.sampling == "balanced", self.photos.pixels.shape[0],
+                               self.alphas.shape[0], 0 if self.clips is None else self.clips[0].shape[0])
 
     @property
     def device(self):
@@ -675,9 +752,8 @@ def photo_loss(c: StepContext):
     from studio.subjects import losses
 
     s, gen, dev, pipe = c.s, c.generator, c.device, c.pipe
-    idx = torch.randint(0, c.photos.pixels.shape[0], (s.batch,), generator=gen)
     xs, ms, areas, region, caps = [], [], [], [], []
-    for i in idx.tolist():
+    for i in c.draws.photos(s.batch):
         x, m2, pre = augment(c.photos.pixels[i], c.photos.masks[i], gen, c.full_augment, c.flip)  # m2: (2, H, W)
         whole = s.full_image_rate > 0 and float(torch.rand((), generator=gen)) < s.full_image_rate
         xs.append(x)
@@ -690,7 +766,7 @@ def photo_loss(c: StepContext):
     if s.noise_offset > 0:  # Magic-Me's offset noise: a constant per item and channel
         eps = eps + s.noise_offset * torch.randn((*z0.shape[:2], 1, 1, 1), generator=gen)
     eps = eps.to(dev)
-    t = torch.randint(0, c.alphas.shape[0], (s.batch,), generator=gen).to(dev)
+    t = c.draws.photo_timesteps(s.batch).to(dev)
     zt, a = _noised(c, z0, eps, t)
     dt = pipe.unet.dtype
     c.stca.store.clear()
@@ -719,10 +795,10 @@ def preservation_loss(c: StepContext):
 
     gen, dev, pipe = c.generator, c.device, c.pipe
     latents, captions = c.clips
-    k = int(torch.randint(0, latents.shape[0], (1,), generator=gen))
+    k = c.draws.clip()
     v0 = latents[k:k + 1].to(dev, torch.float32)  # (1, C, F, h, w)
     ve = torch.randn(v0.shape, generator=gen).to(dev)
-    vt = torch.randint(0, c.alphas.shape[0], (1,), generator=gen).to(dev)
+    vt = c.draws.clip_timestep().to(dev)
     vt_noisy, va = _noised(c, v0, ve, vt)
     dt = pipe.unet.dtype
     c.stca.store.clear()
