@@ -80,6 +80,9 @@ CONFIGS = {
     "lora-160-cos": lora(160, flip=False, lr_schedule="cosine"),
     "lora-160-lr3e-3-noflip": lora(160, 3e-3, flip=False),
     "lora-80-bal": lora(flip=False, sampling="balanced"),
+    "lora-80-conv-r32-noflip": {**lora(lora_targets="conv", flip=False), "rank": 32},
+    "lora-80-r4-noflip": {**lora(flip=False), "rank": 4},
+    "lora-80-stca0.1-noflip": lora(flip=False, stca_weight=0.1),
 }
 
 

@@ -108,13 +108,14 @@ class TuneSettings:
     # is averaged with its mirror image
     flip: Optional[bool] = None
     # the learning rates over the steps: "constant" (MotionBooth, Magic-Me) or "cosine" (from the set rates down to 0
-    # at the last step, so the last steps average the photos' noise instead of following it); None: the model's
-    # default (DEFAULTS)
+    # at the last step, so the last steps average the photos' noise instead of following it; on the toy-world model
+    # no closer to the photos: README "Subjects"); None: the model's default (DEFAULTS)
     lr_schedule: Optional[str] = None
     # how the steps draw photos, timesteps and preservation clips: "random" (independent draws, as MotionBooth) or
     # "balanced" (every photo and clip in turn from a shuffled cycle, the photo batch's timesteps stratified over
-    # the schedule, the clips' timesteps a golden-ratio sequence): the same expected loss with less of the
-    # seed-to-seed spread of a short training; None: the model's default (DEFAULTS)
+    # the schedule, the clips' timesteps a golden-ratio sequence): the same expected loss, meant to narrow the
+    # seed-to-seed spread of a short training (on the toy-world model it did not: README "Subjects"); None: the
+    # model's default (DEFAULTS)
     sampling: Optional[str] = None
     seed: int = 0
     # Magic-Me's use_orig_img_rate: the share of photos trained on the whole photo (mask = 1) instead of the
