@@ -27,8 +27,8 @@ def test_page_and_cli_start_from_the_same_defaults(model):
     table = tune.defaults(preset)
     s = _cli_settings(model)
     panel = sj.training_defaults(model)
-    assert (s.method, s.steps, s.lr, s.token_lr, s.rank, s.flip) == (table["method"], table["steps"], table["lr"],
-                                                                    table["token_lr"], table["rank"], table["flip"])
+    fields = ("method", "steps", "lr", "token_lr", "rank", "flip", "caption", "lr_schedule", "sampling")
+    assert {f: getattr(s, f) for f in fields} == {f: table[f] for f in fields}
     assert panel == {"method": table["method"], "steps": table["steps"], "note": tune.method_note(preset)}
     assert "\n" not in panel["note"] and panel["note"]
 
