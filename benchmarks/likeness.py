@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PHOTO = "a photo of a {phrase}"  # the caption form the second round chose
 
 
-def lora(steps: int = 80, lr: float = 6e-3, caption: str = PHOTO, **fields) -> dict:
-    """A LoRA configuration: rank 8 unless `fields` say otherwise."""
-    return dict(method="lora", steps=steps, lr=lr, rank=8, caption=caption, **fields)
+def lora(steps: int = 80, lr: float = 6e-3, caption: str = PHOTO, rank: int = 8, **fields) -> dict:
+    """A LoRA configuration (more TuneSettings fields in `fields`)."""
+    return dict(method="lora", steps=steps, lr=lr, rank=rank, caption=caption, **fields)
 
 
 CONFIGS = {
@@ -48,7 +48,7 @@ CONFIGS = {
     "lora-80": lora(caption="a {phrase}"),
     "lora-160": lora(160, caption="a {phrase}"),
     "lora-80-lr1.2e-2": lora(lr=1.2e-2, caption="a {phrase}"),
-    "lora-80-r16": {**lora(caption="a {phrase}"), "rank": 16},
+    "lora-80-r16": lora(caption="a {phrase}", rank=16),
     "lora-80-cross": lora(caption="a {phrase}", lora_targets="cross"),
     "lora-80-nopres": lora(caption="a {phrase}", video_weight=0.0),
     "lora-80-pres0.5": lora(caption="a {phrase}", video_weight=0.5),
@@ -80,8 +80,8 @@ CONFIGS = {
     "lora-160-cos": lora(160, flip=False, lr_schedule="cosine"),
     "lora-160-lr3e-3-noflip": lora(160, 3e-3, flip=False),
     "lora-80-bal": lora(flip=False, sampling="balanced"),
-    "lora-80-conv-r32-noflip": {**lora(lora_targets="conv", flip=False), "rank": 32},
-    "lora-80-r4-noflip": {**lora(flip=False), "rank": 4},
+    "lora-80-conv-r32-noflip": lora(rank=32, lora_targets="conv", flip=False),
+    "lora-80-r4-noflip": lora(rank=4, flip=False),
     "lora-80-stca0.1-noflip": lora(flip=False, stca_weight=0.1),
 }
 

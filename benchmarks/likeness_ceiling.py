@@ -35,11 +35,12 @@ def full_finetune(pipe, preset, photos, masks, steps: int, lr: float, seed: int,
     from studio.subjects.trainable import Precision
 
     s = tune.resolve(tune.TuneSettings(method="lora", class_word="star", steps=steps, lr=lr, seed=seed,
-                                       video_weight=video_weight), preset)  # the model's defaults (caption form, flip, batch, λ1, λ2) with this lr and steps
+                                       video_weight=video_weight), preset)
+    # ^ the model's defaults (caption form, flip, batch, λ2) with this lr, steps and λ1
     gen = torch.Generator("cpu").manual_seed(seed)
     d = preset.defaults
     h, w = d.height // pipe.vae_scale_factor, d.width // pipe.vae_scale_factor
-    clips = tune.preservation_clips(pipe, preset, d.frames, d.width, d.height) if video_weight > 0 else None
+    clips = tune.preservation_clips(pipe, preset, d.frames, d.width, d.height) if tune.uses_clips(s) else None
     stca = tune.stca_setup(pipe, s, h, w, gen)
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.requires_grad_(False)
@@ -47,10 +48,8 @@ def full_finetune(pipe, preset, photos, masks, steps: int, lr: float, seed: int,
     for p in params:
         p.requires_grad_(True)
     precision = Precision.of(pipe.unet)
-    c = tune.StepContext(pipe, s, tune.check_prediction_type(pipe.scheduler), gen, precision,
-                         tune.prepare_photos(photos, masks, preset), clips, stca,
-                         pipe.scheduler.alphas_cumprod.to(precision.device, torch.float32),
-                         f"{s.trigger} {s.class_word}", False, s.flip)
+    c = tune.step_context(pipe, s, tune.check_prediction_type(pipe.scheduler), gen, precision,
+                          tune.prepare_photos(photos, masks, preset), clips, stca, tokens=[])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     pipe.unet.train()

@@ -720,7 +720,7 @@ class StepContext:
     phrase: str  # "<tokens> sks dog"
     full_augment: bool
     flip: bool = True
-    draws: Optional[Draws] = None  # None: independent draws from `generator`
+    draws: Optional[Draws] = None  # None: made from `generator` and s.sampling
 
     def __post_init__(self):
         if self.draws is None:
@@ -730,6 +730,23 @@ class StepContext:
     @property
     def device(self):
         return self.precision.device
+
+
+def uses_clips(s: TuneSettings) -> bool:
+    """Whether training takes preservation clips: a LoRA with λ1 > 0 (tokens alone train on the photos only)."""
+    return s.method in ("lora", "both") and s.video_weight > 0
+
+
+def step_context(pipe, s: TuneSettings, kind: str, generator, precision, photos: PhotoSet, clips, stca: StcaSetup,
+                 tokens: list[str]) -> StepContext:
+    """The StepContext of a training on `pipe`: its ᾱ, the phrase with the subject's new `tokens` (if any), and
+    Magic-Me's augmentations when tokens are trained (unless s.augment says otherwise)."""
+    import torch
+
+    return StepContext(pipe, s, kind, generator, precision, photos, clips, stca,
+                       pipe.scheduler.alphas_cumprod.to(precision.device, torch.float32),
+                       f"{insertion(s.method, s.trigger, tokens)} {s.class_word}",
+                       s.augment if s.augment is not None else bool(tokens), s.flip)
 
 
 def _encode_text(pipe, captions: list[str], device):
@@ -877,7 +894,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     photo_set = prepare_photos(photos, masks, preset)
     # 3. Preservation clips before any weight changes (the frozen model makes them).
     clips = None
-    if s.method in ("lora", "both") and s.video_weight > 0:
+    if uses_clips(s):
         clip_progress = None if report is None else (
             lambda i, n, left: report(i, n, float("nan"), left, "preservation"))
         clips = preservation_clips(pipe, preset, d.frames, d.width, d.height, s.preservation, cache_root,
@@ -887,10 +904,7 @@ def train(pipe, preset, photos: list[np.ndarray], masks: list[np.ndarray] | None
     # 5. Trainable weights: LoRA on the spatial attention, new token rows.
     trainables = add_trainables(pipe, s, name, gen)
     out = TuneResult(None, None, trainables.tokens, s, 0.0, precision=precision.record(s.checkpointing))
-    c = StepContext(pipe, s, kind, gen, precision, photo_set, clips, stca,
-                    pipe.scheduler.alphas_cumprod.to(precision.device, torch.float32),
-                    f"{insertion(s.method, s.trigger, trainables.tokens)} {s.class_word}",
-                    s.augment if s.augment is not None else bool(trainables.tokens), s.flip)
+    c = step_context(pipe, s, kind, gen, precision, photo_set, clips, stca, trainables.tokens)
     # 6. Steps: captions "a <tokens> sks dog" (+ Magic-Me's far away / very small / close up / zoomed in prefixes).
     rows_ctx = (token_rows(pipe.text_encoder, trainables.token_ids, trainables.token_init) if trainables.tokens
                 else contextlib.nullcontext())
